@@ -1,0 +1,1 @@
+"""The merge engine: plain Python over torch tensors, with no knowledge of the WebUI or of gradio."""
