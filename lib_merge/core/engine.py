@@ -1,0 +1,387 @@
+"""Plan and run a merge, key by key, with bounded memory.
+
+`plan_merge` reads only the checkpoints' headers (keys, shapes, dtypes) and decides, for every key of model A, whether
+it is copied from A, copied from B (keys only B has), or computed, with which ratios; every user error is raised there,
+before any tensor data is read. `run_merge` then streams the keys through a kernel into a sink (a dict, or a file
+written as it goes), optionally on a thread pool, checking for cancellation and reporting progress after every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import kernels
+from .arch import Arch, detect_arch
+from .errors import MergeCancelled, MergeError
+from .recipe import Recipe, check_extract_ratios
+from .weights import (
+    Adjust,
+    ElementalRule,
+    InExRule,
+    Presets,
+    has_random,
+    parse_adjust,
+    parse_block_weights,
+    parse_elemental,
+    parse_inex,
+    random_table,
+)
+
+COPY_A, COPY_B, MERGE = "a", "b", "merge"
+NEVER_COPY_FROM_B = ("position_ids",)
+
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+
+
+class Source(Protocol):
+    """What the engine needs from a checkpoint (see core.checkpoint): headers without reading data, then tensors."""
+
+    name: str
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, key: object) -> bool: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class Sink(Protocol):
+    """Where merged tensors go, in plan order; `abort` must leave nothing partial behind."""
+
+    def begin(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None: ...
+    def put(self, key: str, tensor: torch.Tensor) -> None: ...
+    def finish(self) -> object: ...
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output key: where it comes from and, for computed keys, its ratios."""
+
+    key: str
+    kind: str
+    block: str = ""
+    alpha: float = 0.0
+    beta: float = 0.0
+    channels: int = 0  # >0: merge only the first `channels` of dim 1 (inpainting / pix2pix A), keep A's others
+    index: int = 0  # position in A's key order (the seed's random draws use it)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe  # validated, presets resolved, seed fixed if randomness is used
+    arch: Arch
+    jobs: tuple[Job, ...]
+    adjust: Adjust | None
+    similarity: tuple[float, float] | None = None  # set by the cosine pre-pass
+
+    @property
+    def merged(self) -> int:
+        return sum(job.kind == MERGE for job in self.jobs)
+
+
+@dataclass
+class Models:
+    a: Source
+    b: Source | None = None
+    c: Source | None = None
+
+
+def _arch_of(source: Source, label: str) -> Arch:
+    return detect_arch(set(source.keys()), source.shape, f"Model {label} ({source.name})")
+
+
+def _check_family(arch: Arch, other: Arch, label: str, source: Source) -> None:
+    if arch.family != other.family:
+        raise MergeError(
+            f"Model {label} ({source.name}) is {other.describe()} but model A is {arch.describe()}; "
+            f"models of different families cannot be merged."
+        )
+
+
+def _channels(key: str, a: Source, others: Iterable[tuple[str, Source]]) -> int:
+    """0 when shapes match; the common channel count when only dim 1 differs and A is the wider (inpainting) one."""
+    shape_a = a.shape(key)
+    narrow = 0
+    for label, src in others:
+        shape = src.shape(key)
+        if shape == shape_a:
+            continue
+        if len(shape) == len(shape_a) > 1 and shape[:1] + shape[2:] == shape_a[:1] + shape_a[2:]:
+            if shape[1] > shape_a[1]:
+                kind = "inpainting" if shape[1] == 9 else "instruct-pix2pix" if shape[1] == 8 else "wider"
+                raise MergeError(
+                    f"Model {label} ({src.name}) is an {kind} model ({shape[1]} input channels) but model A has "
+                    f"{shape_a[1]}: put the {kind} model in A (the merge keeps A's extra channels)."
+                )
+            narrow = min(narrow or shape[1], shape[1])
+            continue
+        raise MergeError(
+            f"Models do not match: {key} is {list(shape_a)} in A but {list(shape)} in {label} ({src.name}); "
+            f"merge models of the same architecture."
+        )
+    return narrow
+
+
+def plan_merge(recipe: Recipe, models: Models, presets: Presets | None = None) -> MergePlan:
+    """Validate the recipe against the models' headers and decide every key's job; reads no tensor data."""
+    recipe = recipe.validate(presets)
+    calc = recipe.calc_mode
+    a, b, c = models.a, models.b if calc.uses_b else None, models.c if recipe.uses_c else None
+    if calc.uses_b and b is None:
+        raise MergeError("Model B is required for this merge.")
+    if recipe.uses_c and c is None:
+        raise MergeError(f"Model C is required for {recipe.mode}.")
+    arch = _arch_of(a, "A")
+    for label, src in (("B", b), ("C", c)):
+        if src is not None:
+            _check_family(arch, _arch_of(src, label), label, src)
+
+    needs_seed = recipe.calc == "plus random" or any(
+        has_random(text) for text in (recipe.weights_alpha, recipe.weights_beta, recipe.elemental))
+    if needs_seed and recipe.seed == -1:
+        recipe = recipe.with_seed(secrets.randbelow(2**32))
+    keys_a = a.keys()
+    randoms = random_table(recipe.seed, len(keys_a)) if needs_seed else None
+
+    weights_a = parse_block_weights(recipe.weights_alpha, arch, "alpha", randoms, 0) if recipe.mbw else None
+    weights_b = (parse_block_weights(recipe.weights_beta, arch, "beta", randoms, 50)
+                 if recipe.mbw and recipe.weights_beta.strip() else None)
+    base_alpha = weights_a[0] if weights_a else recipe.alpha
+    base_beta = weights_b[0] if weights_b else recipe.beta
+    fine_labels = frozenset(bl[0] for k in keys_a if (bl := arch.block_of(k))) if arch.is_sdxl else frozenset()
+    elemental = parse_elemental(recipe.elemental, arch, fine_labels)
+    inex = parse_inex(recipe.inex, recipe.inex_blocks, recipe.inex_elements, arch, fine_labels)
+    adjust = parse_adjust(recipe.adjust)
+
+    jobs = []
+    for index, key in enumerate(keys_a):
+        job = _plan_key(key, index, recipe, arch, a, b, c, weights_a, weights_b, base_alpha, base_beta,
+                        elemental, inex, randoms)
+        jobs.append(job)
+    if b is not None:
+        in_a = set(keys_a)
+        jobs.extend(Job(k, COPY_B) for k in b.keys()
+                    if "model" in k and k not in in_a and not any(s in k for s in NEVER_COPY_FROM_B))
+    return MergePlan(recipe, arch, tuple(jobs), adjust)
+
+
+def _plan_key(key, index, recipe: Recipe, arch: Arch, a, b, c, weights_a, weights_b, base_alpha, base_beta,
+              elemental: tuple[ElementalRule, ...], inex: InExRule, randoms) -> Job:
+    calc = recipe.calc_mode
+    keep = Job(key, COPY_A, index=index)
+    if "model" not in key or (b is not None and key not in b) or (c is not None and key not in c):
+        return keep
+    if "weight" not in key and "bias" not in key:
+        return keep
+    labels = arch.block_of(key)
+    if labels is None:
+        return keep
+    fine, block = labels
+    if inex.skips(key, fine, block):
+        return keep
+    if calc.skip_vae and "first_stage_model" in key:
+        return keep
+    if calc.skip_self_keys and any(s in key for s in kernels.SELF_SKIP):
+        return keep
+    if calc.name in ("tensor", "tensor2") and len(a.shape(key)) == 0:
+        return keep
+    alpha = weights_a[arch.blocks.index(block)] if weights_a else base_alpha
+    beta = weights_b[arch.blocks.index(block)] if weights_b else base_beta
+    for rule in elemental:
+        if rule.matches(key, fine, block):
+            alpha = rule.value(index, randoms)
+    if calc.skip_self_keys and alpha == 0:
+        return keep
+    if calc.name == "extract":
+        check_extract_ratios(alpha, beta, f"block {block}")
+    others = [(label, src) for label, src in (("B", b), ("C", c)) if src is not None]
+    channels = _channels(key, a, others)
+    return Job(key, MERGE, block, alpha, beta, channels, index)
+
+
+def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None = None,
+                    cancel: Cancel | None = None) -> tuple[MergePlan, dict[str, torch.Tensor]]:
+    """The cosine modes' range pass: similarities over every non-VAE "model" key A and B share (as the seed does,
+    whatever include/exclude says), trimmed to the 1st-99th percentile. Returns the plan with the range set and the
+    per-column similarities of the keys to merge, so the main pass need not compute them again."""
+    a, b = models.a, models.b
+    normalize = plan.recipe.calc == "cosineA"
+    to_merge = {job.key for job in plan.jobs if job.kind == MERGE}
+    keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k and a.shape(k)]
+    collected, combs = [], {}
+    for done, key in enumerate(keys, 1):
+        _check_cancel(cancel)
+        ta, tb = _narrowed(a.get(key), b.get(key))
+        simab, comb = kernels.cosine_similarity(ta, tb, normalize)
+        collected.append((simab if normalize else comb).reshape(-1).double().numpy())
+        if key in to_merge:
+            combs[key] = comb
+        if progress:
+            progress(done, len(keys))
+    try:
+        similarity = kernels.similarity_range(np.concatenate(collected) if collected else np.empty(0))
+    except ValueError:
+        raise MergeError("cosine merge: models A and B share no comparable tensors (all similarities are NaN); "
+                         "check that both files hold real weights.") from None
+    return dataclasses.replace(plan, similarity=similarity), combs
+
+
+def _narrowed(a: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cut A's dim 1 to the others' width when only that differs (inpainting A against a normal B)."""
+    if others and a.dim() > 1 and a.shape[1] != others[0].shape[1]:
+        return (a[:, : others[0].shape[1]], *others)
+    return (a, *others)
+
+
+def _check_cancel(cancel: Cancel | None) -> None:
+    if cancel is not None and cancel():
+        raise MergeCancelled("Merge cancelled; nothing was written.")
+
+
+class KeyMerger:
+    """Computes one job's output tensor from the sources; safe to call from several threads."""
+
+    def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None):
+        self.plan, self.models, self.combs = plan, models, combs or {}
+        self.recipe = plan.recipe
+
+    def dtype(self, job: Job) -> torch.dtype:
+        return (self.models.b if job.kind == COPY_B else self.models.a).dtype(job.key)
+
+    def shape(self, job: Job) -> tuple[int, ...]:
+        return (self.models.b if job.kind == COPY_B else self.models.a).shape(job.key)
+
+    def __call__(self, job: Job) -> torch.Tensor:
+        if job.kind == COPY_B:
+            return self.models.b.get(job.key)
+        full = self.models.a.get(job.key)
+        if job.kind == COPY_A:
+            return full
+        b = self.models.b.get(job.key) if self.models.b is not None and self.recipe.calc_mode.uses_b else None
+        c = self.models.c.get(job.key) if self.models.c is not None and self.recipe.uses_c else None
+        a = full[:, : job.channels] if job.channels else full
+        if job.channels:
+            b = b[:, : job.channels] if b is not None else None
+            c = c[:, : job.channels] if c is not None else None
+        result = self._compute(job, a, b, c)
+        if result is None:
+            return full
+        if self.plan.adjust is not None:
+            result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
+        if job.channels:
+            out = full.clone()
+            out[:, : job.channels] = result
+            return out
+        return result.to(full.dtype)
+
+    def _compute(self, job: Job, a, b, c) -> torch.Tensor | None:
+        calc, r = self.recipe.calc, self.recipe
+        alpha, beta = job.alpha, job.beta
+        if calc == "normal":
+            return kernels.normal(r.mode, a, b, c, alpha, beta)
+        if calc in ("cosineA", "cosineB"):
+            comb = self.combs.get(job.key)
+            if comb is None:
+                comb = kernels.cosine_similarity(a, b, calc == "cosineA")[1]
+            smin, smax = self.plan.similarity
+            return kernels.cosine_merge(a, b, comb, abs(alpha) if calc == "cosineA" else alpha, smin, smax)
+        if calc == "trainDifference":
+            return None if torch.equal(b, c) else kernels.train_difference(a, b, c, alpha)
+        if calc in ("smoothAdd", "smoothAdd MT"):
+            return kernels.smooth_add(a, b, c, alpha)
+        if calc == "extract":
+            return kernels.extract(a, b, c, alpha, beta, r.gamma)
+        if calc in ("tensor", "tensor2"):
+            return kernels.tensor_swap(a, b, alpha, beta, by_columns=calc == "tensor2")
+        if calc == "self":
+            return kernels.scale_self(a, alpha)
+        return kernels.plus_random(a, alpha, r.seed, job.key)
+
+
+def default_threads(plan: MergePlan) -> int:
+    return (os.cpu_count() or 1) if plan.recipe.calc == "smoothAdd MT" else 1
+
+
+def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
+              cancel: Cancel | None = None, threads: int | None = None) -> object:
+    """Stream every job of `plan` into `sink` in order; on cancel or error the sink is aborted and nothing is kept."""
+    threads = threads or default_threads(plan)
+    try:
+        combs: dict[str, torch.Tensor] = {}
+        if plan.recipe.calc in ("cosineA", "cosineB"):
+            plan, combs = similarity_pass(plan, models, None, cancel)
+        merger = KeyMerger(plan, models, combs)
+        sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
+        total = len(plan.jobs)
+        for done, (job, tensor) in enumerate(_results(plan.jobs, merger, threads, cancel), 1):
+            sink.put(job.key, tensor)
+            if progress:
+                progress(done, total)
+        return sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _results(jobs, merger: KeyMerger, threads: int, cancel: Cancel | None):
+    """Yield (job, tensor) in order; with threads > 1 a bounded window of keys is computed ahead."""
+    if threads <= 1:
+        for job in jobs:
+            _check_cancel(cancel)
+            yield job, merger(job)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+        window: deque[tuple[Job, Future]] = deque()
+        pending = iter(jobs)
+        try:
+            for job in pending:
+                window.append((job, pool.submit(merger, job)))
+                if len(window) >= 2 * threads:
+                    break
+            while window:
+                _check_cancel(cancel)
+                job, future = window.popleft()
+                nxt = next(pending, None)
+                if nxt is not None:
+                    window.append((nxt, pool.submit(merger, nxt)))
+                yield job, future.result()
+        finally:
+            for _, future in window:
+                future.cancel()
+
+
+class DictSink:
+    """Collects the merged state dict in memory (for the live model or a later save)."""
+
+    def __init__(self):
+        self.state: dict[str, torch.Tensor] = {}
+
+    def begin(self, entries) -> None:
+        self.state = {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        self.state[key] = tensor
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def abort(self) -> None:
+        self.state = {}
+
+
+def merge_to_dict(recipe: Recipe, models: Models, presets: Presets | None = None, progress: Progress | None = None,
+                  cancel: Cancel | None = None, threads: int | None = None) -> tuple[MergePlan, dict]:
+    plan = plan_merge(recipe, models, presets)
+    return plan, run_merge(plan, models, DictSink(), progress, cancel, threads)

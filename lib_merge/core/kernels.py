@@ -1,0 +1,198 @@
+"""One pure function per merge formula, and the registry of which merge mode each calc mode accepts.
+
+Kernels take the tensors of one key (any float dtype, never modified) and plain numbers, and return a new tensor;
+the engine casts it to the destination dtype once. Where the seed computes in fp32 we do too; where it rounds several
+times in fp16 we compute in fp32 and round once (results differ from the seed only by that rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+WEIGHT_SUM, ADD_DIFF, TRIPLE_SUM, SUM_TWICE = "Weight sum", "Add difference", "Triple sum", "sum Twice"
+MERGE_MODES = (WEIGHT_SUM, ADD_DIFF, TRIPLE_SUM, SUM_TWICE)
+MODE_FORMULAS = {
+    WEIGHT_SUM: "A*(1-alpha)+B*alpha",
+    ADD_DIFF: "A+(B-C)*alpha",
+    TRIPLE_SUM: "A*(1-alpha-beta)+B*alpha+C*beta",
+    SUM_TWICE: "(A*(1-alpha)+B*alpha)*(1-beta)+C*beta",
+}
+SELF_SKIP = ("to_out", "proj_out", "norm")
+
+
+@dataclass(frozen=True)
+class CalcMode:
+    """What a calc mode needs: the merge modes it accepts, the mode it implies, and which models it reads."""
+
+    name: str
+    modes: tuple[str, ...]
+    summary: str
+    implies: str | None = None  # the seed switches these to Add difference by itself
+    uses_b: bool = True
+    uses_beta: bool = False
+    skip_vae: bool = False  # cosine leaves the VAE alone
+    skip_self_keys: bool = False  # self/random leave to_out, proj_out and norm alone
+
+
+CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
+    CalcMode("normal", MERGE_MODES, "the merge mode's formula"),
+    CalcMode("cosineA", (WEIGHT_SUM,), "per-column ratio from A/B cosine similarity, favouring A's structure",
+             skip_vae=True),
+    CalcMode("cosineB", (WEIGHT_SUM,), "per-column ratio from raw A/B cosine similarity, favouring B's structure",
+             skip_vae=True),
+    CalcMode("trainDifference", (ADD_DIFF,), "A + 1.8*alpha*(B-C)*|B-A|/(|B-C|+|B-A|)", implies=ADD_DIFF),
+    CalcMode("smoothAdd", (ADD_DIFF,), "A + alpha*gaussian(median(B-C))"),
+    CalcMode("smoothAdd MT", (ADD_DIFF,), "smoothAdd computed on all cores"),
+    CalcMode("extract", (ADD_DIFF,), "features of B-A / C-A selected by their cosine similarity (gamma)",
+             implies=ADD_DIFF, uses_beta=True),
+    CalcMode("tensor", (WEIGHT_SUM,), "rows [beta, beta+alpha) of dim 0 taken from B", uses_beta=True),
+    CalcMode("tensor2", (WEIGHT_SUM,), "like tensor, slicing dim 1 of matrices and convolutions", uses_beta=True),
+    CalcMode("self", (WEIGHT_SUM,), "A*alpha (B unused)", uses_b=False, skip_self_keys=True),
+    CalcMode("plus random", (WEIGHT_SUM,), "A + alpha*N(0,1) noise, seeded (B unused)", uses_b=False,
+             skip_self_keys=True),
+)}
+
+
+def weight_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A(1-α)+Bα as torch.lerp; on the CPU an fp16/bf16 lerp computes in fp32 and rounds once, like the seed's path."""
+    if alpha == 0:
+        return a
+    if alpha == 1:
+        return b
+    if a.dtype == b.dtype and a.is_floating_point():
+        return torch.lerp(a, b, alpha)
+    return torch.lerp(a.float(), b.float(), alpha)
+
+
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A + α(B-C), in fp32."""
+    out = b.float()
+    out.sub_(c).mul_(alpha).add_(a)
+    return out
+
+
+def triple_sum(a, b, c, alpha: float, beta: float) -> torch.Tensor:
+    """A(1-α-β) + Bα + Cβ, in fp32."""
+    out = a.float() * (1 - alpha - beta)
+    return out.add_(b, alpha=alpha).add_(c, alpha=beta)
+
+
+def sum_twice(a, b, c, alpha: float, beta: float) -> torch.Tensor:
+    """(A(1-α)+Bα)(1-β)+Cβ, as the seed's fp32 double lerp."""
+    return torch.lerp(torch.lerp(a.float(), b.float(), alpha), c.float(), beta)
+
+
+def normal(mode: str, a, b, c, alpha: float, beta: float) -> torch.Tensor:
+    if mode == WEIGHT_SUM:
+        return weight_sum(a, b, alpha)
+    if mode == ADD_DIFF:
+        return add_difference(a, b, c, alpha)
+    if mode == TRIPLE_SUM:
+        return triple_sum(a, b, c, alpha, beta)
+    return sum_twice(a, b, c, alpha, beta)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column cosine (dim 0) and its mean with the whole-tensor cosine: (simab, comb) of the seed's cosine modes."""
+    a, b = a.float(), b.float()
+    if normalize:
+        a, b = F.normalize(a, p=2, dim=0), F.normalize(b, p=2, dim=0)
+    simab = F.cosine_similarity(a, b, dim=0)
+    mag = torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+    return simab, (simab + mag) / 2
+
+
+def similarity_range(values: np.ndarray) -> tuple[float, float]:
+    """Drop NaNs, then values under the 1st percentile, then (of the rest) over the 99th; return (min, max)."""
+    values = values[~np.isnan(values)]
+    if values.size:
+        values = values[values >= np.percentile(values, 1, method="midpoint")]
+        values = values[values <= np.percentile(values, 99, method="midpoint")]
+    if not values.size:
+        raise ValueError("no finite similarity values")
+    return float(values.min()), float(values.max())
+
+
+def cosine_merge(a, b, comb: torch.Tensor, alpha: float, smin: float, smax: float) -> torch.Tensor:
+    """(1-k)B + kA with k = clip(norm(comb) - α); α is |α| for cosineA, as given for cosineB (the caller decides).
+
+    A degenerate range (every column equally similar) counts as fully similar instead of dividing by zero.
+    """
+    scaled = (comb - smin) / (smax - smin) if smax > smin else torch.ones_like(comb)
+    k = (scaled - alpha).clip(0, 1)
+    return torch.lerp(b.float(), a.float(), k)
+
+
+def train_difference(a, b, c, alpha: float) -> torch.Tensor:
+    """A + 1.8α(B-C)|B-A|/(|B-C|+|B-A|), zero where both distances are zero."""
+    b32 = b.float()
+    diff = b32 - c.float()
+    dist_ab = (b32 - a.float()).abs_()
+    total = diff.abs() + dist_ab
+    scale = torch.where(total != 0, dist_ab / total, torch.zeros((), dtype=total.dtype))
+    return a.float() + diff * scale * (alpha * 1.8)
+
+
+def smooth(diff: torch.Tensor) -> torch.Tensor:
+    """N-dimensional median filter (size 3) then gaussian (sigma 1), both with scipy's default 'reflect' edges."""
+    if diff.dim() == 0:
+        return diff.float()
+    array = diff.float().numpy()
+    return torch.from_numpy(scipy.ndimage.gaussian_filter(scipy.ndimage.median_filter(array, size=3), sigma=1))
+
+
+def smooth_add(a, b, c, alpha: float) -> torch.Tensor:
+    return a.float() + alpha * smooth(b.float() - c.float())
+
+
+def extract(a, b, c, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """A + lerp(B-A, C-A, α) * lerp(d, 1-d, β), d = ((cos(B-A, C-A) along the last axis + 1)/2)^γ."""
+    base = a.float()
+    da, db = b.float() - base, c.float() - base
+    if base.dim() == 0:
+        return base + torch.lerp(da, db, alpha)
+    cos = F.cosine_similarity(da, db, dim=-1).clamp(-1, 1).unsqueeze(-1)
+    d = ((cos + 1) / 2) ** gamma
+    return base + torch.lerp(da, db, alpha) * torch.lerp(d, 1 - d, beta)
+
+
+def tensor_swap(a, b, alpha: float, beta: float, by_columns: bool) -> torch.Tensor:
+    """Exchange a window of rows (tensor) or of dim-1 slices (tensor2) between A and B, without interpolation.
+
+    With α+β ≤ 1, B supplies [int(nβ), int(n(α+β))); otherwise the result is B with A in [int(n(α+β-1)), int(nβ)),
+    i.e. B's window of length α starting at β wraps around. tensor2 slices dim 1 of 2-D+ tensors, sized by dim 1 only
+    when it is over 100 (else by dim 0), as the seed does.
+    """
+    if a.dim() == 0:
+        return a
+    dim = 1 if by_columns and a.dim() > 1 else 0
+    n = a.shape[1] if dim == 1 and a.shape[1] > 100 else a.shape[0]
+    if alpha + beta <= 1:
+        base, other, start, end = a, b, int(n * beta), int(n * (alpha + beta))
+    else:
+        base, other, start, end = b, a, int(n * (alpha + beta - 1)), int(n * beta)
+    out = base.to(a.dtype, copy=True)
+    window = [slice(None)] * dim + [slice(start, end)]
+    out[tuple(window)] = other[tuple(window)]
+    return out
+
+
+def scale_self(a, alpha: float) -> torch.Tensor:
+    return a.float() * alpha
+
+
+def key_generator(seed: int, key: str) -> torch.Generator:
+    """A generator seeded from (seed, key), so random noise is reproducible whatever the order keys run in."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def plus_random(a, alpha: float, seed: int, key: str) -> torch.Tensor:
+    noise = torch.randn(a.shape, generator=key_generator(seed, key), dtype=torch.float32)
+    return a.float() + noise * alpha

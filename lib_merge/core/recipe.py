@@ -1,0 +1,174 @@
+"""The merge recipe: everything needed to reproduce a merge, checked before any file is read.
+
+A recipe is what users share, what the history logs and what a saved model's metadata carries. `validate` refuses
+what the seed system silently got wrong (invalid mode/calc pairs, missing model C, NaN ratios) with a message that
+says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from .errors import MergeError
+from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
+from .weights import INEX_MODES, Presets, parse_adjust
+
+RECIPE_TYPE = "block-merger"
+NEEDS_C = (ADD_DIFF, "Triple sum", "sum Twice")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One merge. Model fields hold whatever names the caller resolves (file paths for the CLI)."""
+
+    model_a: str
+    model_b: str = ""
+    model_c: str = ""
+    mode: str = WEIGHT_SUM
+    calc: str = "normal"
+    alpha: float = 0.5
+    beta: float = 0.25
+    weights_alpha: str = ""  # block weights (or a preset name); non-empty turns MBW on, its first value is BASE
+    weights_beta: str = ""
+    elemental: str = ""
+    adjust: str = ""
+    inex: str = "Off"
+    inex_blocks: tuple[str, ...] = ()
+    inex_elements: tuple[str, ...] = ()
+    gamma: float = 0.3
+    seed: int = -1  # weight seed for R/U ratios and plus random; -1 draws one when the recipe is resolved
+    extra: dict = field(default_factory=dict, compare=False)  # informational, e.g. save options
+
+    @property
+    def calc_mode(self) -> CalcMode:
+        return CALC_MODES[self.calc]
+
+    @property
+    def uses_c(self) -> bool:
+        return self.mode in NEEDS_C
+
+    @property
+    def uses_beta(self) -> bool:
+        return self.mode in ("Triple sum", "sum Twice") or self.calc_mode.uses_beta
+
+    @property
+    def mbw(self) -> bool:
+        return bool(self.weights_alpha.strip())
+
+    def validate(self, presets: Presets | None = None) -> Recipe:
+        """Check names, pairs, numbers and required models; return the recipe with implied fields filled in.
+
+        Presets named in weight fields are replaced by their values, so the returned recipe reproduces the merge
+        even where the preset file differs.
+        """
+        if self.mode not in MERGE_MODES:
+            raise MergeError(f"Unknown merge mode {self.mode!r}; use one of: {', '.join(MERGE_MODES)}.")
+        calc = CALC_MODES.get(self.calc)
+        if calc is None:
+            raise MergeError(f"Unknown calc mode {self.calc!r}; use one of: {', '.join(CALC_MODES)}.")
+        mode = calc.implies or self.mode
+        if mode not in calc.modes:
+            raise MergeError(
+                f"Calc mode {calc.name!r} cannot be used with {mode!r}: it works with "
+                f"{' or '.join(repr(m) for m in calc.modes)} only."
+            )
+        if not self.model_a:
+            raise MergeError("Model A is required.")
+        if calc.uses_b and not self.model_b:
+            raise MergeError(f"Model B is required for {mode} with calc mode {calc.name}.")
+        if mode in NEEDS_C and not self.model_c:
+            raise MergeError(f"Model C is required for {mode} ({MODE_FORMULAS[mode]}); choose model C.")
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MergeError(f"{name} must be a finite number, not {value!r}.")
+        if calc.name == "extract":
+            check_extract_ratios(self.alpha, self.beta, "alpha/beta")
+            if self.gamma < 0:
+                raise MergeError(f"extract needs gamma >= 0; got {self.gamma}.")
+        if self.inex not in INEX_MODES:
+            raise MergeError(f"Include/Exclude mode {self.inex!r} is not one of {', '.join(INEX_MODES)}.")
+        parse_adjust(self.adjust)
+        presets = presets or Presets.load()
+        weights_alpha = presets.resolve(self.weights_alpha)
+        weights_beta = presets.resolve(self.weights_beta)
+        if weights_beta and not weights_alpha:
+            raise MergeError("Block weights for beta need block weights for alpha too (MBW is off without them).")
+        return dataclasses.replace(
+            self, mode=mode, weights_alpha=weights_alpha, weights_beta=weights_beta,
+            model_b=self.model_b if calc.uses_b else "", model_c=self.model_c if mode in NEEDS_C else "",
+            inex_blocks=tuple(self.inex_blocks), inex_elements=tuple(self.inex_elements),
+        )
+
+    def with_seed(self, seed: int) -> Recipe:
+        return dataclasses.replace(self, seed=seed)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["inex_blocks"] = list(self.inex_blocks)
+        data["inex_elements"] = list(self.inex_elements)
+        return {"type": RECIPE_TYPE, **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known - {"type"}
+        if unknown:
+            raise MergeError(f"Recipe has unknown fields: {', '.join(sorted(unknown))}.")
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("inex_blocks", "inex_elements"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+        if not isinstance(data, dict):
+            raise MergeError("Recipe JSON must be an object.")
+        return cls.from_dict(data)
+
+    def fingerprint(self) -> str:
+        """A stable hash of the math (models by name, every ratio), for names and caches; `extra` is ignored."""
+        data = self.to_dict()
+        data.pop("extra")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def title(self) -> str:
+        """A short human-readable merge name, in the spirit of the seed's model names."""
+        a, b, c = (_stem(m) for m in (self.model_a, self.model_b, self.model_c))
+        ratio = "MBW" if self.mbw else f"{self.alpha:g}"
+        if self.calc in ("self", "plus random"):
+            text = f"{a} x {ratio}" if self.calc == "self" else f"{a} + noise x {ratio}"
+        elif self.mode == WEIGHT_SUM:
+            text = f"{a} x (1-{ratio}) + {b} x {ratio}"
+        elif self.mode == ADD_DIFF:
+            text = f"{a} + ({b} - {c}) x {ratio}"
+        elif self.mode == "Triple sum":
+            text = f"{a} x (1-{ratio}-{self.beta:g}) + {b} x {ratio} + {c} x {self.beta:g}"
+        else:
+            text = f"({a} x (1-{ratio}) + {b} x {ratio}) x (1-{self.beta:g}) + {c} x {self.beta:g}"
+        return text if self.calc == "normal" else f"{text} [{self.calc}]"
+
+
+def _stem(path: str) -> str:
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    for ext in (".safetensors", ".ckpt", ".pt", ".pth"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def check_extract_ratios(alpha: float, beta: float, where: str) -> None:
+    if not (0 <= alpha <= 1 and 0 <= beta <= 1):
+        raise MergeError(f"extract needs alpha and beta between 0 and 1 ({where}: alpha={alpha}, beta={beta}).")

@@ -1,0 +1,273 @@
+"""Block-weight strings, presets, block ranges, elemental rules, include/exclude and seeded random ratios.
+
+All of this is text the user types (or shares in a recipe); each parser refuses what it cannot read with a message
+that says how to fix it, where the seed system silently guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .arch import ADJUST_KEYS, Arch
+from .errors import MergeError
+
+DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "data" / "mbwpresets.tsv"
+
+INEX_EXTRAS = ("Adjust", "VAE")
+INEX_MODES = ("Off", "Include", "Exclude")
+RANDOM_TOKENS = ("R", "U")
+_RANDOM_DRAWS = 3000  # the seed's table size; longer tables keep these first values, so recipes stay reproducible
+
+
+class Presets:
+    """Named 26- (or 20-) value block-weight lists from `NAME<TAB>values` or `NAME:values` lines (first line a header)."""
+
+    def __init__(self, table: dict[str, str]):
+        self._table = dict(table)
+
+    @classmethod
+    def load(cls, *paths: Path | str) -> Presets:
+        """Read preset files in order; a later file's entry replaces an earlier one of the same name."""
+        table: dict[str, str] = {}
+        for path in paths or (DEFAULT_PRESETS,):
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise MergeError(f"Cannot read the preset file {path}: {e.strerror or e}.") from e
+            for line in lines[1:]:
+                name, sep, values = line.partition("\t") if "\t" in line else line.partition(":")
+                if sep and name.strip() and values.strip():
+                    table[name.strip()] = values.strip()
+        return cls(table)
+
+    def names(self, length: int | None = 26) -> list[str]:
+        """Preset names, by default only those with 26 values (what the dropdowns list, as in the seed)."""
+        return [n for n, v in self._table.items() if length is None or len(v.split(",")) == length]
+
+    def get(self, name: str) -> str | None:
+        return self._table.get(name.strip())
+
+    def resolve(self, text: str) -> str:
+        """A weights field holding a preset name (no comma) becomes that preset's values; anything else is kept."""
+        text = (text or "").strip()
+        if text and "," not in text:
+            found = self.get(text)
+            if found is None:
+                raise MergeError(
+                    f"Unknown preset {text!r}. Give comma-separated numbers or one of: {', '.join(self.names())}."
+                )
+            return found
+        return text
+
+
+def random_table(seed: int, keys: int = 0) -> np.ndarray:
+    """The seed system's random draws for a weight seed: same seed, same values (np.random.seed + rand)."""
+    return np.random.RandomState(seed % 2**32).rand(max(_RANDOM_DRAWS, keys + 101))
+
+
+def parse_number(token: str, what: str) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        raise MergeError(f"{what}: {token!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise MergeError(f"{what}: {token!r} is not a finite number.")
+    return value
+
+
+def has_random(text: str) -> bool:
+    """Whether a weights string or elemental text draws R/U ratios (and so needs a weight seed)."""
+    return any(t.rsplit(":", 1)[-1].strip() in RANDOM_TOKENS for t in (text or "").replace("\n", ",").split(","))
+
+
+def parse_block_weights(
+    text: str, arch: Arch, what: str = "alpha", randoms: np.ndarray | None = None, offset: int = 0
+) -> tuple[float, ...]:
+    """Turn a resolved weights string into one value per block of `arch` (26 for SD1/SD2, 20 for SDXL).
+
+    The first value is BASE. 26 values given for SDXL are converted as the seed does (IN09-IN11 and OUT09-OUT11
+    dropped). `R` and `U` draw from the seeded random table at the value's position (+50 for beta), as the seed does.
+    """
+    tokens = [t.strip() for t in text.split(",")]
+    if tokens and tokens[-1] == "" and len(tokens) in (21, 27):
+        tokens.pop()  # a trailing comma
+    if len(tokens) not in (20, 26):
+        raise MergeError(
+            f"Block weights for {what} have {len(tokens)} values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11) "
+            f"or, for SDXL, 20 (BASE, IN00-IN08, M00, OUT00-OUT08)."
+        )
+    if len(tokens) == 20 and not arch.is_sdxl:
+        raise MergeError(f"Block weights for {what} have 20 values, which is the SDXL layout; this model is "
+                         f"{arch.describe()} and needs 26.")
+    values = []
+    for i, token in enumerate(tokens):
+        if token in RANDOM_TOKENS:
+            if randoms is None:
+                raise MergeError(f"Block weights for {what} use {token!r}, which needs a weight seed.")
+            r = float(randoms[i + offset])
+            values.append(round(r if token == "R" else 1.5 - 2 * r, 3))
+        else:
+            values.append(parse_number(token, f"Block weight {i + 1} for {what}"))
+    if arch.is_sdxl and len(values) == 26:
+        values = values[0:10] + values[13:23]
+    return tuple(values)
+
+
+def expand_blocks(tokens: Sequence[str], labels: Sequence[str], extra: frozenset[str] = frozenset(),
+                  what: str = "blocks") -> list[str]:
+    """Expand `A-B` ranges (inclusive, either order) over `labels`; other tokens must be labels or `extra`."""
+    out: list[str] = []
+    for token in tokens:
+        if "-" in token:
+            ends = [e.strip() for e in token.split("-")]
+            if len(ends) != 2 or not all(e in labels for e in ends):
+                raise MergeError(f"{what}: bad range {token!r}; write it as e.g. IN03-IN06 with labels from "
+                                 f"{labels[0]}...{labels[-1]}.")
+            i, j = sorted(labels.index(e) for e in ends)
+            out.extend(labels[i : j + 1])
+        elif token in labels or token in extra:
+            out.append(token)
+        else:
+            raise MergeError(f"{what}: unknown block {token!r}; use {', '.join(labels)}"
+                             + (" (or an SDXL fine label such as IN41)" if extra else "") + ".")
+    return out
+
+
+@dataclass(frozen=True)
+class ElementalRule:
+    """`Blocks:Elements:Ratio` — the last matching rule sets a key's alpha, overriding block weights."""
+
+    blocks: frozenset[str]
+    blocks_not: bool
+    elements: tuple[str, ...]
+    elements_not: bool
+    ratio: str  # a number or R/U, resolved per key
+
+    def matches(self, key: str, fine: str, block: str) -> bool:
+        if self.blocks and ((block in self.blocks or fine in self.blocks) == self.blocks_not):
+            return False
+        if self.elements and (any(e in key for e in self.elements) == self.elements_not):
+            return False
+        return True
+
+    def value(self, key_index: int, randoms: np.ndarray | None) -> float:
+        if self.ratio in RANDOM_TOKENS:
+            if randoms is None:
+                raise MergeError("Elemental ratio R/U needs a weight seed.")
+            r = float(randoms[key_index + 100])
+            return round(r if self.ratio == "R" else 1 - 2 * r, 3)
+        return float(self.ratio)
+
+
+def _split_not(text: str) -> tuple[list[str], bool]:
+    tokens = text.split()
+    if tokens and tokens[0] == "NOT":
+        return tokens[1:], True
+    return tokens, False
+
+
+def parse_elemental(text: str, arch: Arch, fine_labels: frozenset[str] = frozenset()) -> tuple[ElementalRule, ...]:
+    """Entries separated by commas or newlines, each `Blocks:Elements:Ratio` with exactly two colons.
+
+    Block fields take the model's block labels and ranges, plus its fine labels (SDXL: e.g. IN41, CLIPG).
+    """
+    labels, extra = arch.blocks, fine_labels
+    rules = []
+    for entry in (e.strip() for e in (text or "").replace("\n", ",").split(",")):
+        if not entry:
+            continue
+        if entry.count(":") != 2:
+            raise MergeError(f"Elemental entry {entry!r} must be Blocks:Elements:Ratio, e.g. OUT06:attn2:0.5 "
+                             f"(blank blocks or elements mean all).")
+        blocks_text, elements_text, ratio = (p.strip() for p in entry.split(":"))
+        blocks, blocks_not = _split_not(blocks_text)
+        elements, elements_not = _split_not(elements_text)
+        if ratio not in RANDOM_TOKENS:
+            parse_number(ratio, f"Elemental entry {entry!r}: ratio")
+        rules.append(ElementalRule(
+            frozenset(expand_blocks(blocks, labels, extra, f"Elemental entry {entry!r}")), blocks_not,
+            tuple(elements), elements_not, ratio,
+        ))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class InExRule:
+    """Include/Exclude: which keys the merge touches; a skipped key keeps model A's tensor."""
+
+    mode: str = "Off"
+    blocks: frozenset[str] = frozenset()
+    elements: tuple[str, ...] = ()
+
+    def skips(self, key: str, fine: str, block: str) -> bool:
+        if self.mode == "Off" or (not self.blocks and not self.elements):
+            return False
+        include = self.mode == "Include"
+        hit = (
+            block in self.blocks
+            or fine in self.blocks
+            or fine in self.elements
+            or ("Adjust" in self.blocks and key in ADJUST_KEYS)
+            or any(e in key for e in self.elements)
+            or ("VAE" in self.blocks and "first_stage_model" in key)
+        )
+        return not include if hit else include
+
+
+def parse_inex(mode: str, blocks: Sequence[str], elements: Sequence[str], arch: Arch,
+               fine_labels: frozenset[str] = frozenset()) -> InExRule:
+    if mode not in INEX_MODES:
+        raise MergeError(f"Include/Exclude mode {mode!r} is not one of {', '.join(INEX_MODES)}.")
+    labels, extra = arch.blocks, fine_labels
+    tokens = [t.strip() for b in blocks for t in b.replace(",", " ").split() if t.strip() and t.strip() != "print"]
+    chosen = expand_blocks(tokens, labels, extra | frozenset(INEX_EXTRAS), "Include/Exclude blocks")
+    elems = tuple(e.strip() for e in elements if e.strip())
+    if mode != "Off" and not chosen and not elems:
+        raise MergeError(f"{mode} needs blocks (e.g. IN01,OUT02) or elements (e.g. attn); none were given.")
+    return InExRule(mode, frozenset(chosen), elems)
+
+
+ADJUST_NAMES = ("IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3")
+_COLOURS = {  # rows BRI, COL1, COL2, COL3 -> contribution to latent channels 1..3
+    False: ((-1, 1 / 3, 2 / 3), (1, 1, 0), (0, -1, -1), (1, 0, 1)),
+    True: ((0, 0, 1), (1, 0, 0), (-1, -1, 0), (-1, 1, 0)),
+}
+
+
+@dataclass(frozen=True)
+class Adjust:
+    """The seed's "Adjust": detail/contrast/brightness/colour through six input/output keys of the U-Net."""
+
+    values: tuple[float, ...]  # IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3
+
+    def apply(self, key: str, tensor, is_sdxl: bool):
+        """Return `tensor` (fp32) adjusted if `key` is one of the six adjust keys; otherwise unchanged."""
+        if key not in ADJUST_KEYS:
+            return tensor
+        v = self.values
+        scale = (1 - 0.01 * v[0], 1 + 0.02 * v[0], 1 - 0.01 * v[1], 1 + 0.02 * v[1], 1 - 0.01 * v[2])
+        index = ADJUST_KEYS.index(key)
+        if index < 5:
+            return tensor * scale[index]
+        colours = [sum(0.02 * c * row[j] for c, row in zip(v[4:8], _COLOURS[is_sdxl])) for j in range(3)]
+        shift = [0.02 * v[3], *colours]
+        if tensor.shape[0] != 4:
+            raise MergeError(f"Adjust expects 4 latent channels in {key}, found {tensor.shape[0]}.")
+        return tensor + tensor.new_tensor(shift)
+
+
+def parse_adjust(text: str) -> Adjust | None:
+    """Eight comma-separated numbers (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3); blank or all zero = off."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    tokens = [t.strip() for t in text.split(",")]
+    if len(tokens) != 8:
+        raise MergeError(f"Adjust needs 8 comma-separated numbers ({', '.join(ADJUST_NAMES)}); got {len(tokens)}.")
+    values = tuple(parse_number(t, f"Adjust {name}") for t, name in zip(tokens, ADJUST_NAMES))
+    return Adjust(values) if any(values) else None
