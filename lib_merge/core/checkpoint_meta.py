@@ -1,0 +1,93 @@
+"""Output metadata and file names, compatible with the WebUI's own merger and the seed's naming.
+
+The WebUI shows `sd_merge_recipe` / `sd_merge_models` in its metadata viewer and follows the parent tree through
+`sd_merge_models`, so we write exactly its shape. Names are derived from the merge name the way users know from
+the seed, but a name can never escape the output folder or exceed file-system limits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from .errors import MergeError
+
+MAX_STEM = 240  # characters (and UTF-8 bytes) before the extension, as the seed cuts long paths
+_UNSAFE = '/\\:*?"<>|\0'
+
+
+def _decode_json(value: str) -> object:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def merge_metadata(
+    recipe_json: str,
+    models: Sequence[tuple[str, str, str] | tuple[str, str, str, Mapping[str, str] | None]],
+) -> dict[str, str]:
+    """safetensors metadata for a merge of `models`: (name, sha256, legacy_hash[, that file's own metadata]).
+
+    When an input was itself a merge, its recipe is kept in its entry and its own `sd_merge_models` entries are
+    merged in, as the WebUI's merger does, so the whole family tree survives.
+    """
+    tree: dict[str, object] = {}
+    parents: dict[str, object] = {}
+    for item in models:
+        name, sha256, legacy = item[0], item[1], item[2]
+        own = item[3] if len(item) > 3 else None
+        entry: dict[str, object] = {"name": name, "legacy_hash": legacy}
+        if own and "sd_merge_recipe" in own:
+            entry["sd_merge_recipe"] = _decode_json(own["sd_merge_recipe"])
+        tree[sha256] = entry
+        if own and own.get("sd_merge_models"):
+            inherited = _decode_json(own["sd_merge_models"])
+            if isinstance(inherited, dict):
+                parents.update(inherited)
+    for sha, entry in parents.items():
+        tree.setdefault(sha, entry)  # a direct input's own entry wins
+    return {"format": "pt", "sd_merge_recipe": recipe_json, "sd_merge_models": json.dumps(tree)}
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    text = text[:limit]
+    while len(text.encode("utf-8")) > limit:
+        text = text[:-1]
+    return text
+
+
+def default_output_name(merge_name: str, save_dtype: str, in_channels: int, ext: str) -> str:
+    """The seed's default file name: spaces removed, `,()` -> `_`, `.fp16`, `-inpainting`/`-instruct-pix2pix`."""
+    name = merge_name.replace(" ", "")
+    for ch in ",()":
+        name = name.replace(ch, "_")
+    if name.startswith("_"):
+        name = name[1:]
+    # Fixed from the seed: characters no file system accepts (and path separators) never reach the file name.
+    name = "".join("_" if ch in _UNSAFE or ord(ch) < 32 else ch for ch in name).lstrip(".")
+    name = name or "merged"
+    suffix = ".fp16" if save_dtype == "fp16" else ""
+    if in_channels == 9:
+        suffix += "-inpainting"
+    elif in_channels == 8:
+        suffix += "-instruct-pix2pix"
+    ext = ext if ext.startswith(".") else "." + ext
+    stem = _cut_utf8(name, MAX_STEM - len(suffix)) + suffix
+    return stem + ext
+
+
+def validate_custom_name(name: str) -> str:
+    """Check a user-typed output name (without folder); returns it stripped of surrounding spaces."""
+    stripped = name.strip() if isinstance(name, str) else ""
+    if not stripped:
+        raise MergeError("The output name is empty; type a file name.")
+    if "\0" in stripped:
+        raise MergeError("The output name contains a NUL character; remove it.")
+    if "/" in stripped or "\\" in stripped:
+        raise MergeError(f"The output name {stripped!r} contains a path separator; give a plain file name.")
+    if ".." in stripped:
+        raise MergeError(f"The output name {stripped!r} contains '..'; give a plain file name.")
+    if stripped.startswith("."):
+        raise MergeError(f"The output name {stripped!r} starts with '.', which hides the file; remove the dot.")
+    return stripped

@@ -1,0 +1,217 @@
+"""Writing checkpoints safely: atomic replacement, refusal to clobber inputs, and streamed safetensors output.
+
+A crash, Ctrl-C or a full disk must never leave a half-written file under the final name, and an input model
+must never be overwritten, so every write goes to a hidden temporary file in the target folder that is fsync'd
+and renamed only on success. The stream writer knows the whole header up front, so the merge engine can write
+each tensor as soon as it is computed and hold only one in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint_format import CheckpointError, encode_header
+
+SAVE_EXTS = (".safetensors", ".ckpt")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except OSError:
+        pass
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"Output folder {parent} does not exist; create it or choose another folder.")
+    if path.is_dir():
+        raise CheckpointError(f"Output {path} is a folder; choose a file name.")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"Output file {path} exists; pass --overwrite or choose another name.")
+
+
+def check_output_path(
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], overwrite: bool
+) -> Path:
+    """Refuse an output that is an input (even with overwrite), sits in a missing folder, or exists unasked."""
+    path = Path(path)
+    for inp in inputs:
+        if inp is not None and _same_file(path, Path(inp)):
+            raise CheckpointError(
+                f"Output {path} is the input model {inp}; an input is never overwritten. Choose another name."
+            )
+    _check_target(path, overwrite)
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable; not possible (or needed) on every platform."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it becomes `path`, on any exception it is removed."""
+    path = Path(path)
+    _check_target(path, overwrite)
+    # Keep the temporary name within the usual 255-byte limit even for a 250-character target name.
+    stem = path.name.encode("utf-8")[:200].decode("utf-8", "ignore")
+    tmp = path.parent / f".{stem}.tmp-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise CheckpointError(f"Nothing was written for {path}; the output was not created.")
+        _fsync_file(tmp)
+        if not overwrite and path.exists():
+            raise CheckpointError(f"Output file {path} appeared while saving; pass --overwrite or choose another name.")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file tensor by tensor, in a header order fixed at construction."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self._entries = [(k, d, tuple(int(x) for x in s)) for k, d, s in entries]
+        header, self._offsets = encode_header(self._entries, metadata)
+        self._next = 0
+        self._closed = False
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        try:
+            self._file.write(header)
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def pending(self) -> list[str]:
+        """Keys still to be written, in order."""
+        return [k for k, _, _ in self._entries[self._next :]]
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self.path} is already closed; cannot write {key!r}.")
+        if self._next >= len(self._entries):
+            raise ValueError(f"{key!r} was not declared in the header of {self.path} (all tensors are written).")
+        want_key, want_dtype, want_shape = self._entries[self._next]
+        if key != want_key:
+            raise ValueError(f"tensors must be written in header order: expected {want_key!r}, got {key!r}")
+        if tensor.dtype != want_dtype:
+            raise ValueError(f"{key!r}: header says {want_dtype}, tensor is {tensor.dtype}")
+        if tuple(tensor.shape) != want_shape:
+            raise ValueError(f"{key!r}: header says shape {list(want_shape)}, tensor is {list(tensor.shape)}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        if t.numel():
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; raises if any declared tensor was not written."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            missing = self.pending
+            if missing:
+                raise CheckpointError(
+                    f"{self.path} is incomplete: {len(missing)} of {len(self._entries)} tensors were not written "
+                    f"(first missing: {missing[0]!r})."
+                )
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def abort(self) -> None:
+        """Close the file without checks (the caller discards it)."""
+        self._closed = True
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _check_state(state: Mapping[str, torch.Tensor]) -> None:
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"state dict entries must be str -> Tensor, got {k!r}: {type(v).__name__}")
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a whole state dict atomically: .safetensors (with metadata) or .ckpt (a plain dict, no metadata)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in SAVE_EXTS:
+        raise CheckpointError(f"Cannot save {path}: the name must end in .safetensors or .ckpt.")
+    _check_state(state)
+    with atomic_output(path, overwrite) as tmp:
+        if ext == ".safetensors":
+            entries = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+            with SafetensorsStreamWriter(tmp, entries, metadata) as w:
+                for k, v in state.items():
+                    w.write(k, v)
+        else:
+            plain = {}
+            for k, v in state.items():
+                t = v.detach().to("cpu").contiguous()
+                if t.untyped_storage().nbytes() != t.nbytes:  # a view would drag its whole storage along
+                    t = t.clone()
+                plain[k] = t
+            torch.save(plain, tmp)
+    return path
