@@ -1,0 +1,115 @@
+"""Model hashes as the WebUI computes them, cached so a multi-GB file is read once.
+
+The full sha256 identifies models in merge metadata and history; its first 10 hex digits are the WebUI's
+"shorthash"; the legacy 8-hex hash (64 KiB at offset 1 MiB) is what old infotexts and `sd_merge_models` carry.
+Entries are keyed by resolved path and invalidated by size or mtime, like the WebUI's own hash cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+
+from .checkpoint_format import CheckpointError
+from .checkpoint_write import atomic_output
+
+BLOCK = 1024 * 1024
+LEGACY_OFFSET = 0x100000
+LEGACY_LENGTH = 0x10000
+CACHE_VERSION = 1
+
+
+class HashCache:
+    """sha256 / short / legacy hashes of files, optionally persisted to a JSON file (written atomically)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict[str, object]] = self._load()
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            if doc.get("version") == CACHE_VERSION and isinstance(doc.get("entries"), dict):
+                return {k: v for k, v in doc["entries"].items() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError) as e:
+            warnings.warn(f"Hash cache {self.path} is unreadable ({e}); hashes will be recomputed.", stacklevel=3)
+            return {}
+        warnings.warn(f"Hash cache {self.path} has an unknown format; hashes will be recomputed.", stacklevel=3)
+        return {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"version": CACHE_VERSION, "entries": self._entries}, indent=1, sort_keys=True)
+            with atomic_output(self.path, overwrite=True) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        except (OSError, CheckpointError) as e:  # a cache that cannot be saved only costs time later
+            warnings.warn(f"Could not save hash cache {self.path}: {e}", stacklevel=3)
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[str, int, int]:
+        resolved = path.resolve()
+        st = resolved.stat()
+        return str(resolved), st.st_size, st.st_mtime_ns
+
+    def _cached(self, path: Path, field: str, compute) -> str:
+        key, size, mtime = self._identity(path)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime and field in entry:
+                return str(entry[field])
+        value = compute(Path(key))
+        _, size_after, mtime_after = self._identity(path)
+        if (size_after, mtime_after) != (size, mtime):  # changed while we read it: do not trust this value
+            return value
+        with self._lock:
+            entry = self._entries.get(key)
+            if not entry or entry.get("size") != size or entry.get("mtime_ns") != mtime:
+                entry = {"size": size, "mtime_ns": mtime}
+                self._entries[key] = entry
+            entry[field] = value
+            self._save()
+        return value
+
+    def sha256(self, path: str | os.PathLike[str]) -> str:
+        """Full sha256 (hex) of the file, read in 1 MiB blocks."""
+        path = Path(path)
+        try:
+            return self._cached(path, "sha256", _sha256_file)
+        except OSError as e:
+            raise CheckpointError(f"Cannot hash {path}: {e.strerror or e}; check that the file exists.") from e
+
+    def short_hash(self, path: str | os.PathLike[str]) -> str:
+        """The WebUI's shorthash: the first 10 hex digits of the sha256."""
+        return self.sha256(path)[:10]
+
+    def legacy_hash(self, path: str | os.PathLike[str]) -> str:
+        """The WebUI's old model hash (sha256 of 64 KiB at offset 1 MiB, 8 hex), or "NOFILE" if unreadable."""
+        try:
+            return self._cached(Path(path), "legacy", _legacy_file)
+        except OSError:
+            return "NOFILE"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _legacy_file(path: Path) -> str:
+    """A file shorter than 1 MiB hashes what is there (possibly nothing), exactly as the WebUI does."""
+    with open(path, "rb") as f:
+        f.seek(LEGACY_OFFSET)
+        return hashlib.sha256(f.read(LEGACY_LENGTH)).hexdigest()[:8]
