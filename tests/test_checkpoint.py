@@ -1271,3 +1271,33 @@ def test_validate_custom_name_messages():
         validate_custom_name("a/b")
     with pytest.raises(MergeError, match="empty"):
         validate_custom_name("")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_streaming_reads_do_not_grow_resident_memory(tmp_path):
+    """Reading every tensor once must not keep the file mapped: RSS stays far below the file size."""
+    n_tensors, per = 24, 4 * 1024 * 1024  # 96 MiB in 4 MiB tensors
+    path = tmp_path / "big.safetensors"
+    entries = [(f"t{i}", torch.uint8, (per,)) for i in range(n_tensors)]
+    with SafetensorsStreamWriter(path, entries) as w:
+        block = torch.full((per,), 7, dtype=torch.uint8)
+        for key, _, _ in entries:
+            w.write(key, block)
+    del block
+    with open_checkpoint(path) as ck:
+        ck.get("t0")  # warm up allocator
+        before = _rss_bytes()
+        for key in ck.keys():
+            t = ck.get(key)
+            assert t[-1].item() == 7
+            del t
+        grown = _rss_bytes() - before
+    assert grown < n_tensors * per // 4, f"resident memory grew by {grown / 2**20:.0f} MiB"

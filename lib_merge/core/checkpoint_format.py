@@ -40,6 +40,16 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
+
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in ST_TO_TORCH.values()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element (`torch.dtype.itemsize` is missing from the older torch some WebUI installs ship)."""
+    size = _ITEMSIZE.get(dtype)
+    return size if size is not None else torch.empty((), dtype=dtype).element_size()
+
+
 # The safetensors library refuses headers above 100 MB; a real SDXL header is about 200 KB.
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
@@ -136,7 +146,7 @@ def parse_header(path: Path, head: bytes, file_size: int, read_json: bytes | Non
         valid = isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
         if not valid or not 0 <= offs[0] <= offs[1]:
             raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offs!r}")
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * itemsize(dtype)
         if offs[1] - offs[0] != expected:
             raise _corrupt(
                 path, f"tensor {key!r} has {offs[1] - offs[0]} bytes of data but its shape {shape} needs {expected}"
@@ -192,7 +202,7 @@ def encode_header(
         shape = [int(d) for d in shape]
         if any(d < 0 for d in shape):
             raise ValueError(f"tensor {key!r} has a negative dimension in {shape}")
-        size = math.prod(shape) * dtype.itemsize
+        size = math.prod(shape) * itemsize(dtype)
         doc[key] = {"dtype": TORCH_TO_ST[dtype], "shape": shape, "data_offsets": [pos, pos + size]}
         offsets.append((pos, pos + size))
         pos += size

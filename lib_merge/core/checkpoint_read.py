@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .checkpoint_format import CheckpointError, SafetensorsHeader, TensorEntry, parse_header
+from .checkpoint_format import CheckpointError, SafetensorsHeader, TensorEntry, itemsize, parse_header
 
 SAFETENSORS_EXTS = (".safetensors",)
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -109,7 +109,7 @@ class _Base:
         return {}
 
     def nbytes(self, key: str) -> int:
-        return self.dtype(key).itemsize * _numel(self.shape(key))
+        return itemsize(self.dtype(key)) * _numel(self.shape(key))
 
     def close(self) -> None:
         self._closed = True
