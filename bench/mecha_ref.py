@@ -1,0 +1,172 @@
+"""sd-mecha runs of the merges Block Merger also does, for side-by-side benchmarks and cross-checks.
+
+Written against sd-mecha 1.1.8 (PyPI). See bench/MECHA_NOTES.md for what corresponds to what and how the math
+compares with the seed's. Every function takes safetensors paths and either writes ``output`` (a .safetensors path,
+streamed by sd-mecha) or, with ``output=None``, returns the merged state dict in memory.
+
+    python bench/mecha_ref.py weight_sum A B --weights 0.5,0.1,...  --out merged.safetensors
+    python bench/mecha_ref.py add_difference A B C --alpha 0.5 --out merged.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sd_mecha  # noqa: E402
+from seed_ref import BLOCKS_26, block_sd1  # noqa: E402
+
+MECHA_VERSION = "1.1.8"
+
+
+class _Silent:
+    """A do-nothing progress bar (sd-mecha's ``tqdm`` argument), so benchmarks don't pay for terminal output."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def run(recipe, output=None, *, output_dtype=torch.float16, threads=None, progress=False, **merge_kw):
+    """Execute a recipe. ``output``: a .safetensors path (streamed to disk; returns None) or None (returns a dict
+    without sd-mecha's ``__metadata__`` entry)."""
+    kw = dict(output_dtype=output_dtype, **merge_kw)
+    if threads is not None:
+        kw["threads"] = threads
+    if not progress:
+        kw["tqdm"] = _Silent
+    if output is not None:
+        sd_mecha.merge(recipe, output=Path(output), **kw)
+        return None
+    out = sd_mecha.merge(recipe, **kw)
+    out.pop("__metadata__", None)
+    return out
+
+
+def _models(*paths):
+    return [sd_mecha.model(Path(p)) for p in paths]
+
+
+def parse_weights(weights: str | Sequence[float]) -> list[float]:
+    if isinstance(weights, str):
+        weights = weights.split(",")
+    w = [float(x) for x in weights]
+    if len(w) != 26:
+        raise ValueError(f"SD1 block weights need 26 values (BASE first), got {len(w)}")
+    return w
+
+
+def sd1_block_alpha(weights: str | Sequence[float], mapping: str = "seed", keys_from=None):
+    """A 26-value SD1 block-weight list as an sd-mecha parameter.
+
+    ``mapping="mecha"`` uses sd-mecha's own ``sd1-supermerger_blocks`` config converted to ``sd1-ldm`` (its
+    converter sends ``time_embed`` to BASE, the seed sends it to IN00). ``mapping="seed"`` builds a per-key dict
+    with the seed's mapping (bench/seed_ref.block_sd1), which needs the key list (``keys_from``: a safetensors path).
+    """
+    w = parse_weights(weights)
+    if mapping == "mecha":
+        blocks = dict(zip(BLOCKS_26, w, strict=True))
+        return sd_mecha.convert(sd_mecha.literal(blocks, config="sd1-supermerger_blocks"), "sd1-ldm")
+    if mapping != "seed":
+        raise ValueError("mapping must be 'seed' or 'mecha'")
+    from safetensors import safe_open
+
+    with safe_open(str(keys_from), framework="pt") as f:
+        keys = list(f.keys())
+    per_key = {k: w[BLOCKS_26.index(block_sd1(k))] for k in keys}
+    return sd_mecha.literal(per_key, config="sd1-ldm")
+
+
+def _alpha(alpha, weights, mapping, path_a):
+    return alpha if weights is None else sd1_block_alpha(weights, mapping, keys_from=path_a)
+
+
+def weight_sum(path_a, path_b, alpha=0.5, weights=None, mapping="seed", output=None, **kw):
+    """Seed "Weight sum" (normal): sd_mecha.weighted_sum = lerp(A, B, α) in fp32, cast to fp16."""
+    a, b = _models(path_a, path_b)
+    return run(sd_mecha.weighted_sum(a, b, alpha=_alpha(alpha, weights, mapping, path_a)), output, **kw)
+
+
+def add_difference(path_a, path_b, path_c, alpha=0.5, weights=None, mapping="seed", output=None, **kw):
+    """Seed "Add difference" (normal): sd_mecha.add_difference(A, B, C) = A + α·(B − C) in fp32, one rounding."""
+    a, b, c = _models(path_a, path_b, path_c)
+    return run(sd_mecha.add_difference(a, b, c, alpha=_alpha(alpha, weights, mapping, path_a)), output, **kw)
+
+
+def train_difference(path_a, path_b, path_c, alpha=0.5, weights=None, mapping="seed", output=None, **kw):
+    """Seed "trainDifference": A + (B − C)·train_difference_mask(A, B, C, α), the mask being
+    1.8·α·|B − A| / (|B − A| + |B − C|). The seed leaves the result in fp32; pass ``output_dtype=torch.float32``
+    to compare exactly."""
+    a, b, c = _models(path_a, path_b, path_c)
+    mask = sd_mecha.train_difference_mask(a, b, c, alpha=_alpha(alpha, weights, mapping, path_a))
+    return run(sd_mecha.add_difference(a, b, c, alpha=mask), output, **kw)
+
+
+def cosine(path_a, path_b, alpha=0.0, variant="a", output=None, **kw):
+    """sd-mecha's add_cosine_a / add_cosine_b. NOT the seed's cosineA/cosineB: no model-wide similarity range
+    (smin/smax) pre-pass, cosine_a has no magnitude term, and the VAE is merged too. Kept for timing only."""
+    a, b = _models(path_a, path_b)
+    method = sd_mecha.add_cosine_a if variant == "a" else sd_mecha.add_cosine_b
+    return run(method(a, b, alpha=alpha), output, **kw)
+
+
+def add_difference_sdxl(path_a, path_b, path_c, alpha=0.5, output=None, **kw):
+    """Three-model Add difference on SDXL (sdxl-sgm config, detected from the keys)."""
+    return add_difference(path_a, path_b, path_c, alpha=alpha, output=output, **kw)
+
+
+OPS = {
+    "weight_sum": weight_sum,
+    "add_difference": add_difference,
+    "train_difference": train_difference,
+    "cosine": cosine,
+    "add_difference_sdxl": add_difference_sdxl,
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="sd-mecha reference merges for benchmarks.")
+    ap.add_argument("op", choices=sorted(OPS))
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--weights", default=None, help="26 SD1 block weights, BASE first")
+    ap.add_argument("--mapping", default="seed", choices=["seed", "mecha"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="output .safetensors (default: merge in memory)")
+    args = ap.parse_args(argv)
+    kw = {"output": args.out, "threads": args.threads}
+    if args.op not in ("cosine", "add_difference_sdxl"):
+        kw.update(weights=args.weights, mapping=args.mapping)
+    if args.out and os.path.exists(args.out):
+        os.remove(args.out)
+    t = time.perf_counter()
+    result = OPS[args.op](*args.paths, alpha=args.alpha, **kw)
+    dt = time.perf_counter() - t
+    where = args.out or f"memory ({len(result)} keys)"
+    print(f"sd-mecha {sd_mecha.__dict__.get('__version__', MECHA_VERSION)} {args.op}: {dt:.2f} s -> {where}")
+
+
+if __name__ == "__main__":
+    main()
