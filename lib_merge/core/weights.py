@@ -25,7 +25,7 @@ _RANDOM_DRAWS = 3000  # the seed's table size; longer tables keep these first va
 
 
 class Presets:
-    """Named 26- (or 20-) value block-weight lists from `NAME<TAB>values` or `NAME:values` lines (first line a header)."""
+    """Named block-weight lists from `NAME<TAB>values` or `NAME:values` lines (the first line is a header)."""
 
     def __init__(self, table: dict[str, str]):
         self._table = dict(table)
@@ -254,7 +254,7 @@ class Adjust:
         index = ADJUST_KEYS.index(key)
         if index < 5:
             return tensor * scale[index]
-        colours = [sum(0.02 * c * row[j] for c, row in zip(v[4:8], _COLOURS[is_sdxl])) for j in range(3)]
+        colours = [sum(0.02 * c * row[j] for c, row in zip(v[4:8], _COLOURS[is_sdxl], strict=True)) for j in range(3)]
         shift = [0.02 * v[3], *colours]
         if tensor.shape[0] != 4:
             raise MergeError(f"Adjust expects 4 latent channels in {key}, found {tensor.shape[0]}.")
@@ -269,5 +269,5 @@ def parse_adjust(text: str) -> Adjust | None:
     tokens = [t.strip() for t in text.split(",")]
     if len(tokens) != 8:
         raise MergeError(f"Adjust needs 8 comma-separated numbers ({', '.join(ADJUST_NAMES)}); got {len(tokens)}.")
-    values = tuple(parse_number(t, f"Adjust {name}") for t, name in zip(tokens, ADJUST_NAMES))
+    values = tuple(parse_number(t, f"Adjust {name}") for t, name in zip(tokens, ADJUST_NAMES, strict=True))
     return Adjust(values) if any(values) else None

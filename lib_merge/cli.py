@@ -1,0 +1,168 @@
+"""Command line: `merge`, `inspect` and `demo`. Errors are one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .core.errors import MergeCancelled, MergeError
+from .core.kernels import CALC_MODES, MERGE_MODES
+
+EXIT_ERROR = 2
+
+
+def default_data_dir() -> Path:
+    """Where the CLI keeps its merge history and hash cache unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "block-merger"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + error; we keep to one line
+        raise MergeError(f"{message} (see `python -m lib_merge {self.prog.split()[-1]} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lib_merge", description="Block Merger: merge Stable Diffusion checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    merge = sub.add_parser("merge", help="merge two or three checkpoints into a file")
+    merge.add_argument("--model-a", required=True, help="model A (.safetensors or .ckpt)")
+    merge.add_argument("--model-b", default="", help="model B")
+    merge.add_argument("--model-c", default="", help="model C (Add difference, Triple sum, sum Twice)")
+    merge.add_argument("--mode", default="Weight sum", help=f"merge mode: {', '.join(MERGE_MODES)}")
+    merge.add_argument("--calc", default="normal", help=f"calc mode: {', '.join(CALC_MODES)}")
+    merge.add_argument("--alpha", type=float, default=0.5)
+    merge.add_argument("--beta", type=float, default=0.25)
+    merge.add_argument("--mbw", default="", metavar="W",
+                       help="block weights for alpha: 26 (SD1/SD2) or 20 (SDXL) numbers, or a preset name; "
+                            "the first value (BASE) replaces --alpha")
+    merge.add_argument("--mbw-beta", default="", metavar="W", help="block weights for beta")
+    merge.add_argument("--elemental", default="", metavar="TEXT", help="Blocks:Elements:Ratio entries")
+    merge.add_argument("--adjust", default="", metavar="NUMBERS",
+                       help="8 numbers: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3")
+    merge.add_argument("--inex", default="Off", choices=("Off", "Include", "Exclude"))
+    merge.add_argument("--blocks", default="", help="blocks for --inex, e.g. IN01,OUT02,VAE")
+    merge.add_argument("--elements", default="", help="key substrings for --inex, e.g. attn,norm")
+    merge.add_argument("--gamma", type=float, default=0.3, help="extract's selectivity")
+    merge.add_argument("--seed", type=int, default=-1, help="weight seed for R/U ratios and plus random")
+    merge.add_argument("--output", required=True, help="output .safetensors or .ckpt")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+    merge.add_argument("--save-dtype", default="keep", choices=("keep", "fp16", "bf16", "fp32"))
+    merge.add_argument("--prune", action="store_true", help="drop EMA weights and schedule buffers")
+    merge.add_argument("--bake-vae", default=None, metavar="FILE", help="replace the VAE with this file's")
+    merge.add_argument("--reset-clip-ids", action="store_true", help="write correct CLIP position ids")
+    merge.add_argument("--no-metadata", action="store_true", help="write no recipe metadata (skips hashing)")
+    merge.add_argument("--history", default=None, metavar="FILE",
+                       help=f"merge log CSV (default {default_data_dir() / 'mergehistory.csv'})")
+    merge.add_argument("--no-history", action="store_true", help="do not log this merge")
+    merge.add_argument("--threads", type=int, default=None, help="worker threads (default: 1; all cores for "
+                                                                  "smoothAdd MT)")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = sub.add_parser("inspect", help="describe a checkpoint: architecture, dtypes, blocks, metadata")
+    inspect.add_argument("file")
+
+    demo = sub.add_parser("demo", help="merge small synthetic models and show what changed, per block")
+    demo.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and merges here")
+    return parser
+
+
+def _recipe_from_args(args):
+    from .core.recipe import Recipe
+
+    split = [t.strip() for t in args.blocks.replace(" ", ",").split(",") if t.strip()]
+    elements = [t.strip() for t in args.elements.split(",") if t.strip()]
+    return Recipe(
+        model_a=args.model_a, model_b=args.model_b, model_c=args.model_c, mode=args.mode, calc=args.calc,
+        alpha=args.alpha, beta=args.beta, weights_alpha=args.mbw, weights_beta=args.mbw_beta,
+        elemental=args.elemental, adjust=args.adjust, inex=args.inex, inex_blocks=tuple(split),
+        inex_elements=tuple(elements), gamma=args.gamma, seed=args.seed,
+    )
+
+
+def progress_bar(desc: str, quiet: bool = False):
+    """A tqdm bar driven by the engine's (done, total) callback, opened on the first report; returns (callback,
+    close), so a merge refused before it starts prints nothing but its error."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=desc, unit="key", disable=quiet, leave=False, file=sys.stderr))
+        bar = bars[0]
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return update, close
+
+
+def cmd_merge(args) -> int:
+    from .core.checkpoint import SaveOptions
+    from .core.hashes import HashCache
+    from .core.history import History
+    from .core.pipeline import merge_to_file
+
+    recipe = _recipe_from_args(args)
+    options = SaveOptions(dtype=args.save_dtype, prune=args.prune, bake_vae=args.bake_vae,
+                          reset_clip_ids=args.reset_clip_ids)
+    data = default_data_dir()
+    history = None if args.no_history else History(args.history or data / "mergehistory.csv")
+    update, close = progress_bar("merging", args.quiet)
+    start = time.perf_counter()
+    try:
+        result = merge_to_file(recipe, args.output, options, overwrite=args.overwrite,
+                               hashes=HashCache(data / "hashes.json"), history=history,
+                               metadata=not args.no_metadata, progress=update, threads=args.threads)
+    finally:
+        close()
+    plan = result.plan
+    logged = f", logged as merge {result.history_id}" if result.history_id is not None else ""
+    print(f"Saved {result.path} ({plan.arch.describe()}, {plan.merged} of {len(plan.jobs)} tensors merged, "
+          f"{time.perf_counter() - start:.1f} s{logged})")
+    print(f"Recipe: {plan.recipe.title()}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import describe
+
+    print(describe(Path(args.file)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.keep) if args.keep else None)
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except MergeCancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("cancelled: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,68 @@
+"""Streaming a merge straight into a checkpoint file, with the save options applied key by key."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint as Source
+from .checkpoint import SafetensorsStreamWriter, SaveOptions, atomic_output, finalize_tensor, is_kept, plan_output
+
+
+class FileSink:
+    """An engine sink that writes the output file as keys arrive (safetensors) or at the end (.ckpt).
+
+    A safetensors output never holds more than the tensors in flight; the file appears under its final name only
+    when complete (atomic rename), and an abort removes the temporary file.
+    """
+
+    def __init__(self, path: str | Path, options: SaveOptions, metadata: dict[str, str] | None, is_sdxl: bool,
+                 overwrite: bool = False, vae: Source | None = None):
+        self.path, self.options, self.metadata = Path(path), options, metadata or {}
+        self.is_sdxl, self.overwrite, self.vae = is_sdxl, overwrite, vae
+        self._stack: contextlib.ExitStack | None = None
+        self._writer: SafetensorsStreamWriter | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._tmp: Path | None = None
+
+    def begin(self, entries) -> None:
+        planned = plan_output(entries, self.is_sdxl, self.options, self.vae)
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(atomic_output(self.path, self.overwrite))
+        if self.path.suffix.lower() == ".safetensors":
+            self._writer = SafetensorsStreamWriter(self._tmp, planned, self.metadata)
+        else:
+            self._state = {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        if not is_kept(key, self.is_sdxl, self.options):
+            return
+        tensor = finalize_tensor(key, tensor, self.options, self.vae)
+        if self._writer is not None:
+            self._writer.write(key, tensor)
+        else:
+            self._state[key] = tensor.contiguous()
+
+    def finish(self) -> Path:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            torch.save(self._state, self._tmp)
+            self._state = None
+        self._stack.close()
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        self._state = None
+        if self._stack is not None:
+            # Leaving atomic_output with an exception removes the temporary file.
+            self._stack.__exit__(MergeAborted, MergeAborted(), None)
+            self._stack = None
+
+
+class MergeAborted(Exception):
+    """Raised into atomic_output so it discards the temporary file."""

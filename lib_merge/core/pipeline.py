@@ -1,0 +1,77 @@
+"""Whole merges from files: open the models a recipe names, merge, save with metadata, log to the history.
+
+Shared by the command line, the WebUI tab and the standalone app, so each front end only turns its inputs into a
+`Recipe` and its options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import SaveOptions, check_output_path, merge_metadata, open_checkpoint, open_vae
+from .engine import Cancel, MergePlan, Models, Progress, plan_merge, run_merge
+from .errors import MergeError
+from .hashes import HashCache
+from .history import History
+from .output import FileSink
+from .recipe import Recipe
+from .weights import Presets
+
+Resolve = Callable[[str], Path]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: Path
+    plan: MergePlan
+    history_id: int | None
+
+
+@contextlib.contextmanager
+def open_models(recipe: Recipe, resolve: Resolve = Path):
+    """Open the checkpoints a validated recipe uses (B/C only when its mode needs them); closed on exit."""
+    with contextlib.ExitStack() as stack:
+        def load(name: str) -> object | None:
+            return stack.enter_context(open_checkpoint(resolve(name))) if name else None
+
+        yield Models(load(recipe.model_a), load(recipe.model_b), load(recipe.model_c))
+
+
+def model_paths(recipe: Recipe, resolve: Resolve = Path) -> list[Path]:
+    return [resolve(m) for m in (recipe.model_a, recipe.model_b, recipe.model_c) if m]
+
+
+def recipe_metadata(plan: MergePlan, models: Models, hashes: HashCache) -> dict[str, str]:
+    """`sd_merge_recipe` / `sd_merge_models` as the WebUI's merger writes them, hashes from the (cached) files."""
+    entries = []
+    for source in (models.a, models.b, models.c):
+        if source is not None and source.path is not None:
+            entries.append((source.name, hashes.sha256(source.path), hashes.legacy_hash(source.path), source.metadata))
+    return merge_metadata(plan.recipe.to_json(), entries)
+
+
+def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | None = None, *,
+                  overwrite: bool = False, resolve: Resolve = Path, presets: Presets | None = None,
+                  hashes: HashCache | None = None, history: History | None = None, metadata: bool = True,
+                  progress: Progress | None = None, cancel: Cancel | None = None,
+                  threads: int | None = None) -> SaveResult:
+    """Merge the recipe's models and stream the result into `output`; every input error is raised before writing."""
+    recipe = recipe.validate(presets)
+    options = options or SaveOptions()
+    output = Path(output)
+    if output.suffix.lower() not in (".safetensors", ".ckpt"):
+        raise MergeError(f"Output {output} must end in .safetensors or .ckpt.")
+    check_output_path(output, model_paths(recipe, resolve), overwrite)
+    with open_models(recipe, resolve) as models, contextlib.ExitStack() as stack:
+        plan = plan_merge(recipe, models, presets)
+        vae = open_vae(options)
+        if vae is not None:
+            stack.callback(vae.close)
+        meta = recipe_metadata(plan, models, hashes or HashCache()) if metadata else {}
+        sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite, vae)
+        run_merge(plan, models, sink, progress, cancel, threads)
+    history_id = history.append(plan.recipe.title(), plan.recipe.to_dict()) if history is not None else None
+    return SaveResult(output, plan, history_id)
