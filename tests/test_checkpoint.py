@@ -1284,7 +1284,9 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_streaming_reads_do_not_grow_resident_memory(tmp_path):
     """Reading every tensor once must not keep the file mapped: RSS stays far below the file size."""
-    n_tensors, per = 24, 4 * 1024 * 1024  # 96 MiB in 4 MiB tensors
+    # 160 MiB in 40 MiB tensors: above glibc's largest mmap threshold, so freed buffers really go back to the OS.
+    # Control measurement: safetensors.torch.load_file (a kept mmap) grows RSS by the whole file here.
+    n_tensors, per = 4, 40 * 1024 * 1024
     path = tmp_path / "big.safetensors"
     entries = [(f"t{i}", torch.uint8, (per,)) for i in range(n_tensors)]
     with SafetensorsStreamWriter(path, entries) as w:
@@ -1300,4 +1302,4 @@ def test_streaming_reads_do_not_grow_resident_memory(tmp_path):
             assert t[-1].item() == 7
             del t
         grown = _rss_bytes() - before
-    assert grown < n_tensors * per // 4, f"resident memory grew by {grown / 2**20:.0f} MiB"
+    assert grown < per + per // 2, f"resident memory grew by {grown / 2**20:.0f} MiB"
