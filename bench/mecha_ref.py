@@ -124,6 +124,22 @@ def train_difference(path_a, path_b, path_c, alpha=0.5, weights=None, mapping="s
     return run(sd_mecha.add_difference(a, b, c, alpha=mask), output, **kw)
 
 
+def sum_twice(path_a, path_b, path_c, alpha=0.5, beta=0.25, output=None, **kw):
+    """Seed "sum Twice": lerp(lerp(A, B, α), C, β); sd-mecha nests weighted_sum (fp32 inside, one rounding)."""
+    a, b, c = _models(path_a, path_b, path_c)
+    return run(sd_mecha.weighted_sum(sd_mecha.weighted_sum(a, b, alpha=alpha), c, alpha=beta), output, **kw)
+
+
+def triple_sum(path_a, path_b, path_c, alpha=0.5, beta=0.25, output=None, **kw):
+    """Seed "Triple sum": (1 − α − β)A + αB + βC, written as lerp(A, lerp(B, C, β/(α+β)), α+β) like the seed, but
+    sd-mecha computes it in fp32 (the seed in native fp16)."""
+    if alpha + beta == 0:
+        raise ValueError("alpha + beta must not be 0")
+    a, b, c = _models(path_a, path_b, path_c)
+    inner = sd_mecha.weighted_sum(b, c, alpha=beta / (alpha + beta))
+    return run(sd_mecha.weighted_sum(a, inner, alpha=alpha + beta), output, **kw)
+
+
 def cosine(path_a, path_b, alpha=0.0, variant="a", output=None, **kw):
     """sd-mecha's add_cosine_a / add_cosine_b. NOT the seed's cosineA/cosineB: no model-wide similarity range
     (smin/smax) pre-pass, cosine_a has no magnitude term, and the VAE is merged too. Kept for timing only."""
@@ -141,6 +157,8 @@ OPS = {
     "weight_sum": weight_sum,
     "add_difference": add_difference,
     "train_difference": train_difference,
+    "sum_twice": sum_twice,
+    "triple_sum": triple_sum,
     "cosine": cosine,
     "add_difference_sdxl": add_difference_sdxl,
 }
@@ -151,14 +169,17 @@ def main(argv=None):
     ap.add_argument("op", choices=sorted(OPS))
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--beta", type=float, default=None, help="beta for sum_twice / triple_sum")
     ap.add_argument("--weights", default=None, help="26 SD1 block weights, BASE first")
     ap.add_argument("--mapping", default="seed", choices=["seed", "mecha"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="output .safetensors (default: merge in memory)")
     args = ap.parse_args(argv)
     kw = {"output": args.out, "threads": args.threads}
-    if args.op not in ("cosine", "add_difference_sdxl"):
+    if args.op in ("weight_sum", "add_difference", "train_difference"):
         kw.update(weights=args.weights, mapping=args.mapping)
+    if args.beta is not None and args.op in ("sum_twice", "triple_sum"):
+        kw["beta"] = args.beta
     if args.out and os.path.exists(args.out):
         os.remove(args.out)
     t = time.perf_counter()

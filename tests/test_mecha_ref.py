@@ -110,3 +110,20 @@ def test_sdxl_three_model_add_difference(tmp_path):
     key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     exact = (a[key].double() + 0.5 * (b[key].double() - c[key].double())).half()
     assert _ulps(out[key], exact) <= 1
+
+
+def test_sum_twice_equals_seed_formula(sd1):
+    (pa, pb, pc), a, b, c = sd1
+    out = mecha_ref.sum_twice(pa, pb, pc, alpha=0.3, beta=0.6)
+    for key in (K_IN04, K_VAE):
+        expected = torch.lerp(torch.lerp(a[key].float(), b[key].float(), 0.3), c[key].float(), 0.6).half()
+        assert torch.equal(out[key], expected), key
+
+
+def test_triple_sum_within_fp16_rounding(sd1):
+    (pa, pb, pc), a, b, c = sd1
+    out = mecha_ref.triple_sum(pa, pb, pc, alpha=0.3, beta=0.2)
+    for key in (K_IN04, K_VAE):
+        A, B, C = (x[key].double() for x in (a, b, c))
+        exact = (0.5 * A + 0.3 * B + 0.2 * C).half()
+        assert _ulps(out[key], exact) <= 1, key
