@@ -51,7 +51,7 @@ class MemorySource:
     def dtype(self, key):
         return self._tensors[key].dtype
 
-    def get(self, key):
+    def get(self, key, out=None):
         return self._tensors[key]
 
 

@@ -305,9 +305,6 @@ def test_elemental_sdxl_blocks(synth_xl):
     assert any("output_blocks.5." in k for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: on SDXL, elemental block names also match the fine labels, and "
-                   "the fine label of output_blocks.0.1.{norm,proj_in,proj_out} is 'OUT01', so 'OUT01' also "
-                   "changes those block-OUT00 keys; a block name must address only its own block (§4.1, #468 fixed)")
 def test_elemental_sdxl_out01_addresses_output_blocks_1_only():
     a, b = pair(torch.float32, xl=True)
     _, state = merge(a, b, alpha=0.4, elemental="OUT01::0.1")

@@ -801,19 +801,32 @@ def test_stream_writer_makes_contiguous(tmp_path):
 def test_stream_writer_checks(tmp_path):
     entries = [("a", torch.float32, (2,)), ("b", torch.int64, ())]
     w = SafetensorsStreamWriter(tmp_path / "x.safetensors", entries)
-    with pytest.raises(ValueError, match="header order"):
-        w.write("b", torch.tensor(1))
     with pytest.raises(ValueError, match="float16"):
         w.write("a", torch.ones(2, dtype=torch.float16))
     with pytest.raises(ValueError, match="shape"):
         w.write("a", torch.ones(3))
     w.write("a", torch.ones(2))
+    with pytest.raises(ValueError, match="already written"):
+        w.write("a", torch.ones(2))
     assert w.pending == ["b"]
     with pytest.raises(CheckpointError, match="1 of 2 tensors were not written") as info:
         w.close()
     assert "'b'" in str(info.value)
     with pytest.raises(CheckpointError, match="closed"):
         w.write("b", torch.tensor(1))
+
+
+def test_stream_writer_accepts_any_order_from_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {f"t{i}": torch.full((i + 1, 3), float(i), dtype=torch.float16) for i in range(40)}
+    path = tmp_path / "threads.safetensors"
+    with SafetensorsStreamWriter(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], {"m": "1"}) as w:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda k: w.write(k, tensors[k]), reversed(list(tensors))))
+    loaded = load_file(str(path))
+    assert list(loaded) == list(tensors) or set(loaded) == set(tensors)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
 def test_stream_writer_extra_key(tmp_path):
@@ -863,7 +876,7 @@ def test_stream_writer_disk_full(tmp_path, monkeypatch):
             def full(*a, **k):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(w._file, "write", full)
+            monkeypatch.setattr(os, "pwrite", full)
             w.write("b", torch.ones(4))
     assert info.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []

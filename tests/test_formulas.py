@@ -221,8 +221,6 @@ def test_cosine_leaves_vae_alone_and_alpha_sign():
     assert any(not torch.equal(pos_b[k], neg_b[k]) for k in a)  # cosineB uses alpha as given
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the cosine range pass skips 0-dim 'model' keys (e.g. "
-                   "model_ema.decay); the spec's pass covers every non-VAE key of A with 'model' that B has")
 @pytest.mark.parametrize("calc", ["cosineA", "cosineB"])
 def test_cosine_range_pass_includes_0dim_model_keys(calc):
     shapes = {k: v for k, v in _without_pos().items() if k != "alphas_cumprod"}
@@ -598,20 +596,12 @@ IMMUTABILITY_CASES = [
     dict(mode="Add difference", calc="extract", alpha=0.5, beta=0.5),
     dict(mode="Weight sum", alpha=1.0, adjust="1,1,1,1,1,1,1,1"),
 ]
-ADD_DIFF_MUTATES_B = pytest.mark.xfail(
-    strict=True, reason="engine bug: kernels.add_difference does out = b.float() and then sub_/mul_/add_ in place; "
-    "for an fp32 B, .float() returns B itself, so model B's tensors are overwritten with the result")
-
-
 def _immutability_params():
     for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
         for inpainting in (False, True):
             for kw in IMMUTABILITY_CASES:
-                marks = ()
-                if dtype == torch.float32 and kw.get("mode") == "Add difference" and "calc" not in kw:
-                    marks = (ADD_DIFF_MUTATES_B,)
                 case = "-".join(str(v) for v in kw.values())
-                yield pytest.param(kw, dtype, inpainting, marks=marks,
+                yield pytest.param(kw, dtype, inpainting,
                                    id=f"{name}-{'inpaint' if inpainting else 'plain'}-{case}")
 
 
@@ -632,17 +622,11 @@ def test_inputs_never_modified(kw, dtype, inpainting):
 # ---------------------------------------------------------------------------------------------------------------
 # rounding: each key is computed in fp32 and rounded once into A's dtype (the project's stated design)
 
-ROUNDS_TWICE = pytest.mark.xfail(
-    strict=True, reason="engine bug (vs. 'compute in fp32, round once'): Weight sum with A and B of the same "
-    "fp16/bf16 dtype lerps in that dtype (rounded), and Adjust then scales the rounded value and rounds again")
-
-
 def _rounding_params():
     for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for mode in MODES:
             for adjust in ("", "3,-4,5,2,1,1,1,1"):
-                marks = (ROUNDS_TWICE,) if mode == "Weight sum" and adjust else ()
-                yield pytest.param(dtype, mode, adjust, marks=marks,
+                yield pytest.param(dtype, mode, adjust,
                                    id=f"{name}-{mode}-{'adjust' if adjust else 'plain'}")
 
 

@@ -238,8 +238,6 @@ def test_other_shape_mismatch_refused():
         merge(a, b, alpha=0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: any key whose dim 1 is wider in A than in B is merged on B's "
-                   "channels; the spec only accepts A=9/B=4 (inpainting) and A=8/B=4 (pix2pix) and refuses the rest")
 @pytest.mark.parametrize("shapes", [((8, 16), (8, 8)), ((8, 9, 3, 3), (8, 5, 3, 3))], ids=["linear", "conv"])
 def test_dim1_mismatch_other_than_inpainting_refused(shapes):
     a = sd1_model(1, torch.float16)

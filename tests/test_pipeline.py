@@ -79,7 +79,7 @@ def test_cancel_midway_leaves_no_file_and_inputs_untouched(sd1, tmp_path):
 
     with pytest.raises(MergeCancelled):
         merge_to_file(Recipe(str(sd1[0]), str(sd1[1])), tmp_path / "m.safetensors", cancel=cancel)
-    assert len(calls) == 201
+    assert len(calls) >= 201  # each worker checks before every key; the merge stopped at the first "yes"
     assert files_in(tmp_path) == []
     assert [p.read_bytes() for p in sd1] == before
 

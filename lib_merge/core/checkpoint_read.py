@@ -47,7 +47,7 @@ class Checkpoint(Protocol):
     def shape(self, key: str) -> tuple[int, ...]: ...
     def dtype(self, key: str) -> torch.dtype: ...
     def nbytes(self, key: str) -> int: ...
-    def get(self, key: str) -> torch.Tensor: ...
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     def close(self) -> None: ...
@@ -165,9 +165,11 @@ class SafetensorsCheckpoint(_Base):
     def metadata(self) -> dict[str, str]:
         return dict(self._header.metadata)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read into `out` (a contiguous uint8 buffer of at least nbytes, reused by the caller so
+        that no fresh memory is touched) or into a new tensor."""
         entry = self._entry(key)
-        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        buf = out[: entry.nbytes] if out is not None else torch.empty(entry.nbytes, dtype=torch.uint8)
         if entry.nbytes:
             self._read_into(memoryview(buf.numpy()), entry.start, key)
         return buf.view(entry.dtype).reshape(entry.shape)
@@ -232,7 +234,8 @@ class DictCheckpoint(_Base):
         self._check_key(key)
         return self._tensors[key].dtype
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor itself (no copy; `out` is not needed): callers treat it as read-only."""
         self._check_key(key)
         t = self._tensors[key]
         return t if t.device.type == "cpu" else t.to("cpu")

@@ -3,13 +3,14 @@
 A crash, Ctrl-C or a full disk must never leave a half-written file under the final name, and an input model
 must never be overwritten, so every write goes to a hidden temporary file in the target folder that is fsync'd
 and renamed only on success. The stream writer knows the whole header up front, so the merge engine can write
-each tensor as soon as it is computed and hold only one in memory.
+each tensor, in any order, as soon as it is computed.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,7 +106,11 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
 
 
 class SafetensorsStreamWriter:
-    """Write a safetensors file tensor by tensor, in a header order fixed at construction."""
+    """Write a safetensors file tensor by tensor; the header (every key's place) is fixed at construction.
+
+    Each tensor goes straight to its own offset, so tensors may arrive in any order and from several threads
+    at once (the merge engine's workers write as they finish), and only the tensors being written are in memory.
+    """
 
     def __init__(
         self,
@@ -114,41 +119,47 @@ class SafetensorsStreamWriter:
         metadata: Mapping[str, str] | None = None,
     ):
         self.path = Path(path)
-        self._entries = [(k, d, tuple(int(x) for x in s)) for k, d, s in entries]
-        header, self._offsets = encode_header(self._entries, metadata)
-        self._next = 0
+        self._entries = {k: (d, tuple(int(x) for x in s)) for k, d, s in entries}
+        if len(self._entries) != len(entries):
+            raise ValueError("a tensor is listed twice")
+        header, offsets = encode_header([(k, d, s) for k, (d, s) in self._entries.items()], metadata)
+        self._offsets = {k: len(header) + begin for k, (begin, _) in zip(self._entries, offsets, strict=True)}
+        self._size = len(header) + (offsets[-1][1] if offsets else 0)
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
         self._closed = False
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            self._file.write(header)
+            _pwrite_all(self._fd, memoryview(header), 0)
         except BaseException:
-            self._file.close()
+            os.close(self._fd)
             raise
 
     @property
     def pending(self) -> list[str]:
-        """Keys still to be written, in order."""
-        return [k for k, _, _ in self._entries[self._next :]]
+        """Keys still to be written, in header order."""
+        return [k for k in self._entries if k not in self._written]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._closed:
             raise CheckpointError(f"{self.path} is already closed; cannot write {key!r}.")
-        if self._next >= len(self._entries):
-            raise ValueError(f"{key!r} was not declared in the header of {self.path} (all tensors are written).")
-        want_key, want_dtype, want_shape = self._entries[self._next]
-        if key != want_key:
-            raise ValueError(f"tensors must be written in header order: expected {want_key!r}, got {key!r}")
+        if key not in self._entries:
+            raise ValueError(f"{key!r} was not declared in the header of {self.path}.")
+        want_dtype, want_shape = self._entries[key]
         if tensor.dtype != want_dtype:
             raise ValueError(f"{key!r}: header says {want_dtype}, tensor is {tensor.dtype}")
         if tuple(tensor.shape) != want_shape:
             raise ValueError(f"{key!r}: header says shape {list(want_shape)}, tensor is {list(tensor.shape)}")
+        with self._lock:
+            if key in self._written:
+                raise ValueError(f"{key!r} was already written to {self.path}.")
+            self._written.add(key)
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
         t = t.contiguous()
         if t.numel():
-            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._next += 1
+            _pwrite_all(self._fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), self._offsets[key])
 
     def close(self) -> None:
         """Finish the file; raises if any declared tensor was not written."""
@@ -162,15 +173,15 @@ class SafetensorsStreamWriter:
                     f"{self.path} is incomplete: {len(missing)} of {len(self._entries)} tensors were not written "
                     f"(first missing: {missing[0]!r})."
                 )
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            os.fsync(self._fd)
         finally:
-            self._file.close()
+            os.close(self._fd)
 
     def abort(self) -> None:
         """Close the file without checks (the caller discards it)."""
-        self._closed = True
-        self._file.close()
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
 
     def __enter__(self) -> SafetensorsStreamWriter:
         return self
@@ -180,6 +191,19 @@ class SafetensorsStreamWriter:
             self.close()
         else:
             self.abort()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Positional write of all of `data` (short writes retried); ENOSPC and other errors propagate as OSError."""
+    pwrite = getattr(os, "pwrite", None)
+    done = 0
+    while done < len(data):
+        if pwrite is not None:
+            n = pwrite(fd, data[done:], offset + done)
+        else:  # Windows has no pwrite; callers there write from one thread
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.write(fd, data[done:])
+        done += n
 
 
 def _check_state(state: Mapping[str, torch.Tensor]) -> None:

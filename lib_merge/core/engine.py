@@ -9,11 +9,12 @@ written as it goes), optionally on a thread pool, checking for cancellation and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import secrets
-from collections import deque
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .arch import Arch, detect_arch
+from .arch import ADJUST_KEYS, Arch, detect_arch
 from .errors import MergeCancelled, MergeError
 from .recipe import Recipe, check_extract_ratios
 from .weights import (
@@ -53,13 +54,16 @@ class Source(Protocol):
     def __contains__(self, key: object) -> bool: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def dtype(self, key: str) -> torch.dtype: ...
-    def get(self, key: str) -> torch.Tensor: ...
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class Sink(Protocol):
-    """Where merged tensors go, in plan order; `abort` must leave nothing partial behind."""
+    """Where merged tensors go. `target(key)` may offer the tensor to compute into (None: the engine uses its own
+    buffer, and `put` must consume the tensor before returning); `put` is called from worker threads, in any
+    order; `abort` must leave nothing partial behind."""
 
     def begin(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None: ...
+    def target(self, key: str) -> torch.Tensor | None: ...
     def put(self, key: str, tensor: torch.Tensor) -> None: ...
     def finish(self) -> object: ...
     def abort(self) -> None: ...
@@ -110,8 +114,12 @@ def _check_family(arch: Arch, other: Arch, label: str, source: Source) -> None:
         )
 
 
+INPAINT_CHANNELS = {9: "inpainting", 8: "instruct-pix2pix"}
+
+
 def _channels(key: str, a: Source, others: Iterable[tuple[str, Source]]) -> int:
-    """0 when shapes match; the common channel count when only dim 1 differs and A is the wider (inpainting) one."""
+    """0 when shapes match; 4 when A is an inpainting (9) or instruct-pix2pix (8) model and the other is a normal
+    one, which differ only in dim 1 of conv_in: the merge then runs on the first 4 channels and keeps A's others."""
     shape_a = a.shape(key)
     narrow = 0
     for label, src in others:
@@ -119,14 +127,15 @@ def _channels(key: str, a: Source, others: Iterable[tuple[str, Source]]) -> int:
         if shape == shape_a:
             continue
         if len(shape) == len(shape_a) > 1 and shape[:1] + shape[2:] == shape_a[:1] + shape_a[2:]:
-            if shape[1] > shape_a[1]:
-                kind = "inpainting" if shape[1] == 9 else "instruct-pix2pix" if shape[1] == 8 else "wider"
+            if shape[1] in INPAINT_CHANNELS and shape_a[1] == 4:
+                kind = INPAINT_CHANNELS[shape[1]]
                 raise MergeError(
-                    f"Model {label} ({src.name}) is an {kind} model ({shape[1]} input channels) but model A has "
-                    f"{shape_a[1]}: put the {kind} model in A (the merge keeps A's extra channels)."
+                    f"Model {label} ({src.name}) is an {kind} model but model A is a normal one: put the {kind} "
+                    f"model in A (the merge keeps A's extra input channels)."
                 )
-            narrow = min(narrow or shape[1], shape[1])
-            continue
+            if shape_a[1] in INPAINT_CHANNELS and shape[1] == 4:
+                narrow = 4
+                continue
         raise MergeError(
             f"Models do not match: {key} is {list(shape_a)} in A but {list(shape)} in {label} ({src.name}); "
             f"merge models of the same architecture."
@@ -219,7 +228,7 @@ def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None =
     a, b = models.a, models.b
     normalize = plan.recipe.calc == "cosineA"
     to_merge = {job.key for job in plan.jobs if job.kind == MERGE}
-    keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k and a.shape(k)]
+    keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k]
     collected, combs = [], {}
     for done, key in enumerate(keys, 1):
         _check_cancel(cancel)
@@ -250,41 +259,97 @@ def _check_cancel(cancel: Cancel | None) -> None:
         raise MergeCancelled("Merge cancelled; nothing was written.")
 
 
+class Scratch:
+    """One worker's reusable buffers. Touching fresh memory (page faults) costs more than the merge arithmetic,
+    so each key is read and computed in buffers that are allocated once per run and reused for every key."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self._sizes = sizes
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def raw(self, slot: str) -> torch.Tensor:
+        buf = self._buffers.get(slot)
+        if buf is None:
+            buf = self._buffers[slot] = torch.empty(max(self._sizes[slot], 1), dtype=torch.uint8)
+        return buf
+
+    def tensor(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        return self.raw(slot)[: count * dtype.itemsize].view(dtype).view(shape)
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous CPU tensor's storage as flat bytes (to read a file straight into it), else None."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 class KeyMerger:
-    """Computes one job's output tensor from the sources; safe to call from several threads."""
+    """Computes one job's output from the sources into a destination tensor; safe to call from several threads
+    (each with its own Scratch)."""
 
     def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None):
         self.plan, self.models, self.combs = plan, models, combs or {}
         self.recipe = plan.recipe
+        self.uses_b = plan.recipe.calc_mode.uses_b
+
+    def source(self, job: Job) -> Source:
+        return self.models.b if job.kind == COPY_B else self.models.a
 
     def dtype(self, job: Job) -> torch.dtype:
-        return (self.models.b if job.kind == COPY_B else self.models.a).dtype(job.key)
+        return self.source(job).dtype(job.key)
 
     def shape(self, job: Job) -> tuple[int, ...]:
-        return (self.models.b if job.kind == COPY_B else self.models.a).shape(job.key)
+        return self.source(job).shape(job.key)
 
-    def __call__(self, job: Job) -> torch.Tensor:
-        if job.kind == COPY_B:
-            return self.models.b.get(job.key)
-        full = self.models.a.get(job.key)
-        if job.kind == COPY_A:
-            return full
-        b = self.models.b.get(job.key) if self.models.b is not None and self.recipe.calc_mode.uses_b else None
-        c = self.models.c.get(job.key) if self.models.c is not None and self.recipe.uses_c else None
-        a = full[:, : job.channels] if job.channels else full
+    def scratch_sizes(self) -> dict[str, int]:
+        """Bytes each scratch slot needs for the largest key of this plan."""
+        sizes = {"a": 0, "b": 0, "c": 0, "fp32": 0, "out": 0}
+        for job in self.plan.jobs:
+            src = self.source(job)
+            nbytes = math.prod(src.shape(job.key)) * src.dtype(job.key).itemsize
+            sizes["out"] = max(sizes["out"], nbytes)
+            if job.kind == MERGE:
+                sizes["a"] = max(sizes["a"], nbytes)
+                sizes["fp32"] = max(sizes["fp32"], math.prod(src.shape(job.key)) * 4)
+                for slot, other in (("b", self.models.b if self.uses_b else None),
+                                    ("c", self.models.c if self.recipe.uses_c else None)):
+                    if other is not None:
+                        sizes[slot] = max(sizes[slot], math.prod(other.shape(job.key)) * other.dtype(job.key).itemsize)
+        return sizes
+
+    def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
+        """The job's tensor, written into `dest` when given (else into scratch or a source's own tensor); the
+        result must be consumed before this thread's next call."""
+        src = self.source(job)
+        if job.kind != MERGE:
+            into = _byte_view(dest) if dest is not None else None
+            tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
+            return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
+        full = src.get(job.key, out=scratch.raw("a"))
+        b = self.models.b.get(job.key, out=scratch.raw("b")) if self.uses_b else None
+        c = self.models.c.get(job.key, out=scratch.raw("c")) if self.recipe.uses_c else None
+        a = full
         if job.channels:
-            b = b[:, : job.channels] if b is not None else None
-            c = c[:, : job.channels] if c is not None else None
+            a, b, c = (t[:, : job.channels] if t is not None else None for t in (full, b, c))
+        adjusted = self.plan.adjust is not None and job.key in ADJUST_KEYS
+        out = dest if dest is not None else scratch.tensor("out", full.dtype, tuple(full.shape))
+        if self.recipe.calc == "normal" and not job.channels and not adjusted:
+            tmp = scratch.tensor("fp32", torch.float32, tuple(full.shape))
+            return kernels.normal(self.recipe.mode, a, b, c, job.alpha, job.beta, out=out, tmp=tmp)
+        if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
+            a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         result = self._compute(job, a, b, c)
         if result is None:
-            return full
-        if self.plan.adjust is not None:
+            return out.copy_(full)
+        if adjusted:
             result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
         if job.channels:
-            out = full.clone()
+            out.copy_(full)
             out[:, : job.channels] = result
             return out
-        return result.to(full.dtype)
+        return out.copy_(result)
 
     def _compute(self, job: Job, a, b, c) -> torch.Tensor | None:
         calc, r = self.recipe.calc, self.recipe
@@ -311,68 +376,82 @@ class KeyMerger:
 
 
 def default_threads(plan: MergePlan) -> int:
-    return (os.cpu_count() or 1) if plan.recipe.calc == "smoothAdd MT" else 1
+    """smoothAdd MT uses every core; other merges overlap reading one key with computing another on two."""
+    cores = os.cpu_count() or 1
+    return cores if plan.recipe.calc == "smoothAdd MT" else min(2, cores)
 
 
 def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
               cancel: Cancel | None = None, threads: int | None = None) -> object:
-    """Stream every job of `plan` into `sink` in order; on cancel or error the sink is aborted and nothing is kept."""
-    threads = threads or default_threads(plan)
+    """Run every job of `plan` into `sink`; on cancel or error the sink is aborted and nothing is kept.
+
+    Workers take jobs in order, each with its own scratch buffers, and hand every finished tensor to the sink
+    at once (sinks accept keys in any order); progress is reported after every key.
+    """
+    threads = max(1, threads or default_threads(plan))
     try:
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
             plan, combs = similarity_pass(plan, models, None, cancel)
         merger = KeyMerger(plan, models, combs)
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
+        sizes = merger.scratch_sizes()
+        local = threading.local()
+
+        def work(job: Job) -> None:
+            _check_cancel(cancel)
+            scratch = getattr(local, "scratch", None)
+            if scratch is None:
+                scratch = local.scratch = Scratch(sizes)
+            sink.put(job.key, merger(job, sink.target(job.key), scratch))
+
         total = len(plan.jobs)
-        for done, (job, tensor) in enumerate(_results(plan.jobs, merger, threads, cancel), 1):
-            sink.put(job.key, tensor)
-            if progress:
-                progress(done, total)
+        if threads == 1:
+            for index, job in enumerate(plan.jobs, 1):
+                work(job)
+                if progress:
+                    progress(index, total)
+        else:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+                futures = [pool.submit(work, job) for job in plan.jobs]
+                try:
+                    for index, future in enumerate(futures, 1):
+                        future.result()
+                        if progress:
+                            progress(index, total)
+                finally:
+                    for future in futures:
+                        future.cancel()
         return sink.finish()
     except BaseException:
         sink.abort()
         raise
 
 
-def _results(jobs, merger: KeyMerger, threads: int, cancel: Cancel | None):
-    """Yield (job, tensor) in order; with threads > 1 a bounded window of keys is computed ahead."""
-    if threads <= 1:
-        for job in jobs:
-            _check_cancel(cancel)
-            yield job, merger(job)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
-        window: deque[tuple[Job, Future]] = deque()
-        pending = iter(jobs)
-        try:
-            for job in pending:
-                window.append((job, pool.submit(merger, job)))
-                if len(window) >= 2 * threads:
-                    break
-            while window:
-                _check_cancel(cancel)
-                job, future = window.popleft()
-                nxt = next(pending, None)
-                if nxt is not None:
-                    window.append((nxt, pool.submit(merger, nxt)))
-                yield job, future.result()
-        finally:
-            for _, future in window:
-                future.cancel()
+ALIGN = 64  # bytes; every tensor carved from an arena starts on a cache line (and on its element size)
 
 
 class DictSink:
-    """Collects the merged state dict in memory (for the live model or a later save)."""
+    """Collects the merged state dict in memory, in one block allocated up front (cheaper than a fresh allocation
+    per key); every tensor is a view into it."""
 
     def __init__(self):
         self.state: dict[str, torch.Tensor] = {}
 
     def begin(self, entries) -> None:
-        self.state = {}
+        sizes = [-(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN for _, dtype, shape in entries]
+        arena = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.state, offset = {}, 0
+        for (key, dtype, shape), size in zip(entries, sizes, strict=True):
+            self.state[key] = arena[offset: offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            offset += size
+
+    def target(self, key: str) -> torch.Tensor:
+        return self.state[key]
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        self.state[key] = tensor
+        if tensor.data_ptr() != self.state[key].data_ptr():
+            self.state[key].copy_(tensor)
 
     def finish(self) -> dict[str, torch.Tensor]:
         return self.state

@@ -59,43 +59,57 @@ CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
 )}
 
 
-def weight_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+def _fp32(x: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
+    """An fp32 copy of `x` that may be modified (written into `tmp` when a reusable buffer is given)."""
+    return x.to(torch.float32, copy=True) if tmp is None else tmp.copy_(x)
+
+
+def _emit(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
+
+
+def weight_sum(a, b, alpha: float, out=None) -> torch.Tensor:
     """A(1-α)+Bα as torch.lerp; on the CPU an fp16/bf16 lerp computes in fp32 and rounds once, like the seed's path."""
     if alpha == 0:
-        return a
+        return _emit(a, out)
     if alpha == 1:
-        return b
+        return _emit(b, out)
     if a.dtype == b.dtype and a.is_floating_point():
-        return torch.lerp(a, b, alpha)
-    return torch.lerp(a.float(), b.float(), alpha)
+        if out is not None and out.dtype == a.dtype:
+            return torch.lerp(a, b, alpha, out=out)
+        return _emit(torch.lerp(a, b, alpha), out)
+    return _emit(torch.lerp(a.float(), b.float(), alpha), out)
 
 
-def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A + α(B-C), in fp32."""
-    out = b.float()
-    out.sub_(c).mul_(alpha).add_(a)
-    return out
+def add_difference(a, b, c, alpha: float, out=None, tmp=None) -> torch.Tensor:
+    """A + α(B-C): B-C in fp32, then one fused add rounded once into the output dtype."""
+    diff = _fp32(b, tmp).sub_(c)
+    return torch.add(a, diff, alpha=alpha, out=out)
 
 
-def triple_sum(a, b, c, alpha: float, beta: float) -> torch.Tensor:
+def triple_sum(a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
     """A(1-α-β) + Bα + Cβ, in fp32."""
-    out = a.float() * (1 - alpha - beta)
-    return out.add_(b, alpha=alpha).add_(c, alpha=beta)
+    acc = _fp32(a, tmp).mul_(1 - alpha - beta).add_(b, alpha=alpha)
+    return torch.add(acc, c, alpha=beta, out=out)
 
 
-def sum_twice(a, b, c, alpha: float, beta: float) -> torch.Tensor:
-    """(A(1-α)+Bα)(1-β)+Cβ, as the seed's fp32 double lerp."""
-    return torch.lerp(torch.lerp(a.float(), b.float(), alpha), c.float(), beta)
+def sum_twice(a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
+    """(A(1-α)+Bα)(1-β)+Cβ, in fp32."""
+    acc = _fp32(a, tmp).mul_(1 - alpha).add_(b, alpha=alpha).mul_(1 - beta)
+    return torch.add(acc, c, alpha=beta, out=out)
 
 
-def normal(mode: str, a, b, c, alpha: float, beta: float) -> torch.Tensor:
+def normal(mode: str, a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
+    """The merge mode's own formula; `out`/`tmp` are optional reusable buffers (the result lands in `out`)."""
     if mode == WEIGHT_SUM:
-        return weight_sum(a, b, alpha)
+        return weight_sum(a, b, alpha, out)
     if mode == ADD_DIFF:
-        return add_difference(a, b, c, alpha)
+        return add_difference(a, b, c, alpha, out, tmp)
     if mode == TRIPLE_SUM:
-        return triple_sum(a, b, c, alpha, beta)
-    return sum_twice(a, b, c, alpha, beta)
+        return triple_sum(a, b, c, alpha, beta, out, tmp)
+    return sum_twice(a, b, c, alpha, beta, out, tmp)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

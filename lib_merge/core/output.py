@@ -14,8 +14,8 @@ from .checkpoint import SafetensorsStreamWriter, SaveOptions, atomic_output, fin
 class FileSink:
     """An engine sink that writes the output file as keys arrive (safetensors) or at the end (.ckpt).
 
-    A safetensors output never holds more than the tensors in flight; the file appears under its final name only
-    when complete (atomic rename), and an abort removes the temporary file.
+    A safetensors output holds no more than the tensors being computed: each goes straight to its place in the
+    file. The file appears under its final name only when complete (atomic rename); an abort removes it.
     """
 
     def __init__(self, path: str | Path, options: SaveOptions, metadata: dict[str, str] | None, is_sdxl: bool,
@@ -36,6 +36,9 @@ class FileSink:
         else:
             self._state = {}
 
+    def target(self, key: str) -> None:
+        return None  # the engine computes into its own buffers; put() writes them out before they are reused
+
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if not is_kept(key, self.is_sdxl, self.options):
             return
@@ -43,7 +46,7 @@ class FileSink:
         if self._writer is not None:
             self._writer.write(key, tensor)
         else:
-            self._state[key] = tensor.contiguous()
+            self._state[key] = tensor.clone()
 
     def finish(self) -> Path:
         if self._writer is not None:

@@ -142,14 +142,15 @@ def expand_blocks(tokens: Sequence[str], labels: Sequence[str], extra: frozenset
 class ElementalRule:
     """`Blocks:Elements:Ratio` — the last matching rule sets a key's alpha, overriding block weights."""
 
-    blocks: frozenset[str]
+    blocks: frozenset[str]  # block labels (BASE, IN00, ...)
+    fines: frozenset[str]  # SDXL fine labels (IN41, CLIPG, ...) that are not also block labels
     blocks_not: bool
     elements: tuple[str, ...]
     elements_not: bool
     ratio: str  # a number or R/U, resolved per key
 
     def matches(self, key: str, fine: str, block: str) -> bool:
-        if self.blocks and ((block in self.blocks or fine in self.blocks) == self.blocks_not):
+        if (self.blocks or self.fines) and ((block in self.blocks or fine in self.fines) == self.blocks_not):
             return False
         if self.elements and (any(e in key for e in self.elements) == self.elements_not):
             return False
@@ -189,8 +190,9 @@ def parse_elemental(text: str, arch: Arch, fine_labels: frozenset[str] = frozens
         elements, elements_not = _split_not(elements_text)
         if ratio not in RANDOM_TOKENS:
             parse_number(ratio, f"Elemental entry {entry!r}: ratio")
+        chosen = expand_blocks(blocks, labels, extra, f"Elemental entry {entry!r}")
         rules.append(ElementalRule(
-            frozenset(expand_blocks(blocks, labels, extra, f"Elemental entry {entry!r}")), blocks_not,
+            frozenset(b for b in chosen if b in labels), frozenset(b for b in chosen if b not in labels), blocks_not,
             tuple(elements), elements_not, ratio,
         ))
     return tuple(rules)
@@ -201,16 +203,17 @@ class InExRule:
     """Include/Exclude: which keys the merge touches; a skipped key keeps model A's tensor."""
 
     mode: str = "Off"
-    blocks: frozenset[str] = frozenset()
+    blocks: frozenset[str] = frozenset()  # block labels plus "Adjust" / "VAE"
     elements: tuple[str, ...] = ()
+    fines: frozenset[str] = frozenset()  # SDXL fine labels that are not also block labels
 
     def skips(self, key: str, fine: str, block: str) -> bool:
-        if self.mode == "Off" or (not self.blocks and not self.elements):
+        if self.mode == "Off" or (not self.blocks and not self.elements and not self.fines):
             return False
         include = self.mode == "Include"
         hit = (
             block in self.blocks
-            or fine in self.blocks
+            or (fine != block and fine in self.fines)
             or fine in self.elements
             or ("Adjust" in self.blocks and key in ADJUST_KEYS)
             or any(e in key for e in self.elements)
@@ -229,7 +232,8 @@ def parse_inex(mode: str, blocks: Sequence[str], elements: Sequence[str], arch: 
     elems = tuple(e.strip() for e in elements if e.strip())
     if mode != "Off" and not chosen and not elems:
         raise MergeError(f"{mode} needs blocks (e.g. IN01,OUT02) or elements (e.g. attn); none were given.")
-    return InExRule(mode, frozenset(chosen), elems)
+    blocks = frozenset(b for b in chosen if b in labels or b in INEX_EXTRAS)
+    return InExRule(mode, blocks, elems, frozenset(chosen) - blocks)
 
 
 ADJUST_NAMES = ("IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3")
