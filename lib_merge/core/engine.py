@@ -460,6 +460,64 @@ class DictSink:
         self.state = {}
 
 
+class TensorSink:
+    """Writes the merge into existing tensors (the loaded model's weights, a cache), cast to their dtype.
+
+    Keys with no matching tensor (other name, shape) are collected in `extra` for the caller to decide. Note that
+    an aborted run leaves the keys already written changed: a caller that must keep the old weights on failure
+    merges into a DictSink first, or restores from its own copy.
+    """
+
+    def __init__(self, targets: dict[str, torch.Tensor]):
+        self.targets = targets
+        self.extra: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def begin(self, entries) -> None:
+        self.extra = {}
+        self._shapes = {key: tuple(shape) for key, _, shape in entries}
+
+    def target(self, key: str) -> torch.Tensor | None:
+        t = self.targets.get(key)
+        if t is None or tuple(t.shape) != self._shapes[key] or _byte_view(t) is None:
+            return None
+        return t
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        t = self.targets.get(key)
+        if t is not None and tuple(t.shape) == tuple(tensor.shape):
+            if t.data_ptr() != tensor.data_ptr():
+                with torch.no_grad():
+                    t.copy_(tensor)
+        else:
+            self.extra[key] = tensor.clone()
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return self.targets
+
+    def abort(self) -> None:
+        self.extra = {}
+
+
+def changed_jobs(old: MergePlan, new: MergePlan) -> MergePlan:
+    """The part of `new` that differs from `old`, for re-merging into tensors that hold `old`'s result.
+
+    Per key, a job is unchanged when its kind, ratios and channel handling are equal and the recipe's models,
+    modes, seed and adjust are the same; changing one block's weight therefore re-merges only that block's keys.
+    Raises ValueError when the plans cannot be compared (other models, calc or architecture): merge fully then.
+    """
+    same = ("model_a", "model_b", "model_c", "mode", "calc", "gamma", "seed")
+    if old.arch != new.arch or any(getattr(old.recipe, f) != getattr(new.recipe, f) for f in same):
+        raise ValueError("plans differ in models, modes or seed; a full merge is needed")
+    if new.recipe.calc in ("cosineA", "cosineB") and old.similarity != new.similarity:
+        raise ValueError("cosine similarity range differs; a full merge is needed")
+    before = {job.key: job for job in old.jobs}
+    adjust_changed = old.adjust != new.adjust
+    jobs = tuple(job for job in new.jobs
+                 if before.get(job.key) != job or (adjust_changed and job.key in ADJUST_KEYS))
+    return dataclasses.replace(new, jobs=jobs)
+
+
 def merge_to_dict(recipe: Recipe, models: Models, presets: Presets | None = None, progress: Progress | None = None,
                   cancel: Cancel | None = None, threads: int | None = None) -> tuple[MergePlan, dict]:
     plan = plan_merge(recipe, models, presets)
