@@ -1,0 +1,194 @@
+"""The boundary between Block Merger and whatever runs it (the WebUI, or the standalone app).
+
+The tab, the X/Y/Z plot and the API talk only to a `Host`; `host_a1111.A1111Host` implements it over the WebUI's
+`modules`, `StandaloneHost` over a folder of models with no generation. Nothing here imports the WebUI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .core.errors import MergeError
+
+MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class MergeIdentity:
+    """How a merged model presents itself: the name shown as "Model" in infotexts, a short hash of its recipe,
+    and the recipe JSON (written into infotexts and metadata)."""
+
+    name: str
+    short_hash: str
+    recipe_json: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """txt2img parameters; None/0 means "as in the WebUI's txt2img" where a host can tell."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 0
+    sampler: str = ""
+    cfg_scale: float = 0.0
+    width: int = 0
+    height: int = 0
+    seed: int = -1
+    batch_size: int = 1
+    extra_params: Mapping[str, str] = field(default_factory=dict)  # added to the infotext
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]  # PIL images
+    infotexts: list[str]
+    seed: int
+
+
+class Host(Protocol):
+    """What Block Merger needs from its surroundings."""
+
+    #: None when images can be generated; otherwise a one-line reason shown instead of the generation controls.
+    generation_unavailable: str | None
+    #: None when the merge can be loaded into a running model; otherwise why not.
+    live_model_unavailable: str | None
+
+    def list_models(self) -> list[str]:
+        """Model names for the dropdowns (the WebUI's checkpoint titles, or file names)."""
+
+    def resolve_model(self, name: str) -> Path:
+        """The file of a model name from `list_models` (raise MergeError naming the model if unknown)."""
+
+    def list_vaes(self) -> list[str]: ...
+    def resolve_vae(self, name: str) -> Path: ...
+
+    def models_folder(self) -> Path:
+        """Where merged models are saved by default."""
+
+    def history_path(self) -> Path: ...
+
+    def live_weights(self) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:
+        """The loaded model's tensors by checkpoint key, for reading (the base of a comparison)."""
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
+        """Put `state` (all keys, or only the changed ones) into the loaded model in place, and give the model
+        `identity` (None: the base checkpoint's own). Raises MergeError and leaves the old weights on failure."""
+
+    def restore_base(self) -> None:
+        """Put the selected checkpoint's own weights back."""
+
+    def loaded_identity(self) -> MergeIdentity | None:
+        """The merge currently loaded, or None when the model is the plain checkpoint."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The generation lock; tab handlers hold it while merging and generating. Never re-entered."""
+
+    def job(self, title: str) -> contextlib.AbstractContextManager[None]:
+        """One user-visible task (the WebUI's shared.state begin/end): clears a previous Stop, shows progress."""
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        """Report progress where the user sees it."""
+
+    def request_stop(self) -> None:
+        """The user pressed Stop: the running task ends at its next check."""
+
+    def interrupted(self) -> bool:
+        """Whether the user pressed Stop/Interrupt during the current job."""
+
+    def save_grid(self, image: Any, info: str) -> Path | None:
+        """Save an X/Y/Z grid where the host saves grids; returns the path (None if grids are not saved)."""
+
+
+class StandaloneHost:
+    """The host of `python -m lib_merge ui`: models from one folder, merges saved there; no model is loaded, so
+    nothing can be generated or swapped in."""
+
+    generation_unavailable = "Generating images needs the Stable Diffusion WebUI; here models can be merged and saved."
+    live_model_unavailable = "No model is loaded outside the WebUI; save the merge to use it."
+
+    def __init__(self, folder: Path, data_dir: Path | None = None):
+        self.folder = Path(folder)
+        self.data_dir = Path(data_dir) if data_dir else self.folder
+        self._stop = False
+
+    def _files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in MODEL_EXTS and p.is_file())
+
+    def list_models(self) -> list[str]:
+        return [str(p.relative_to(self.folder)) for p in self._files() if "vae" not in p.name.lower()]
+
+    def list_vaes(self) -> list[str]:
+        return [str(p.relative_to(self.folder)) for p in self._files() if "vae" in p.name.lower()]
+
+    def _resolve(self, name: str, kind: str) -> Path:
+        path = (self.folder / name).resolve()
+        if self.folder.resolve() not in path.parents or not path.is_file():
+            raise MergeError(f"Unknown {kind} {name!r}; choose one from {self.folder}.")
+        return path
+
+    def resolve_model(self, name: str) -> Path:
+        return self._resolve(name, "model")
+
+    def resolve_vae(self, name: str) -> Path:
+        return self._resolve(name, "VAE")
+
+    def models_folder(self) -> Path:
+        return self.folder
+
+    def history_path(self) -> Path:
+        return self.data_dir / "mergehistory.csv"
+
+    @contextlib.contextmanager
+    def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        raise MergeError(self.live_model_unavailable)
+        yield {}  # pragma: no cover
+
+    def load_weights(self, state, identity) -> None:
+        raise MergeError(self.live_model_unavailable)
+
+    def restore_base(self) -> None:
+        raise MergeError(self.live_model_unavailable)
+
+    def loaded_identity(self) -> MergeIdentity | None:
+        return None
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        raise MergeError(self.generation_unavailable)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def job(self, title: str) -> Iterator[None]:
+        self._stop = False
+        yield
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        pass
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def interrupted(self) -> bool:
+        return self._stop
+
+    def save_grid(self, image, info: str) -> Path | None:
+        return None
+
+
+def model_choices(host: Host, names: Sequence[str] = ()) -> list[str]:
+    """Dropdown choices: the host's models, with any already-chosen names kept so a refresh never drops them."""
+    available = host.list_models()
+    return available + [n for n in names if n and n not in available]
