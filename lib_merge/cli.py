@@ -130,7 +130,21 @@ def cmd_merge(args) -> int:
     print(f"Saved {result.path} ({plan.arch.describe()}, {plan.merged} of {len(plan.jobs)} tensors merged, "
           f"{time.perf_counter() - start:.1f} s{logged})")
     print(f"Recipe: {plan.recipe.title()}")
+    if args.reset_clip_ids:
+        print(clip_ids_report(Path(args.model_a)))
     return 0
+
+
+def clip_ids_report(model_a: Path) -> str:
+    """What "Reset CLIP ids" fixed: the output's position ids come from model A, so A's are the ones checked."""
+    from .core.checkpoint import CLIP_POSITION_ID_KEYS, clip_id_problems, open_checkpoint
+
+    with open_checkpoint(model_a) as ckpt:
+        keys = [k for k in CLIP_POSITION_ID_KEYS if k in ckpt]
+        wrong = [i for k in keys for i in clip_id_problems(ckpt.get(k))]
+    if not keys:
+        return "Reset CLIP ids: model A has no CLIP position ids."
+    return f"Reset CLIP ids: fixed positions {wrong}." if wrong else "Reset CLIP ids: they were already correct."
 
 
 def cmd_inspect(args) -> int:

@@ -170,3 +170,18 @@ def test_demo_runs_and_reports_preset_shares(tmp_path):
     assert rows["IN00"][2] == "1.00"  # GRAD_V: IN00 at weight 1 lies the whole way to B, M00 at 0 stays A
     assert rows["M00"][2] == "0.00"
     assert "trainDifference" in res.stdout
+
+
+def test_reset_clip_ids_reports_what_it_fixed(tmp_path):
+    state = synth.make_state_dict("sd1", factor=16, seed=1)
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    state[key] = state[key].clone()
+    state[key][0, 5] = 4  # a drifted id, as broken merges leave them
+    synth.write_checkpoint(tmp_path / "a.safetensors", state)
+    synth.write_checkpoint(tmp_path / "b.safetensors", synth.make_state_dict("sd1", factor=16, seed=2))
+    out = tmp_path / "o.safetensors"
+    res = run("merge", "--model-a", str(tmp_path / "a.safetensors"), "--model-b", str(tmp_path / "b.safetensors"),
+              "--reset-clip-ids", "--no-history", "--output", str(out), cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "fixed positions [5]" in res.stdout
+    assert torch.equal(load_file(out)[key], torch.arange(77)[None])
