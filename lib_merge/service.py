@@ -92,7 +92,7 @@ class MergeService:
         return plan_merge(recipe, models, self.presets), models
 
     def merge_and_load(self, recipe: Recipe, name: str = "", cancel: Callable[[], bool] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> MergeOutcome:
+                       progress: Callable[[int, int], None] | None = None, log: bool = True) -> MergeOutcome:
         """Merge into the loaded model (only the keys that differ from the merge already loaded)."""
         if self.host.live_model_unavailable:
             raise MergeError(self.host.live_model_unavailable)
@@ -109,7 +109,7 @@ class MergeService:
             identity = identity_of(plan, name)
             self.host.load_weights(state, identity)
             self._loaded = plan
-        history_id = self._log(plan, identity) if self.log_merges else None
+        history_id = self._log(plan, identity) if self.log_merges and log else None
         return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id)
 
     def _log(self, plan: MergePlan, identity: MergeIdentity) -> int:

@@ -1,0 +1,357 @@
+"""X/Y/Z plots over merges: the seed's axis types and value syntax, cell planning, and the grid image.
+
+Axis texts are parsed into values up front, so a typo is refused before anything merges. Cells are planned from a
+base recipe and generation request; the runner merges each distinct recipe once (cells that change only the seed
+or the prompt share a merge, whichever axis they are on) and draws one labelled grid per Z value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .arch import Arch
+from .errors import MergeError
+from .kernels import CALC_MODES, MERGE_MODES
+from .recipe import Recipe
+from .weights import ADJUST_NAMES, INEX_EXTRAS, Presets, expand_blocks, parse_number
+
+NONE = "none"
+AXIS_TYPES = (
+    NONE, "alpha", "beta", "alpha and beta", "seed", "mbw alpha", "mbw beta", "mbw alpha and beta",
+    "model_A", "model_B", "model_C", "pinpoint blocks", "include blocks", "exclude blocks", "elemental",
+    "pinpoint element", "adjust", "pinpoint adjust", "calcmode", "merge mode", "prompt",
+)
+#: Axes whose values are combined with the value of an "alpha" (or "beta") axis in the same cell.
+PINPOINT = ("pinpoint blocks", "pinpoint element", "pinpoint adjust")
+#: Axes that change only what is generated, never the merge.
+GENERATION_ONLY = ("seed", "prompt")
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """The per-cell generation settings an axis may change."""
+
+    seed: int = -1
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Axis:
+    kind: str
+    values: tuple  # parsed values, one per cell along this axis
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    x: int
+    y: int
+    z: int
+    recipe: Recipe
+    gen: GenParams
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _lines(text: str) -> list[str]:
+    return [t.strip() for t in text.splitlines() if t.strip()]
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Values separated by blank lines (elemental texts contain commas and newlines)."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.Random) -> Axis | None:
+    """Parse one axis's text with the seed's syntax; None for an unused axis (type none or blank text)."""
+    if kind not in AXIS_TYPES:
+        raise MergeError(f"Unknown plot axis type {kind!r}; use one of: {', '.join(AXIS_TYPES)}.")
+    text = text or ""
+    if kind == NONE or not text.strip():
+        return None
+    what = f"Plot axis {kind!r}"
+    if kind in ("alpha", "beta"):
+        values = tuple(parse_number(v, what) for v in _csv(text))
+        labels = tuple(f"{v:g}" for v in values)
+    elif kind == "alpha and beta":
+        pairs = []
+        for item in _csv(text):
+            parts = item.split()
+            if len(parts) not in (1, 2):
+                raise MergeError(f"{what}: {item!r} must be 'alpha beta' or one number for both.")
+            numbers = [parse_number(p, what) for p in parts]
+            pairs.append((numbers[0], numbers[-1]))
+        values = tuple(pairs)
+        labels = tuple(f"{a:g} {b:g}" for a, b in values)
+    elif kind == "seed":
+        drawn = rng.randrange(2**32)
+        values = tuple(drawn if int(parse_number(v, what)) == -1 else int(parse_number(v, what)) for v in _csv(text))
+        labels = tuple(str(v) for v in values)
+    elif kind in ("mbw alpha", "mbw beta"):
+        values = tuple(presets.resolve(line) for line in _lines(text))
+        labels = tuple(_lines(text))
+    elif kind == "mbw alpha and beta":
+        lines = _lines(text)
+        if len(lines) % 2:
+            raise MergeError(f"{what}: give lines in pairs (an alpha line, then a beta line); got {len(lines)}.")
+        values = tuple((presets.resolve(a), presets.resolve(b)) for a, b in zip(lines[::2], lines[1::2], strict=True))
+        labels = tuple(f"alpha:({a}),beta:({b})" for a, b in zip(lines[::2], lines[1::2], strict=True))
+    elif kind.startswith("model_"):
+        values = labels = tuple(_csv(text))
+    elif kind == "pinpoint blocks":
+        values = tuple(_block_set(cell, arch, what) for cell in _csv(text))
+        labels = tuple(_csv(text))
+    elif kind in ("include blocks", "exclude blocks"):
+        values = tuple(_block_set(cell, arch, what, extras=INEX_EXTRAS) for cell in _csv(text))
+        labels = tuple(_csv(text))
+    elif kind == "elemental":
+        values = labels = tuple(_paragraphs(text))
+    elif kind == "pinpoint element":
+        items = [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
+        for item in items:
+            if item.count(":") != 1:
+                raise MergeError(f"{what}: {item!r} must be Blocks:Elements (the ratio comes from the alpha axis).")
+        values = labels = tuple(items)
+    elif kind == "adjust":
+        values = labels = tuple(_lines(text))
+    elif kind == "pinpoint adjust":
+        names = _csv(text)
+        for name in names:
+            if name not in ADJUST_NAMES:
+                raise MergeError(f"{what}: {name!r} is not one of {', '.join(ADJUST_NAMES)}.")
+        values = labels = tuple(names)
+    elif kind == "calcmode":
+        values = labels = tuple(_csv(text))
+        for v in values:
+            if v not in CALC_MODES:
+                raise MergeError(f"{what}: unknown calc mode {v!r}; use {', '.join(CALC_MODES)}.")
+    elif kind == "merge mode":
+        values = labels = tuple(_csv(text))
+        for v in values:
+            if v not in MERGE_MODES:
+                raise MergeError(f"{what}: unknown merge mode {v!r}; use {', '.join(MERGE_MODES)}.")
+    else:  # prompt
+        values = labels = tuple(_lines(text))
+    if not values:
+        raise MergeError(f"{what} has no values.")
+    return Axis(kind, tuple(values), tuple(labels))
+
+
+def _block_set(cell: str, arch: Arch, what: str, extras: Sequence[str] = ()) -> frozenset[str]:
+    tokens = cell.split()
+    invert = bool(tokens) and tokens[0] == "NOT"
+    chosen = set(expand_blocks(tokens[1:] if invert else tokens, arch.blocks, frozenset(extras), what))
+    if invert:
+        chosen = set(arch.blocks) | set(extras) if extras else set(arch.blocks)
+        chosen -= set(expand_blocks(tokens[1:], arch.blocks, frozenset(extras), what))
+    return frozenset(chosen)
+
+
+def check_axes(axes: Sequence[Axis | None]) -> None:
+    kinds = [a.kind for a in axes if a is not None]
+    for kind in set(kinds):
+        if kinds.count(kind) > 1:
+            raise MergeError(f"The axis type {kind!r} is used twice; each axis type may appear once.")
+    for kind in kinds:
+        if kind in PINPOINT and not {"alpha", "beta"} & set(kinds):
+            raise MergeError(f"A {kind!r} axis takes its ratios from an 'alpha' (or 'beta') axis; add one.")
+
+
+def _weights(recipe: Recipe, arch: Arch, field: str, base: float, presets: Presets) -> list[str]:
+    text = presets.resolve(getattr(recipe, field))
+    values = [t.strip() for t in text.split(",")] if text else [f"{base:g}"] * len(arch.blocks)
+    if arch.is_sdxl and len(values) == 26:
+        values = values[0:10] + values[13:23]
+    return values
+
+
+def build_cell(base: Recipe, gen: GenParams, chosen: dict[str, object], arch: Arch, presets: Presets) -> \
+        tuple[Recipe, GenParams]:
+    """Apply one cell's axis values to the base recipe and generation settings."""
+    fields: dict[str, object] = {}
+    pinpoints = {k: v for k, v in chosen.items() if k in PINPOINT}
+    ratio_kind = "alpha" if "alpha" in chosen else "beta"
+    for kind, value in chosen.items():
+        if kind in PINPOINT or (pinpoints and kind == ratio_kind):
+            continue
+        if kind == "alpha":
+            fields["alpha"] = value
+        elif kind == "beta":
+            fields["beta"] = value
+        elif kind == "alpha and beta":
+            fields["alpha"], fields["beta"] = value
+        elif kind == "seed":
+            gen = dataclasses.replace(gen, seed=value)
+        elif kind == "prompt":
+            gen = dataclasses.replace(gen, prompt=value)
+        elif kind == "mbw alpha":
+            fields["weights_alpha"] = value
+        elif kind == "mbw beta":
+            fields["weights_beta"] = value
+        elif kind == "mbw alpha and beta":
+            fields["weights_alpha"], fields["weights_beta"] = value
+        elif kind.startswith("model_"):
+            fields["model_" + kind[-1].lower()] = value
+        elif kind in ("include blocks", "exclude blocks"):
+            fields["inex"] = "Include" if kind == "include blocks" else "Exclude"
+            fields["inex_blocks"] = tuple(sorted(value))
+        elif kind == "elemental":
+            fields["elemental"] = value
+        elif kind == "adjust":
+            fields["adjust"] = value
+        elif kind == "calcmode":
+            fields["calc"] = value
+        elif kind == "merge mode":
+            fields["mode"] = value
+    recipe = dataclasses.replace(base, **fields)
+    ratio = chosen.get(ratio_kind)
+    if "pinpoint blocks" in pinpoints:
+        field = "weights_alpha" if ratio_kind == "alpha" else "weights_beta"
+        base_ratio = recipe.alpha if ratio_kind == "alpha" else recipe.beta
+        values = _weights(recipe, arch, field, base_ratio, presets)
+        for i, label in enumerate(arch.blocks):
+            if label in pinpoints["pinpoint blocks"]:
+                values[i] = f"{ratio:g}"
+        extra = {field: ",".join(values)}
+        if field == "weights_beta" and not recipe.mbw:
+            extra["weights_alpha"] = ",".join(_weights(recipe, arch, "weights_alpha", recipe.alpha, presets))
+        recipe = dataclasses.replace(recipe, **extra)
+    if "pinpoint element" in pinpoints:
+        entry = f"{pinpoints['pinpoint element']}:{ratio:g}"
+        recipe = dataclasses.replace(recipe, elemental=",".join(filter(None, [recipe.elemental.strip(), entry])))
+    if "pinpoint adjust" in pinpoints:
+        values = [t.strip() for t in recipe.adjust.split(",")] if recipe.adjust.strip() else ["0"] * 8
+        values[ADJUST_NAMES.index(pinpoints["pinpoint adjust"])] = f"{ratio:g}"
+        recipe = dataclasses.replace(recipe, adjust=",".join(values))
+    return recipe, gen
+
+
+def plan_cells(base: Recipe, gen: GenParams, axes: Sequence[Axis | None], arch: Arch, presets: Presets) -> list[Cell]:
+    """Every cell, z outermost then y then x, with its recipe validated (a bad combination fails before merging)."""
+    check_axes(axes)
+    kinds = {a.kind for a in axes if a is not None}
+    if "alpha" in kinds and not kinds & set(PINPOINT) and base.mbw and not kinds & {"mbw alpha", "mbw alpha and beta"}:
+        raise MergeError("An 'alpha' plot axis has no effect while block weights (MBW) are on, since their first "
+                         "value replaces alpha: turn MBW off, or plot 'mbw alpha' or 'pinpoint blocks'.")
+    x_axis, y_axis, z_axis = (list(axes) + [None, None, None])[:3]
+    cells = []
+    for zi, z in enumerate(z_axis.values if z_axis else (None,)):
+        for yi, y in enumerate(y_axis.values if y_axis else (None,)):
+            for xi, x in enumerate(x_axis.values if x_axis else (None,)):
+                chosen = {a.kind: v for a, v in ((x_axis, x), (y_axis, y), (z_axis, z)) if a is not None}
+                recipe, cell_gen = build_cell(base, gen, chosen, arch, presets)
+                try:
+                    recipe = recipe.validate(presets)
+                    if {"beta", "alpha and beta"} & set(chosen) and "pinpoint blocks" not in chosen \
+                            and not recipe.uses_beta:
+                        raise MergeError(f"beta has no effect in {recipe.mode} with calc mode {recipe.calc}; plot "
+                                         f"beta with Triple sum, sum Twice, tensor, tensor2 or extract.")
+                except MergeError as e:
+                    raise MergeError(f"Plot cell {_cell_name(axes, xi, yi, zi)}: {e}") from None
+                cells.append(Cell(xi, yi, zi, recipe, cell_gen))
+    return cells
+
+
+def _cell_name(axes: Sequence[Axis | None], *index: int) -> str:
+    parts = [f"{a.kind}={a.labels[i]}" for a, i in zip(axes, index, strict=False) if a is not None]
+    return ", ".join(parts) or "(single cell)"
+
+
+def merge_order(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Cells grouped by recipe, groups in first-appearance order: each distinct recipe is merged exactly once."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.recipe.fingerprint(), []).append(cell)
+    return list(groups.values())
+
+
+# -- the grid image ----------------------------------------------------------------------------------------------
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.replace(",", ", ").split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def axis_label(axis: Axis | None, index: int) -> str:
+    if axis is None:
+        return ""
+    return f"{axis.kind} = {axis.labels[index]}" if index == 0 else axis.labels[index]
+
+
+def draw_grid(images: dict[tuple[int, int], Image.Image], x_axis: Axis | None, y_axis: Axis | None, title: str,
+              caption: str, cell_size: tuple[int, int]) -> Image.Image:
+    """One grid: X labels on top, Y labels on the left, the Z value as a title and the merge formula below.
+    Missing cells (a stopped plot) stay black."""
+    cols = len(x_axis.values) if x_axis else 1
+    rows = len(y_axis.values) if y_axis else 1
+    w, h = cell_size
+    font_size = max(12, min(28, (w + h) // 25))
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = font_size + 4
+    x_lines = [_wrap(probe, axis_label(x_axis, i), font, w - 8) for i in range(cols)] if x_axis else [[]]
+    top_h = line_h * max(len(v) for v in x_lines) + 8 if x_axis else 0
+    left_w = (w * 3) // 4 if y_axis else 0
+    y_lines = [_wrap(probe, axis_label(y_axis, j), font, left_w - 8) for j in range(rows)] if y_axis else []
+    title_lines = _wrap(probe, title, font, cols * w + left_w - 16) if title else []
+    title_h = line_h * len(title_lines) + (8 if title_lines else 0)
+    caption_lines = _wrap(probe, caption, font, cols * w + left_w - 16) if caption else []
+    caption_h = line_h * len(caption_lines) + (8 if caption_lines else 0)
+    grid = Image.new("RGB", (left_w + cols * w, title_h + top_h + rows * h + caption_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(title_lines):
+        draw.text((8, 4 + k * line_h), line, fill="black", font=font)
+    for i, lines in enumerate(x_lines):
+        for k, line in enumerate(lines):
+            tw = draw.textlength(line, font=font)
+            draw.text((left_w + i * w + (w - tw) / 2, title_h + 4 + k * line_h), line, fill="black", font=font)
+    for j, lines in enumerate(y_lines):
+        y0 = title_h + top_h + j * h + (h - line_h * len(lines)) / 2
+        for k, line in enumerate(lines):
+            tw = draw.textlength(line, font=font)
+            draw.text(((left_w - tw) / 2, y0 + k * line_h), line, fill="black", font=font)
+    for j in range(rows):
+        for i in range(cols):
+            box = (left_w + i * w, title_h + top_h + j * h)
+            image = images.get((i, j))
+            if image is None:
+                draw.rectangle((*box, box[0] + w - 1, box[1] + h - 1), fill="black")
+            else:
+                grid.paste(image.convert("RGB").resize((w, h)), box)
+    for k, line in enumerate(caption_lines):
+        draw.text((8, title_h + top_h + rows * h + 4 + k * line_h), line, fill="black", font=font)
+    return grid
+

@@ -1,0 +1,91 @@
+"""A Host for service and plot tests: models in a folder, a "loaded model" held as a dict of tensors, and images
+computed from the weights actually loaded (so a test can tell which merge produced an image)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lib_merge.core.checkpoint import open_checkpoint
+from lib_merge.host import GenerationResult, StandaloneHost
+
+PROBE_KEYS = (
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+    "model.diffusion_model.output_blocks.4.1.proj_out.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+)
+
+
+def weights_digest(state, keys=PROBE_KEYS) -> str:
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(state[key].detach().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class MemoryHost(StandaloneHost):
+    generation_unavailable = None
+    live_model_unavailable = None
+
+    def __init__(self, folder: Path, base: str):
+        super().__init__(folder)
+        self.base_name = base
+        with open_checkpoint(self.resolve_model(base)) as ckpt:
+            self.live = {k: ckpt.get(k).clone() for k in ckpt.keys()}
+        self.identity = None
+        self.loads: list[int] = []  # number of tensors handed over per load
+        self.generated: list[tuple[str, int, str]] = []  # (weights digest, seed, prompt)
+        self._lock = threading.Lock()
+
+    def live_weights(self):
+        return contextlib.nullcontext(self.live)
+
+    def load_weights(self, state, identity) -> None:
+        for key, value in state.items():
+            if key in self.live:
+                self.live[key].copy_(value)
+        self.loads.append(len(state))
+        self.identity = identity
+
+    def restore_base(self) -> None:
+        with open_checkpoint(self.resolve_model(self.base_name)) as ckpt:
+            for key in ckpt.keys():
+                self.live[key].copy_(ckpt.get(key))
+        self.identity = None
+
+    def loaded_identity(self):
+        return self.identity
+
+    def generate(self, request):
+        digest = weights_digest(self.live)
+        self.generated.append((digest, request.seed, request.prompt))
+        colour = tuple(int(digest[i:i + 2], 16) for i in (0, 2, 4))
+        shade = (request.seed * 37) % 256
+        image = Image.new("RGB", (64, 48), colour)
+        image.paste((shade, shade, shade), (0, 0, 16, 16))
+        info = f"{request.prompt}\nSeed: {request.seed}, " + ", ".join(f"{k}: {v}" for k, v in
+                                                                          request.extra_params.items())
+        return GenerationResult([image], [info], request.seed)
+
+    @contextlib.contextmanager
+    def lock(self):
+        if not self._lock.acquire(timeout=5):
+            raise RuntimeError("lock taken twice (the WebUI's queue lock is not re-entrant)")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+def base_digest(folder: Path, name: str) -> str:
+    with open_checkpoint(folder / name) as ckpt:
+        return weights_digest({k: ckpt.get(k) for k in PROBE_KEYS})
+
+
+def as_float(state) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in state.items()}
