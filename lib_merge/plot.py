@@ -54,7 +54,6 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
     axes, arch = parse_axes(service, base_recipe, specs)
     gen = GenParams(seed=request.seed if request.seed != -1 else random.randrange(2**32), prompt=request.prompt)
     cells = plan_cells(base_recipe, gen, axes, arch, service.presets)
-    previous = service.loaded_plan()
     images: dict[tuple[int, int, int], Image.Image] = {}
     merges, done, stopped = 0, 0, False
     try:
@@ -62,7 +61,7 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
             if host.interrupted():
                 stopped = True
                 break
-            outcome = service.merge_and_load(group[0].recipe)
+            outcome = service.merge_and_load(group[0].recipe, commit=False)
             merges += 1
             for cell in group:
                 if host.interrupted():
@@ -78,10 +77,7 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
             if stopped:
                 break
     finally:
-        if previous is None:
-            service.restore_base()
-        else:
-            service.merge_and_load(previous.recipe, log=False)
+        service.reconcile(None)  # back to the user's own choice: their merge, or the base checkpoint
     grids, saved = _grids(cells, images, axes, base_recipe, host)
     return PlotResult(grids, saved, done, len(cells), merges, stopped)
 

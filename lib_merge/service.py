@@ -45,6 +45,12 @@ class MergeOutcome:
                 f"computed in {self.seconds:.1f} s{logged}).")
 
 
+def _same_merge(a: Recipe, b: Recipe) -> bool:
+    """Equal math (a drawn seed counts: -1 in a request means "any", so it matches a loaded random draw only when
+    the recipe uses no randomness)."""
+    return a.fingerprint() == b.fingerprint() or (b.seed == -1 and a.fingerprint() == b.with_seed(a.seed).fingerprint())
+
+
 def identity_of(plan: MergePlan, name: str = "") -> MergeIdentity:
     recipe = plan.recipe
     return MergeIdentity(name or recipe.title(), recipe.fingerprint()[:10], recipe.to_json())
@@ -61,6 +67,7 @@ class MergeService:
         self.log_merges = log_merges
         self._open: OrderedDict[Path, Checkpoint] = OrderedDict()
         self._loaded: MergePlan | None = None
+        self._committed: Recipe | None = None  # what the user chose (tab/API merge); None = the base checkpoint
         self._mutex = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------------------------
@@ -92,8 +99,12 @@ class MergeService:
         return plan_merge(recipe, models, self.presets), models
 
     def merge_and_load(self, recipe: Recipe, name: str = "", cancel: Callable[[], bool] | None = None,
-                       progress: Callable[[int, int], None] | None = None, log: bool = True) -> MergeOutcome:
-        """Merge into the loaded model (only the keys that differ from the merge already loaded)."""
+                       progress: Callable[[int, int], None] | None = None, log: bool = True,
+                       commit: bool = True) -> MergeOutcome:
+        """Merge into the loaded model (only the keys that differ from the merge already loaded).
+
+        `commit=False` marks a transient merge (an X/Y/Z cell, an API request for one generation): the next
+        `reconcile(None)` puts back what the user had chosen."""
         if self.host.live_model_unavailable:
             raise MergeError(self.host.live_model_unavailable)
         start = time.perf_counter()
@@ -109,6 +120,8 @@ class MergeService:
             identity = identity_of(plan, name)
             self.host.load_weights(state, identity)
             self._loaded = plan
+            if commit:
+                self._committed = plan.recipe
         history_id = self._log(plan, identity) if self.log_merges and log else None
         return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id)
 
@@ -118,10 +131,33 @@ class MergeService:
     def loaded_plan(self) -> MergePlan | None:
         return self._loaded if self.host.loaded_identity() is not None else None
 
-    def restore_base(self) -> None:
+    def restore_base(self, commit: bool = True) -> None:
         with self._mutex:
             self.host.restore_base()
             self._loaded = None
+            if commit:
+                self._committed = None
+
+    def reconcile(self, requested: Recipe | None) -> MergeOutcome | None:
+        """Make the loaded model match a generation's request: the requested recipe (a transient merge), or, with
+        no request, what the user chose last (their merge, or the base checkpoint). Merges only when needed."""
+        if requested is not None:
+            loaded = self.loaded_plan()
+            wanted = requested.validate(self.presets)
+            if loaded is not None and _same_merge(loaded.recipe, wanted):
+                return None
+            return self.merge_and_load(wanted, commit=False, log=False)
+        loaded = self.loaded_plan()
+        if self._committed is None:
+            if loaded is not None:
+                self.restore_base(commit=False)
+            return None
+        if loaded is None or not _same_merge(loaded.recipe, self._committed):
+            return self.merge_and_load(self._committed, commit=False, log=False)
+        return None
+
+    def committed(self) -> Recipe | None:
+        return self._committed
 
     def forget_loaded(self) -> None:
         """The host's model changed behind our back (another checkpoint was chosen): merge fully next time."""

@@ -185,3 +185,24 @@ def test_memory_stays_flat_over_many_cells(service):
                                                   ("seed", "3,4"), ("none", "")])
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - first
     assert grown_kb < 50_000  # 100 more cells of ~9 MB models: peak RSS does not grow with the cell count
+
+
+def test_plot_puts_back_the_users_merge(service):
+    host = service.host
+    mine = Recipe("a.safetensors", "b.safetensors", alpha=0.3)
+    service.merge_and_load(mine)
+    before = weights_digest(host.live)
+    run_plot(service, Recipe("a.safetensors", "b.safetensors"), GenerationRequest(seed=1),
+             [("alpha", "0.6,0.9"), ("none", ""), ("none", "")])
+    assert weights_digest(host.live) == before
+    assert service.committed() == mine.validate()
+
+
+def test_reconcile_merges_only_when_the_request_differs(service):
+    host = service.host
+    request = Recipe("a.safetensors", "b.safetensors", alpha=0.7)
+    assert service.reconcile(request) is not None
+    loads = len(host.loads)
+    assert service.reconcile(request) is None and len(host.loads) == loads
+    service.reconcile(None)  # nothing committed: back to the base checkpoint
+    assert host.identity is None
