@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +32,6 @@ __all__ = [
     "write_checkpoint",
     "stream_checkpoint",
     "make_checkpoint",
-    "LazyCheckpoint",
 ]
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -46,16 +44,6 @@ SMALL_DIM = 64  # dimensions below this are structural (kernels, latent channels
 TOKENS = 77  # CLIP's context length: kept at every factor as well
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 _NORM = re.compile(r"(norm|ln_)")
 # Special scalar buffers found in real files (values of the kind real checkpoints carry).
 _CONSTANTS = {
@@ -221,58 +209,33 @@ def stream_checkpoint(
     metadata: dict | None = None,
 ) -> None:
     """Write a safetensors file key by key: ``produce(key)`` is called once per key of ``specs`` (key -> (shape,
-    dtype)) and its tensor is written and dropped, so only one tensor is held at a time. Written to a temporary
-    file in the same folder, then renamed."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for key, (shape, dt) in specs.items():
-        n = dt.itemsize
-        for d in shape:
-            n *= d
-        header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key, (shape, dt) in specs.items():
-                t = produce(key)
-                if tuple(t.shape) != tuple(shape) or t.dtype != dt:
-                    raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, header says {shape} {dt}")
-                if t.numel():
-                    f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    dtype)) and its tensor is written and dropped, so only one tensor is held at a time (atomically, through the
+    project's own streamed writer)."""
+    from .core.checkpoint import SafetensorsStreamWriter, atomic_output
+
+    entries = [(key, dt, shape) for key, (shape, dt) in specs.items()]
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_output(path, overwrite=True) as tmp, SafetensorsStreamWriter(tmp, entries, meta) as writer:
+        for key in specs:
+            writer.write(key, produce(key))
 
 
-class LazyCheckpoint(Mapping):
-    """A read-only mapping over a safetensors file that loads each tensor when it is asked for (used as ``base``
-    when streaming a fine-tune derived from a model already on disk)."""
+class _Reader(Mapping):
+    """A checkpoint's tensors as a read-only mapping, loaded one at a time (a base that stays on disk)."""
 
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self._f = safe_open(str(path), framework="pt")
-        self._keys = list(self._f.keys())
+    def __init__(self, source):
+        self._source = source
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self._source:
             raise KeyError(key)
-        return self._f.get_tensor(key)
+        return self._source.get(key)
 
     def __iter__(self):
-        return iter(self._keys)
+        return iter(self._source.keys())
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._source)
 
 
 def make_checkpoint(
@@ -289,7 +252,10 @@ def make_checkpoint(
     """Generate and write a synthetic checkpoint, streaming key by key (peak memory: one tensor plus its fp32
     working copy). ``base`` may be a state dict or the path of a safetensors file to derive from."""
     if isinstance(base, (str, os.PathLike)):
-        base = LazyCheckpoint(base)
+        from .core.checkpoint import open_checkpoint
+
+        with open_checkpoint(base) as source:
+            return make_checkpoint(path, family, factor, dtype, seed, _Reader(source), noise, in_channels, metadata)
     specs = layout_shapes(family, factor, dtype, in_channels)
     if base is None:
         produce = lambda key: make_tensor(key, specs[key][0], specs[key][1], seed)  # noqa: E731

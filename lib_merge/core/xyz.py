@@ -30,6 +30,14 @@ AXIS_TYPES = (
 PINPOINT = ("pinpoint blocks", "pinpoint element", "pinpoint adjust")
 #: Axes that change only what is generated, never the merge.
 GENERATION_ONLY = ("seed", "prompt")
+#: Axes that set recipe fields directly (pairs set two fields from one value).
+RECIPE_FIELDS = {
+    "alpha": ("alpha",), "beta": ("beta",), "alpha and beta": ("alpha", "beta"),
+    "mbw alpha": ("weights_alpha",), "mbw beta": ("weights_beta",),
+    "mbw alpha and beta": ("weights_alpha", "weights_beta"),
+    "model_A": ("model_a",), "model_B": ("model_b",), "model_C": ("model_c",),
+    "elemental": ("elemental",), "adjust": ("adjust",), "calcmode": ("calc",), "merge mode": ("mode",),
+}
 
 
 @dataclass(frozen=True)
@@ -190,35 +198,14 @@ def build_cell(base: Recipe, gen: GenParams, chosen: dict[str, object], arch: Ar
     for kind, value in chosen.items():
         if kind in PINPOINT or (pinpoints and kind == ratio_kind):
             continue
-        if kind == "alpha":
-            fields["alpha"] = value
-        elif kind == "beta":
-            fields["beta"] = value
-        elif kind == "alpha and beta":
-            fields["alpha"], fields["beta"] = value
-        elif kind == "seed":
-            gen = dataclasses.replace(gen, seed=value)
-        elif kind == "prompt":
-            gen = dataclasses.replace(gen, prompt=value)
-        elif kind == "mbw alpha":
-            fields["weights_alpha"] = value
-        elif kind == "mbw beta":
-            fields["weights_beta"] = value
-        elif kind == "mbw alpha and beta":
-            fields["weights_alpha"], fields["weights_beta"] = value
-        elif kind.startswith("model_"):
-            fields["model_" + kind[-1].lower()] = value
-        elif kind in ("include blocks", "exclude blocks"):
+        if kind in GENERATION_ONLY:
+            gen = dataclasses.replace(gen, **{kind: value})
+        elif kind in RECIPE_FIELDS:
+            names = RECIPE_FIELDS[kind]
+            fields.update(zip(names, value if len(names) > 1 else (value,), strict=True))
+        else:  # include / exclude blocks
             fields["inex"] = "Include" if kind == "include blocks" else "Exclude"
             fields["inex_blocks"] = tuple(sorted(value))
-        elif kind == "elemental":
-            fields["elemental"] = value
-        elif kind == "adjust":
-            fields["adjust"] = value
-        elif kind == "calcmode":
-            fields["calc"] = value
-        elif kind == "merge mode":
-            fields["mode"] = value
     recipe = dataclasses.replace(base, **fields)
     ratio = chosen.get(ratio_kind)
     if "pinpoint blocks" in pinpoints:
