@@ -1,0 +1,571 @@
+"""Block Merger inside the AUTOMATIC1111 WebUI: `A1111Host` (the `Host` protocol over the WebUI's `modules`) and
+`Extension`, the one object per process that the entry script holds (the lazily made MergeService, the settings,
+the txt2img hook and the API handlers).
+
+This is the only module that imports `modules.*`; only the entry script (inside the WebUI) and the tests (against
+the fake under tests/fakes) import it. The live swap follows the integration reference §3.5: the merge is loaded
+into the existing model with `load_state_dict` between `undo_hijack` and `hijack` (so the text encoder is reached
+and the Lora extension's backups are reset), and the model gets a new, unregistered CheckpointInfo that keeps the
+base file name, so the WebUI's `reload_model_weights()` calls leave the merge in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from modules import (
+    call_queue,
+    devices,
+    images,
+    lowvram,
+    processing,
+    script_callbacks,
+    sd_hijack,
+    sd_models,
+    sd_unet,
+    sd_vae,
+    shared,
+)
+
+from .core.errors import MergeError
+from .core.recipe import Recipe
+from .host import GenerationRequest, GenerationResult, MergeIdentity
+from .service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+
+SECTION = ("block_merger", "Block Merger")
+OPT_DEVICE = "block_merger_merge_device"
+OPT_THREADS = "block_merger_threads"
+OPT_KEEP = "block_merger_keep_models"
+OPT_HISTORY = "block_merger_history_file"
+DEFAULTS = {OPT_DEVICE: "cpu", OPT_THREADS: 0, OPT_KEEP: 3, OPT_HISTORY: ""}
+TAB = ("Block Merger", "block_merger")  # title, elem_id
+
+#: set on the CheckpointInfo objects of merges (never on registered ones)
+IDENTITY_ATTR = "block_merger_identity"
+BASE_ATTR = "block_merger_base"
+#: a recipe requested on a processing object by other code (e.g. an X/Y/Z axis), read by the txt2img hook
+REQUEST_ATTR = "block_merger_recipe"
+
+MODEL_PARTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
+VAE_PART = "first_stage_model."
+TEXT_PARTS = ("cond_stage_model.", "conditioner.")
+#: what a complete checkpoint has: conv_in, the U-Net's output and one of the WebUI's text-encoder detection keys
+COMPLETE_UNET = ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.weight")
+TEXT_MARKERS = (
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+    "conditioner.embedders.1.model.ln_final.weight",
+)
+UI_DEFAULTS = {  # ui-config.json keys (v1.8+ first, older second) and the WebUI's own defaults
+    "steps": (("customscript/sampler.py/txt2img/Sampling steps/value", "txt2img/Sampling steps/value"), 20),
+    "sampler": (("customscript/sampler.py/txt2img/Sampling method/value", "txt2img/Sampling method/value"),
+                "DPM++ 2M"),
+    "scheduler": (("customscript/sampler.py/txt2img/Schedule type/value", "txt2img/Schedule type/value"), ""),
+    "cfg_scale": (("txt2img/CFG Scale/value",), 7.0),
+    "width": (("txt2img/Width/value",), 512),
+    "height": (("txt2img/Height/value",), 512),
+}
+
+
+def option(key: str):
+    """Our settings, read as `opts.data.get` because they have no default before the settings UI is built."""
+    return shared.opts.data.get(key, DEFAULTS[key])
+
+
+def loadable(key: str, external_vae: bool) -> bool:
+    """Keys the live model takes from a merge: model weights only (no schedule buffers, EMA or position ids), and
+    no VAE weights while the user has an external VAE loaded."""
+    if not key.startswith(MODEL_PARTS) or key.endswith("position_ids"):
+        return False
+    return not (external_vae and key.startswith(VAE_PART))
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".ckpt", ".safetensors")) and not name.endswith((".vae.ckpt", ".vae.safetensors"))
+
+
+def is_complete(state: Mapping[str, torch.Tensor]) -> bool:
+    return all(k in state for k in COMPLETE_UNET) and any(k in state for k in TEXT_MARKERS)
+
+
+def merged_info(base, identity: MergeIdentity):
+    """A new CheckpointInfo for a merge: copied from the base's (same file name, so reloads are no-ops), named after
+    the merge, hashed by its recipe, not registered anywhere."""
+    info = copy.copy(base)
+    info.name = info.name_for_extra = info.model_name = identity.name
+    info.title = info.short_title = f"{identity.name} [{identity.short_hash}]"
+    info.shorthash = identity.short_hash
+    info.sha256 = _recipe_sha256(identity)
+    info.hash = identity.short_hash[:8]
+    info.ids = []
+    info.metadata = {"sd_merge_recipe": json.loads(identity.recipe_json)}
+    setattr(info, IDENTITY_ATTR, identity)
+    setattr(info, BASE_ATTR, base)
+    return info
+
+
+def _recipe_sha256(identity: MergeIdentity) -> str | None:
+    with contextlib.suppress(MergeError, TypeError, ValueError):
+        full = Recipe.from_json(identity.recipe_json).fingerprint()
+        if full.startswith(identity.short_hash):
+            return full
+    return None
+
+
+class _ConsoleBar:
+    """The console's progress bar (tqdm, as the WebUI's own), one per task text."""
+
+    def __init__(self):
+        self._bar = None
+        self._key = None
+
+    def update(self, done: int, total: int, text: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm ships with the WebUI
+            return
+        if self._bar is None or self._key != (text, total) or done < self._bar.n:
+            self.close()
+            self._bar, self._key = tqdm(total=total, desc=text, leave=False), (text, total)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class A1111Host:
+    """The Host protocol over the running WebUI (see lib_merge.host.Host for the contract of each method)."""
+
+    generation_unavailable: str | None = None
+    live_model_unavailable: str | None = None
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._bar = _ConsoleBar()
+        self._installed = None  # the CheckpointInfo of the merge this host loaded last, while it is in place
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    def _rescan(self) -> bool:
+        """Rescan the model folders when files were added or removed (as the WebUI's refresh button does)."""
+        registered = {os.path.abspath(i.filename) for i in sd_models.checkpoints_list.values()}
+        on_disk = set()
+        for folder in {self.models_folder(), Path(sd_models.model_path)}:
+            if folder.is_dir():
+                on_disk |= {os.path.abspath(p) for p in folder.rglob("*") if _is_checkpoint_file(p)}
+        if (on_disk - registered) or any(not os.path.exists(f) for f in registered):
+            sd_models.list_models()
+            return True
+        return False
+
+    def list_models(self) -> list[str]:
+        self._rescan()
+        return list(sd_models.checkpoint_tiles())
+
+    def resolve_model(self, name: str) -> Path:
+        info = sd_models.get_closet_checkpoint_match(name) if name else None
+        if info is None and name and self._rescan():
+            info = sd_models.get_closet_checkpoint_match(name)
+        if info is None:
+            raise MergeError(f"Unknown model {name!r}: it is not one of the WebUI's checkpoints "
+                             f"(choose one from the list, or press refresh after adding files).")
+        return Path(info.filename)
+
+    def list_vaes(self) -> list[str]:
+        with contextlib.suppress(Exception):
+            sd_vae.refresh_vae_list()
+        return list(sd_vae.vae_dict)
+
+    def resolve_vae(self, name: str) -> Path:
+        path = sd_vae.vae_dict.get(name)
+        if path is None:
+            raise MergeError(f"Unknown VAE {name!r}: choose one of the WebUI's VAEs ({', '.join(sd_vae.vae_dict)}).")
+        return Path(path)
+
+    def models_folder(self) -> Path:
+        return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path)
+
+    def history_path(self) -> Path:
+        configured = str(option(OPT_HISTORY) or "").strip()
+        path = Path(configured).expanduser() if configured else Path("mergehistory.csv")
+        return path if path.is_absolute() else self.root / path
+
+    # -- the loaded model -------------------------------------------------------------------------------------
+
+    def _model(self):
+        m = shared.sd_model
+        if m is None:
+            raise MergeError("No model is loaded in the WebUI; choose a checkpoint first.")
+        return m
+
+    def model_title(self) -> str:
+        m = sd_models.model_data.sd_model
+        info = getattr(m, "sd_checkpoint_info", None)
+        return getattr(info, "title", "") or ""
+
+    @contextlib.contextmanager
+    def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        m = self._model()
+        sd_hijack.model_hijack.undo_hijack(m)
+        try:
+            yield m.state_dict()
+        finally:
+            sd_hijack.model_hijack.hijack(m)
+
+    def loaded_identity(self) -> MergeIdentity | None:
+        m = sd_models.model_data.sd_model
+        info = getattr(m, "sd_checkpoint_info", None)
+        if info is None or info is not self._installed:
+            return None
+        return getattr(info, IDENTITY_ATTR, None)
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
+        m = self._model()
+        current = m.sd_checkpoint_info
+        base = getattr(current, BASE_ATTR, current)
+        info = merged_info(base, identity) if identity is not None else base
+        if not state:
+            self._adopt(m, info, base)
+            return
+        external_vae = sd_vae.loaded_vae_file is not None
+        wanted = {k: v for k, v in state.items() if loadable(k, external_vae)}
+        sd_unet.apply_unet("None")
+        sd_hijack.model_hijack.undo_hijack(m)
+        try:
+            live = m.state_dict()
+            changed = [k for k, v in wanted.items() if k not in live or tuple(live[k].shape) != tuple(v.shape)]
+            if changed and not is_complete(state):
+                raise MergeError(f"The merge does not fit the loaded model ({changed[0]} differs) and is not a "
+                                 f"complete checkpoint; nothing was loaded.")
+            rebuild = bool(changed) or bool(getattr(devices, "fp8", False))
+        except BaseException:
+            self._rehijack(m)
+            raise
+        if rebuild:
+            m = self._rebuild(m, state, live, info, base, architecture_changed=bool(changed))
+        else:
+            try:
+                self._load_in_place(m, wanted, live)
+            finally:
+                self._rehijack(m)
+        self._adopt(m, info, base)
+        if any(k.startswith(TEXT_PARTS) for k in wanted):
+            self._refresh_empty_prompt(m)
+        script_callbacks.model_loaded_callback(m)
+        devices.torch_gc()
+
+    def _load_in_place(self, m, wanted: dict, live: dict) -> None:
+        """Module `load_state_dict` (never a raw copy: the Lora extension resets its backups there); on failure the
+        overwritten keys get their previous values back, so the model is as before."""
+        previous = {k: live[k].detach().to("cpu", copy=True) for k in wanted}
+        if getattr(m, "lowvram", False):
+            lowvram.send_everything_to_cpu()
+        try:
+            with torch.no_grad():
+                m.load_state_dict(wanted, strict=False)
+        except BaseException as e:
+            with torch.no_grad():
+                m.load_state_dict(previous, strict=False)
+            if isinstance(e, Exception):
+                raise MergeError(f"Loading the merge failed ({e}); the previous weights were put back.") from e
+            raise
+
+    def _rehijack(self, m) -> None:
+        sd_hijack.model_hijack.hijack(m)
+        if not getattr(m, "lowvram", False):
+            m.to(devices.device)
+        sd_unet.apply_unet()
+
+    def _rebuild(self, m, state, live, info, base, architecture_changed: bool):
+        """fp8 storage or another architecture: rebuild with `load_model` from a complete state dict (the merge over
+        the current weights, or the merge alone for another architecture). On failure the previous model is rebuilt
+        from a CPU copy of its weights."""
+        previous_info, previous_hash = m.sd_checkpoint_info, m.sd_model_hash
+        previous = {k: v.detach().to("cpu", copy=True) for k, v in live.items()}
+        if architecture_changed:
+            full = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+        else:
+            full = {**previous, **{k: v for k, v in state.items() if loadable(k, False)}}
+        try:
+            with self._loading_as_base(info, base):
+                sd_models.load_model(checkpoint_info=info, already_loaded_state_dict=full)
+        except BaseException as e:
+            with self._loading_as_base(previous_info, base):
+                sd_models.load_model(checkpoint_info=previous_info, already_loaded_state_dict=previous)
+            sd_models.model_data.sd_model.sd_model_hash = previous_hash
+            if isinstance(e, Exception):
+                raise MergeError(f"Loading the merge failed ({e}); the previous model was put back.") from e
+            raise
+        finally:
+            sd_unet.apply_unet()
+        return sd_models.model_data.sd_model
+
+    @contextlib.contextmanager
+    def _loading_as_base(self, info, base):
+        """While `load_model` runs, the merge's info carries the base's name and hashes, so `calculate_shorthash`
+        finds the base's cached hash instead of hashing the file under the merge's name and registering the merge;
+        `SkipWritingToConfig` keeps the user's checkpoint setting. Anything registered anyway is put back."""
+        fields = ("name", "sha256", "shorthash", "title", "short_title", "ids")
+        saved = {f: getattr(info, f) for f in fields}
+        if info is not base:
+            for f in fields:
+                setattr(info, f, copy.copy(getattr(base, f)))
+        try:
+            with sd_models.SkipWritingToConfig():
+                yield
+        finally:
+            if info is not base:
+                for f, value in saved.items():
+                    setattr(info, f, value)
+                for registry in (sd_models.checkpoints_list, sd_models.checkpoint_aliases):
+                    for key, value in list(registry.items()):
+                        if value is info:
+                            registry[key] = base
+
+    def _adopt(self, m, info, base) -> None:
+        m.sd_checkpoint_info = info
+        m.sd_model_checkpoint = base.filename
+        identity = getattr(info, IDENTITY_ATTR, None) if info is not base else None
+        m.sd_model_hash = identity.short_hash if identity is not None else base.shorthash
+        self._installed = info if identity is not None else None
+
+    def _refresh_empty_prompt(self, m) -> None:
+        """The empty-prompt conditioning pads cond/uncond; it depends on the text encoder just replaced."""
+        get_empty_cond = getattr(sd_models, "get_empty_cond", None)
+        if get_empty_cond is None or not hasattr(m, "cond_stage_model_empty_prompt"):
+            return
+        with devices.autocast(), torch.no_grad():
+            m.cond_stage_model_empty_prompt = get_empty_cond(m)
+
+    def restore_base(self) -> None:
+        sd_models.reload_model_weights(forced_reload=True)
+        self._installed = None
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def txt2img_defaults(self) -> dict:
+        """txt2img's defaults as the user configured them in ui-config.json, else the WebUI's own."""
+        config: dict = {}
+        path = getattr(shared.cmd_opts, "ui_config_file", None)
+        if path and os.path.isfile(path):
+            with contextlib.suppress(OSError, ValueError):
+                with open(path, encoding="utf8") as f:
+                    config = json.load(f)
+        out = {}
+        for field, (keys, default) in UI_DEFAULTS.items():
+            out[field] = next((config[k] for k in keys if config.get(k) not in (None, "")), default)
+        return out
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        d = self.txt2img_defaults()
+        opts = shared.opts
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model,
+            outpath_samples=opts.outdir_samples or opts.outdir_txt2img_samples,
+            outpath_grids=opts.outdir_grids or opts.outdir_txt2img_grids,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=request.seed if request.seed is not None else -1,
+            sampler_name=request.sampler or d["sampler"],
+            batch_size=max(1, request.batch_size or 1),
+            n_iter=1,
+            steps=int(request.steps or d["steps"]),
+            cfg_scale=float(request.cfg_scale or d["cfg_scale"]),
+            width=int(request.width or d["width"]),
+            height=int(request.height or d["height"]),
+            extra_generation_params=dict(request.extra_params),
+            do_not_save_samples=False,
+            do_not_save_grid=False,
+        )
+        if not request.sampler and d["scheduler"]:
+            p.scheduler = d["scheduler"]
+        p.scripts = None  # the txt2img extensions' hooks need their own UI arguments; ours must not re-merge
+        with contextlib.closing(p):
+            processed = processing.process_images(p)
+        return GenerationResult(list(processed.images), list(processed.infotexts), processed.seed)
+
+    def save_grid(self, image, info: str) -> Path | None:
+        opts = shared.opts
+        if not opts.grid_save:
+            return None
+        outdir = opts.outdir_grids or opts.outdir_txt2img_grids
+        path, _ = images.save_image(image, outdir, "xyz_grid", extension=opts.grid_format, info=info,
+                                    short_filename=True, grid=True)
+        return Path(path)
+
+    # -- exclusivity and progress -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The WebUI's queue lock (not re-entrant): tab and API handlers only, never inside a generation."""
+        with call_queue.queue_lock:
+            yield
+
+    @contextlib.contextmanager
+    def job(self, title: str) -> Iterator[None]:
+        shared.state.begin(job=title)
+        try:
+            yield
+        finally:
+            self._bar.close()
+            shared.state.end()
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        """The WebUI's progress bar (as the sampling steps of the current job) and the console's."""
+        state = shared.state
+        state.textinfo = f"{text}: {done}/{total}"
+        state.sampling_step, state.sampling_steps = done, total
+        if state.job_count <= 0:
+            state.job_count, state.job_no = 1, 0
+        self._bar.update(done, total, text)
+
+    @contextlib.contextmanager
+    def progress_kept(self) -> Iterator[None]:
+        """Inside a generation: report a merge, then give processing its own job counts back."""
+        state = shared.state
+        fields = ("job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
+        saved = {f: getattr(state, f) for f in fields}
+        try:
+            yield
+        finally:
+            self._bar.close()
+            for f, value in saved.items():
+                setattr(state, f, value)
+
+    def request_stop(self) -> None:
+        shared.state.interrupt()
+
+    def interrupted(self) -> bool:
+        return bool(shared.state.interrupted)
+
+
+def parse_request(data) -> tuple[Recipe, str]:
+    """A recipe as the API, txt2img's field and the history give it: a recipe object or its JSON, or
+    {"recipe": <that>, "name": "merge name"}."""
+    if isinstance(data, (bytes, str)):
+        text = data.decode() if isinstance(data, bytes) else data
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise MergeError("A recipe must be a JSON object.")
+    name = ""
+    if "recipe" in data and "model_a" not in data:
+        name = str(data.get("name") or "")
+        return parse_request(data["recipe"])[0], name
+    if not data.get("model_a"):
+        raise MergeError("The recipe names no model A (field model_a).")
+    try:
+        return Recipe.from_dict(data), name
+    except TypeError as e:
+        raise MergeError(f"Invalid recipe: {e}.") from e
+
+
+class Extension:
+    """Everything the entry script registers, bound to one host and one lazily created MergeService."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.host = A1111Host(self.root)
+        self._service: MergeService | None = None
+        self._guard = threading.Lock()
+
+    def service(self) -> MergeService:
+        with self._guard:
+            if self._service is None:
+                self._service = MergeService(self.host)
+            service = self._service
+        service.threads = int(option(OPT_THREADS) or 0) or None
+        service.keep_models = max(1, int(option(OPT_KEEP) or 1))
+        return service
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()
+
+    # -- settings ---------------------------------------------------------------------------------------------
+
+    def add_settings(self) -> None:
+        import gradio as gr
+
+        opts, info = shared.opts, shared.OptionInfo
+        opts.add_option(OPT_DEVICE, info(
+            DEFAULTS[OPT_DEVICE], "Merge device", gr.Radio, {"choices": ["cpu", "cuda"]}, section=SECTION,
+        ).info("where merge arithmetic should run; this version computes on the CPU either way"))
+        opts.add_option(OPT_THREADS, info(
+            DEFAULTS[OPT_THREADS], "Merge threads (0: automatic)", gr.Slider,
+            {"minimum": 0, "maximum": 64, "step": 1}, section=SECTION))
+        opts.add_option(OPT_KEEP, info(
+            DEFAULTS[OPT_KEEP], "Source models kept open between merges", gr.Slider,
+            {"minimum": 1, "maximum": 16, "step": 1}, section=SECTION))
+        opts.add_option(OPT_HISTORY, info(
+            DEFAULTS[OPT_HISTORY], "Merge history file", section=SECTION,
+        ).info("empty: mergehistory.csv in the extension's folder; a relative path is taken from there"))
+
+    # -- the txt2img hook (runs inside a generation: the queue lock is already held) ---------------------------
+
+    def is_loaded(self, recipe: Recipe) -> bool:
+        """Whether `recipe` is the merge in the model now (a seed of -1 accepts whatever seed it was drawn with)."""
+        identity = self.host.loaded_identity()
+        if identity is None:
+            return False
+        try:
+            loaded = Recipe.from_json(identity.recipe_json)
+        except (MergeError, TypeError):
+            return False
+        wanted = recipe.validate(self.service().presets)
+        if wanted.seed == -1:
+            loaded = dataclasses.replace(loaded, seed=-1)
+        return wanted == loaded
+
+    def before_process(self, p, requested=None) -> None:
+        """Merge the requested recipe unless it is loaded already; the infotext names whatever merge is loaded."""
+        requested = getattr(p, REQUEST_ATTR, None) or requested
+        if requested:
+            recipe, name = parse_request(requested)
+            if not self.is_loaded(recipe):
+                with self.host.progress_kept():
+                    self.service().merge_and_load(recipe, name)
+        identity = self.host.loaded_identity()
+        if identity is not None:
+            p.extra_generation_params[INFOTEXT_MERGE] = identity.name
+            p.extra_generation_params[INFOTEXT_RECIPE] = identity.recipe_json
+
+    # -- API handlers (outside generations: they take the queue lock) -----------------------------------------
+
+    def api_presets(self) -> dict:
+        presets = self.service().presets
+        return {"presets": {name: presets.get(name) for name in presets.names(None)}}
+
+    def api_merge(self, body) -> dict:
+        recipe, name = parse_request(body)
+        with self.host.lock(), self.host.job("Block Merger: merge"):
+            outcome = self.service().merge_and_load(recipe, name)
+        identity = outcome.identity
+        return {"name": identity.name, "hash": identity.short_hash, "message": outcome.message(),
+                "history_id": outcome.history_id, "recipe": json.loads(identity.recipe_json)}
+
+    def api_restore(self) -> dict:
+        with self.host.lock(), self.host.job("Block Merger: restore"):
+            self.service().restore_base()
+        return {"message": f"Restored {self.host.model_title()}."}
+
+    def api_history(self, limit: int = 50, search: str = "", mode: str = "and") -> dict:
+        history = self.service().history()
+        rows = history.search(search, mode) if search.strip() else history.rows(limit)
+        return {"rows": rows[-limit:] if limit > 0 else rows}
+

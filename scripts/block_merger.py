@@ -1,0 +1,79 @@
+"""Block Merger's entry script for the AUTOMATIC1111 WebUI: registration only (the work is in lib_merge).
+
+The WebUI executes this file with the extension root on sys.path only while it runs, so `lib_merge` is imported
+here, at the top; its submodules resolve later through the package. One `Extension` (and so one MergeService,
+created on first use) serves the tab, the txt2img script, X/Y/Z and the API.
+"""
+
+from pathlib import Path
+
+from modules import script_callbacks, scripts
+
+import lib_merge  # noqa: F401  (import while the extension root is on sys.path)
+from lib_merge.core.errors import MergeError
+from lib_merge.host_a1111 import INFOTEXT_RECIPE, TAB, Extension
+
+EXTENSION = Extension(Path(__file__).resolve().parents[1])
+
+
+def on_ui_tabs():
+    from lib_merge import ui  # the tab's module (loaded on demand; lib_merge is already imported)
+
+    return [(ui.build_tab(EXTENSION.service()), *TAB)]
+
+
+def on_app_started(demo, app):
+    """REST routes. Merge and restore take the queue lock (they wait for a running generation)."""
+    from fastapi import HTTPException
+
+    def call(handler, *args):
+        try:
+            return handler(*args)
+        except MergeError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+
+    def presets():
+        return call(EXTENSION.api_presets)
+
+    def merge(body: dict):
+        return call(EXTENSION.api_merge, body)
+
+    def restore():
+        return call(EXTENSION.api_restore)
+
+    def history(limit: int = 50, search: str = "", mode: str = "and"):
+        return call(EXTENSION.api_history, limit, search, mode)
+
+    app.add_api_route("/block-merger/presets", presets, methods=["GET"])
+    app.add_api_route("/block-merger/merge", merge, methods=["POST"])
+    app.add_api_route("/block-merger/restore", restore, methods=["POST"])
+    app.add_api_route("/block-merger/history", history, methods=["GET"])
+
+
+class BlockMergerScript(scripts.Script):
+    """txt2img, the API's alwayson_scripts and X/Y/Z can ask for a merge: its recipe JSON is merged and loaded before
+    the generation (only when it differs from the merge already loaded). Runs under the generation's lock."""
+
+    def title(self):
+        return "Block Merger"
+
+    def show(self, is_img2img):
+        return False if is_img2img else scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr
+
+        with gr.Accordion("Block Merger", open=False):
+            recipe = gr.Textbox(label="Merge recipe (JSON; empty: keep the loaded model)", lines=1, value="",
+                                elem_id=self.elem_id("recipe"))
+        self.infotext_fields = [(recipe, lambda params: params.get(INFOTEXT_RECIPE, ""))]
+        return [recipe]
+
+    def before_process(self, p, recipe="", *args):
+        EXTENSION.before_process(p, recipe)
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(EXTENSION.add_settings)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_script_unloaded(EXTENSION.close)
