@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-history", action="store_true", help="do not log this merge")
     merge.add_argument("--threads", type=int, default=None, help="worker threads (default: 1; all cores for "
                                                                   "smoothAdd MT)")
+    merge.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint: architecture, dtypes, blocks, metadata")
@@ -122,7 +123,8 @@ def cmd_merge(args) -> int:
     try:
         result = merge_to_file(recipe, args.output, options, overwrite=args.overwrite,
                                hashes=HashCache(data / "hashes.json"), history=history,
-                               metadata=not args.no_metadata, progress=update, threads=args.threads)
+                               metadata=not args.no_metadata, progress=update, threads=args.threads,
+                               device=args.device)
     finally:
         close()
     plan = result.plan

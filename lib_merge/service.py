@@ -21,7 +21,7 @@ from .core.engine import DictSink, MergePlan, Models, changed_jobs, plan_merge, 
 from .core.errors import MergeError
 from .core.hashes import HashCache
 from .core.history import History
-from .core.pipeline import SaveResult, merge_to_file
+from .core.pipeline import SaveResult, check_device, merge_to_file
 from .core.recipe import Recipe
 from .core.weights import Presets
 from .host import GenerationRequest, GenerationResult, Host, MergeIdentity
@@ -58,11 +58,12 @@ def identity_of(plan: MergePlan, name: str = "") -> MergeIdentity:
 
 class MergeService:
     def __init__(self, host: Host, presets: Presets | None = None, keep_models: int = 3, threads: int | None = None,
-                 hashes: HashCache | None = None, log_merges: bool = True):
+                 hashes: HashCache | None = None, log_merges: bool = True, device: str | None = None):
         self.host = host
         self.presets = presets or Presets.load()
         self.keep_models = max(1, keep_models)
         self.threads = threads
+        self.device = device  # "cuda" computes each key on the GPU (the merge device setting)
         self.hashes = hashes or HashCache()
         self.log_merges = log_merges
         self._open: OrderedDict[Path, Checkpoint] = OrderedDict()
@@ -116,7 +117,8 @@ class MergeService:
                     todo = changed_jobs(self._loaded, plan)
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Merging"))
-            state = run_merge(todo, models, DictSink(), report, cancel, self.threads) if todo.jobs else {}
+            device = check_device(self.device)
+            state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device) if todo.jobs else {}
             identity = identity_of(plan, name)
             self.host.load_weights(state, identity)
             self._loaded = plan
@@ -191,7 +193,7 @@ class MergeService:
             plan.recipe, out, options, overwrite=overwrite, resolve=self.host.resolve_model, presets=self.presets,
             hashes=self.hashes, history=self.history() if self.log_merges else None, metadata=metadata,
             progress=lambda done, total: self.host.progress(done, total, "Saving"),
-            cancel=cancel or self.host.interrupted, threads=self.threads)
+            cancel=cancel or self.host.interrupted, threads=self.threads, device=self.device)
 
     def save_loaded(self, custom_name: str = "", options: SaveOptions | None = None, overwrite: bool = False,
                     safetensors: bool = True) -> SaveResult:

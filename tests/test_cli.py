@@ -105,6 +105,7 @@ BAD_INPUTS = [
     (["--adjust", "1,2,3"], "8 comma-separated"),
     (["--inex", "Include"], "needs blocks"),
     (["--alpha", "abc"], "invalid float"),
+    (["--device", "tpu"], "Unknown merge device"),
 ]
 
 
@@ -185,3 +186,14 @@ def test_reset_clip_ids_reports_what_it_fixed(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "fixed positions [5]" in res.stdout
     assert torch.equal(load_file(out)[key], torch.arange(77)[None])
+
+
+def test_cuda_without_a_gpu_is_refused_not_ignored(models, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--device", "cuda",
+              "--no-history", "--output", str(tmp_path / "o.safetensors"), cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -289,10 +289,12 @@ class KeyMerger:
     """Computes one job's output from the sources into a destination tensor; safe to call from several threads
     (each with its own Scratch)."""
 
-    def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None):
+    def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None,
+                 device: torch.device | None = None):
         self.plan, self.models, self.combs = plan, models, combs or {}
         self.recipe = plan.recipe
         self.uses_b = plan.recipe.calc_mode.uses_b
+        self.device = device  # None: compute on the CPU in reusable buffers; else move each key's inputs there
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -335,7 +337,9 @@ class KeyMerger:
             a, b, c = (t[:, : job.channels] if t is not None else None for t in (full, b, c))
         adjusted = self.plan.adjust is not None and job.key in ADJUST_KEYS
         out = dest if dest is not None else scratch.tensor("out", full.dtype, tuple(full.shape))
-        if self.recipe.calc == "normal" and not job.channels and not adjusted:
+        if self.device is not None:
+            a, b, c = (t.to(self.device) if t is not None else None for t in (a, b, c))
+        elif self.recipe.calc == "normal" and not job.channels and not adjusted:
             tmp = scratch.tensor("fp32", torch.float32, tuple(full.shape))
             return kernels.normal(self.recipe.mode, a, b, c, job.alpha, job.beta, out=out, tmp=tmp)
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
@@ -358,8 +362,7 @@ class KeyMerger:
             return kernels.normal(r.mode, a, b, c, alpha, beta)
         if calc in ("cosineA", "cosineB"):
             comb = self.combs.get(job.key)
-            if comb is None:
-                comb = kernels.cosine_similarity(a, b, calc == "cosineA")[1]
+            comb = kernels.cosine_similarity(a, b, calc == "cosineA")[1] if comb is None else comb.to(a.device)
             smin, smax = self.plan.similarity
             return kernels.cosine_merge(a, b, comb, abs(alpha) if calc == "cosineA" else alpha, smin, smax)
         if calc == "trainDifference":
@@ -382,18 +385,19 @@ def default_threads(plan: MergePlan) -> int:
 
 
 def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
-              cancel: Cancel | None = None, threads: int | None = None) -> object:
+              cancel: Cancel | None = None, threads: int | None = None, device: str | None = None) -> object:
     """Run every job of `plan` into `sink`; on cancel or error the sink is aborted and nothing is kept.
 
     Workers take jobs in order, each with its own scratch buffers, and hand every finished tensor to the sink
-    at once (sinks accept keys in any order); progress is reported after every key.
+    at once (sinks accept keys in any order); progress is reported after every key. With a `device` ("cuda"),
+    each merged key's inputs are moved there, computed, and the result copied back into the CPU destination.
     """
     threads = max(1, threads or default_threads(plan))
     try:
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
             plan, combs = similarity_pass(plan, models, None, cancel)
-        merger = KeyMerger(plan, models, combs)
+        merger = KeyMerger(plan, models, combs, torch.device(device) if device else None)
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
         local = threading.local()

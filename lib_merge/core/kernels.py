@@ -149,7 +149,7 @@ def train_difference(a, b, c, alpha: float) -> torch.Tensor:
     diff = b32 - c.float()
     dist_ab = (b32 - a.float()).abs_()
     total = diff.abs() + dist_ab
-    scale = torch.where(total != 0, dist_ab / total, torch.zeros((), dtype=total.dtype))
+    scale = torch.where(total != 0, dist_ab / total, total.new_zeros(()))
     return a.float() + diff * scale * (alpha * 1.8)
 
 
@@ -157,8 +157,9 @@ def smooth(diff: torch.Tensor) -> torch.Tensor:
     """N-dimensional median filter (size 3) then gaussian (sigma 1), both with scipy's default 'reflect' edges."""
     if diff.dim() == 0:
         return diff.float()
-    array = diff.float().numpy()
-    return torch.from_numpy(scipy.ndimage.gaussian_filter(scipy.ndimage.median_filter(array, size=3), sigma=1))
+    array = diff.float().cpu().numpy()
+    smoothed = scipy.ndimage.gaussian_filter(scipy.ndimage.median_filter(array, size=3), sigma=1)
+    return torch.from_numpy(smoothed).to(diff.device)
 
 
 def smooth_add(a, b, c, alpha: float) -> torch.Tensor:
@@ -208,5 +209,5 @@ def key_generator(seed: int, key: str) -> torch.Generator:
 
 
 def plus_random(a, alpha: float, seed: int, key: str) -> torch.Tensor:
-    noise = torch.randn(a.shape, generator=key_generator(seed, key), dtype=torch.float32)
-    return a.float() + noise * alpha
+    noise = torch.randn(a.shape, generator=key_generator(seed, key), dtype=torch.float32)  # CPU: same on any device
+    return a.float() + noise.to(a.device) * alpha

@@ -40,6 +40,20 @@ def open_models(recipe: Recipe, resolve: Resolve = Path):
         yield Models(load(recipe.model_a), load(recipe.model_b), load(recipe.model_c))
 
 
+def check_device(device: str | None) -> str | None:
+    """"cpu", "cuda" or None (the CPU); a CUDA request without a usable GPU is refused, not silently ignored."""
+    if device in (None, "", "cpu"):
+        return None
+    if not str(device).startswith("cuda"):
+        raise MergeError(f"Unknown merge device {device!r}; use cpu or cuda.")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MergeError(f"Merge device {device!r} needs a CUDA GPU, and this torch ({torch.__version__}) sees none; "
+                         f"use cpu.")
+    return str(device)
+
+
 def model_paths(recipe: Recipe, resolve: Resolve = Path) -> list[Path]:
     return [resolve(m) for m in (recipe.model_a, recipe.model_b, recipe.model_c) if m]
 
@@ -57,7 +71,7 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
                   overwrite: bool = False, resolve: Resolve = Path, presets: Presets | None = None,
                   hashes: HashCache | None = None, history: History | None = None, metadata: bool = True,
                   progress: Progress | None = None, cancel: Cancel | None = None,
-                  threads: int | None = None) -> SaveResult:
+                  threads: int | None = None, device: str | None = None) -> SaveResult:
     """Merge the recipe's models and stream the result into `output`; every input error is raised before writing."""
     recipe = recipe.validate(presets)
     options = options or SaveOptions()
@@ -72,6 +86,6 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
             stack.callback(vae.close)
         meta = recipe_metadata(plan, models, hashes or HashCache()) if metadata else {}
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite, vae)
-        run_merge(plan, models, sink, progress, cancel, threads)
+        run_merge(plan, models, sink, progress, cancel, threads, check_device(device))
     history_id = history.append(plan.recipe.title(), plan.recipe.to_dict()) if history is not None else None
     return SaveResult(output, plan, history_id)
