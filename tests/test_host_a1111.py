@@ -412,6 +412,7 @@ def test_models_vaes_folders_and_history_path(webui):
     assert host.models_folder() == webui.folder
     webui.shared.cmd_opts.ckpt_dir = str(webui.tmp)
     assert host.models_folder() == webui.tmp
+    webui.shared.opts.data["block_merger_history_file"] = ""
     assert host.history_path() == webui.root / "mergehistory.csv"
     webui.shared.opts.data["block_merger_history_file"] = "logs/h.csv"
     assert host.history_path() == webui.root / "logs" / "h.csv"

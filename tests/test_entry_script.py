@@ -1,0 +1,330 @@
+"""scripts/block_merger.py loaded as the WebUI loads it, against the fake WebUI: every registration, the txt2img
+hook (merges only when the requested recipe differs, never takes the queue lock) and the API routes (take it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from fakes.stubs import FakeApp
+from webui_fixture import FAKES, ROOT, webui_fixture  # noqa: F401  (provides the `webui` fixture)
+
+from lib_merge.core.recipe import Recipe
+from lib_merge.service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+
+RECIPE = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
+UNET = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+@pytest.fixture
+def entry(webui):
+    """The entry script loaded by the fake's load_scripts, settings registered, txt2img runner set up."""
+    module = webui.load_entry_script()
+    webui.script_callbacks.ui_settings_callback()
+    webui.runner.initialize_scripts(is_img2img=False)
+    webui.runner.setup_ui()
+    return module
+
+
+def routes(webui):
+    app = FakeApp()
+    webui.script_callbacks.app_started_callback(None, app)
+    return app.routes
+
+
+def merges(webui):
+    return [e for e in webui.sd_models.events if e[0] in ("load_model", "reload")] , webui.sd_hijack.model_hijack.undos
+
+
+# -- registration -----------------------------------------------------------------------------------------------
+
+
+def test_every_registration(webui, entry):
+    cb = webui.script_callbacks.callback_map
+    assert [c.script for c in cb["callbacks_ui_tabs"]] == ["block_merger.py"]
+    assert len(cb["callbacks_ui_settings"]) == 1 and len(cb["callbacks_app_started"]) == 1
+    assert len(cb["callbacks_script_unloaded"]) == 1
+
+    ours = [d for d in webui.scripts.scripts_data if d.path.endswith("block_merger.py")]
+    assert [d.script_class.__name__ for d in ours] == ["BlockMergerScript"]  # no stray base Script registered
+    assert ours[0].basedir == str(ROOT) and ours[0].module.__name__ == "block_merger.py"
+    assert "block_merger.py" not in sys.modules
+    assert str(ROOT) not in sys.path[:1]  # the loader put sys.path back
+
+    labels = webui.shared.opts.data_labels
+    keys = ["block_merger_merge_device", "block_merger_threads", "block_merger_keep_models",
+            "block_merger_history_file"]
+    assert all(labels[k].section == ("block_merger", "Block Merger") for k in keys)
+    assert labels["block_merger_merge_device"].component_args == {"choices": ["cpu", "cuda"]}
+
+    script = webui.runner.alwayson_scripts[0]
+    assert script.title() == "Block Merger" and script.args_to - script.args_from == 1
+    img2img = webui.scripts.ScriptRunner()
+    img2img.initialize_scripts(is_img2img=True)
+    assert img2img.scripts == []
+    field, key = script.infotext_fields[0]
+    assert key({INFOTEXT_RECIPE: "{}"}) == "{}" and key({}) == ""  # pasting a plain image clears it
+
+    tabs = webui.script_callbacks.ui_tabs_callback()
+    assert [(title, elem) for _, title, elem in tabs] == [("Block Merger", "block_merger")]
+    service = webui.ui.built[0]
+    assert isinstance(service, MergeService) and type(service.host).__name__ == "A1111Host"
+    assert webui.call_queue.queue_lock.acquisitions == 0  # building the tab takes no lock
+
+    assert set(routes(webui)) == {("GET", "/block-merger/presets"), ("POST", "/block-merger/merge"),
+                                  ("POST", "/block-merger/restore"), ("GET", "/block-merger/history")}
+
+
+def test_one_service_per_process(webui, entry):
+    webui.script_callbacks.ui_tabs_callback()
+    webui.script_callbacks.ui_tabs_callback()
+    assert webui.ui.built[0] is webui.ui.built[1] is entry.EXTENSION.service()
+
+
+def test_settings_reach_the_service(webui, entry):
+    opts = webui.shared.opts
+    service = entry.EXTENSION.service()
+    assert service.threads is None and service.keep_models == 3
+    opts.block_merger_threads = 4
+    opts.block_merger_keep_models = 1
+    opts.block_merger_history_file = str(webui.tmp / "log" / "merges.csv")
+    service = entry.EXTENSION.service()
+    assert service.threads == 4 and service.keep_models == 1
+    routes(webui)[("POST", "/block-merger/merge")](RECIPE.to_dict())
+    assert (webui.tmp / "log" / "merges.csv").is_file()
+
+
+def test_entry_script_imports_lib_merge_only_while_the_loader_allows(tmp_path):
+    """In a fresh interpreter whose sys.path lacks the extension root (as in the WebUI), the script's top-level
+    import works during loading and the tab callback's lazy `from lib_merge import ui` works afterwards."""
+    code = f"""
+import sys, types
+sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r}, {os.getcwd()!r})]
+sys.path.insert(0, {str(FAKES)!r})
+sys.path.insert(0, {str(FAKES.parent)!r})
+from fakes import stubs
+sys.modules['gradio'] = stubs.make_gradio()
+try:
+    import lib_merge
+    raise SystemExit('lib_merge importable before loading')
+except ImportError:
+    pass
+from modules import scripts, script_callbacks
+scripts.load_scripts([({str(ROOT / 'scripts' / 'block_merger.py')!r}, {str(ROOT)!r})])
+assert {str(ROOT)!r} not in sys.path
+import lib_merge.core.recipe  # a submodule resolves through the package after loading
+ui = types.ModuleType('lib_merge.ui'); ui.build_tab = lambda service: 'blocks'
+sys.modules['lib_merge.ui'] = ui
+print(script_callbacks.ui_tabs_callback())
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[('blocks', 'Block Merger', 'block_merger')]" in out.stdout
+
+
+# -- the txt2img hook -------------------------------------------------------------------------------------------
+
+
+def test_txt2img_recipe_merges_only_when_it_differs(webui, entry):
+    base = webui.txt2img().images[0].tobytes()
+    first = webui.txt2img(script_args=[RECIPE.to_json()])
+    identity = entry.EXTENSION.host.loaded_identity()
+    assert identity is not None and identity.name == RECIPE.title()
+    assert first.images[0].tobytes() != base
+    model_undos = webui.sd_hijack.model_hijack.undos
+    again = webui.txt2img(script_args=[RECIPE.to_json()])  # the same recipe: no merge
+    assert webui.sd_hijack.model_hijack.undos == model_undos
+    assert entry.EXTENSION.host.loaded_identity() is identity
+    assert again.images[0].tobytes() == first.images[0].tobytes()
+    other = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.7)
+    webui.shared.state.begin(job="txt2img")  # as wrap_gradio_gpu_call does: job_count -1, processing sets it
+    third = webui.txt2img(script_args=[json.dumps({"recipe": other.to_dict(), "name": "seventy"})])
+    assert webui.sd_hijack.model_hijack.undos > model_undos
+    assert "Model: seventy" in third.infotexts[0]
+    assert third.images[0].tobytes() != first.images[0].tobytes()
+    assert (webui.shared.state.job_count, webui.shared.state.textinfo) == (1, None)  # processing's own counts
+
+
+def test_txt2img_infotext_carries_the_merge_even_without_a_request(webui, entry):
+    entry.EXTENSION.service().merge_and_load(RECIPE)
+    processed = webui.txt2img(script_args=[""])
+    info = processed.infotexts[0]
+    assert f"Model: {RECIPE.title()}" in info
+    assert f"{INFOTEXT_MERGE}: " in info and f"{INFOTEXT_RECIPE}: " in info
+    assert json.loads(processed.extra_generation_params[INFOTEXT_RECIPE])["alpha"] == 0.3
+
+
+def test_a_plain_generation_has_no_merge_in_its_infotext(webui, entry):
+    info = webui.txt2img(script_args=[""]).infotexts[0]
+    assert INFOTEXT_MERGE not in info and "Model: modelA" in info
+
+
+def test_a_recipe_set_on_p_by_another_script_is_honoured(webui, entry):
+    p = webui.processing.StableDiffusionProcessingTxt2Img(prompt="x", seed=1, do_not_save_samples=True)
+    p.scripts, p.script_args = webui.runner, [None, ""]
+    p.block_merger_recipe = RECIPE.to_json()
+    webui.processing.process_images(p)
+    assert entry.EXTENSION.host.loaded_identity().name == RECIPE.title()
+
+
+def test_an_invalid_requested_recipe_stops_the_generation_with_a_message(webui, entry):
+    from lib_merge.core.errors import MergeError
+
+    before = webui.live()
+    with pytest.raises(MergeError, match="Model C is required"):
+        webui.txt2img(script_args=[Recipe("modelA.safetensors", "modelB.safetensors",
+                                          mode="Add difference").to_json()])
+    with pytest.raises(MergeError, match="not valid JSON"):
+        webui.txt2img(script_args=["{not json"])
+    assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
+
+
+def test_the_script_hook_never_takes_the_queue_lock(webui, entry):
+    """txt2img runs under the queue lock; the hook merging inside it must not take it again (the fake's lock
+    raises on re-entry, where the WebUI's would hang)."""
+    lock = webui.call_queue.queue_lock
+    result = {}
+
+    def generate():
+        with lock:  # what wrap_gradio_gpu_call does around txt2img
+            try:
+                result["processed"] = webui.txt2img(script_args=[RECIPE.to_json()])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+
+    t = threading.Thread(target=generate)
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and "error" not in result, result.get("error")
+    assert entry.EXTENSION.host.loaded_identity() is not None
+
+
+def test_a_stop_during_the_hook_merge_cancels_it_and_keeps_the_model(webui, entry):
+    from lib_merge.core.errors import MergeCancelled
+
+    before = webui.live()
+    webui.shared.state.interrupted = True
+    with pytest.raises(MergeCancelled):
+        webui.txt2img(script_args=[RECIPE.to_json()])
+    assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
+
+
+# -- API --------------------------------------------------------------------------------------------------------
+
+
+def test_api_merge_restore_history_presets(webui, entry):
+    r = routes(webui)
+    out = r[("POST", "/block-merger/merge")]({"recipe": RECIPE.to_dict(), "name": "api merge"})
+    assert out["name"] == "api merge" and len(out["hash"]) == 10 and out["message"].startswith("Loaded api merge")
+    assert out["recipe"]["model_b"] == "modelB.safetensors" and out["history_id"] == 1
+    assert webui.shared.sd_model.sd_checkpoint_info.name_for_extra == "api merge"
+    assert webui.shared.state.begun[-1] == "Block Merger: merge"
+    history = r[("GET", "/block-merger/history")]()
+    assert [row["name"] for row in history["rows"]] == ["api merge"]
+    assert r[("GET", "/block-merger/history")](search="nothing-like-this")["rows"] == []
+    restored = r[("POST", "/block-merger/restore")]()
+    assert restored["message"].startswith("Restored modelA.safetensors")
+    assert entry.EXTENSION.host.loaded_identity() is None
+    presets = r[("GET", "/block-merger/presets")]()["presets"]
+    assert presets and all(isinstance(v, str) for v in presets.values())
+    assert webui.call_queue.queue_lock.acquisitions == 2  # merge and restore
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"model_a": "modelA.safetensors", "model_b": "modelB.safetensors", "mode": "Add difference"},
+     "Model C is required"),
+    ({"recipe": "{broken"}, "not valid JSON"),
+    ({"model_a": "nosuch.safetensors", "model_b": "modelB.safetensors"}, "nosuch"),
+    ({"alpha": 0.5}, "model A"),
+    ({"model_a": "modelA.safetensors", "colour": "red"}, "unknown fields"),
+])
+def test_api_errors_are_http_400_with_the_message(webui, entry, body, message):
+    before = webui.live()
+    with pytest.raises(Exception) as err:
+        routes(webui)[("POST", "/block-merger/merge")](body)
+    assert err.value.status_code == 400 and message in err.value.detail
+    assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
+    assert not webui.call_queue.queue_lock.locked()
+
+
+def test_api_merge_waits_for_a_running_generation(webui, entry):
+    """The API handler takes the queue lock: while a generation holds it, the merge waits."""
+    lock = webui.call_queue.queue_lock
+    merge = routes(webui)[("POST", "/block-merger/merge")]
+    done = threading.Event()
+    result = {}
+
+    def call():
+        try:
+            result["out"] = merge(RECIPE.to_dict())
+        finally:
+            done.set()
+
+    lock.acquire()
+    try:
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)
+        assert not done.is_set()  # blocked on the lock
+        assert entry.EXTENSION.host.loaded_identity() is None
+    finally:
+        lock.release()
+    t.join(60)
+    assert done.is_set() and result["out"]["name"] == RECIPE.title()
+
+
+def test_api_merge_from_inside_a_generation_would_deadlock(webui, entry):
+    """Proof that the API handler takes the lock: called by a thread that holds it, the fake lock refuses."""
+    with webui.call_queue.queue_lock:
+        with pytest.raises(RuntimeError, match="deadlock"):
+            routes(webui)[("POST", "/block-merger/restore")]()
+
+
+def test_script_unloaded_closes_the_service(webui, entry):
+    service = entry.EXTENSION.service()
+    service.merge_and_load(RECIPE)
+    assert service._open
+    webui.script_callbacks.script_unloaded_callback()
+    assert not service._open
+
+
+# -- install.py -------------------------------------------------------------------------------------------------
+
+
+def run_install(tmp_path, missing=()):
+    fake = tmp_path / "launcher"
+    fake.mkdir(exist_ok=True)
+    (fake / "launch.py").write_text(
+        "import json, os\n"
+        f"MISSING = {list(missing)!r}\n"
+        "calls = []\n"
+        "def is_installed(package):\n"
+        "    calls.append(['is_installed', package])\n"
+        "    return package not in MISSING\n"
+        "def run_pip(command, desc=None, live=False):\n"
+        "    calls.append(['run_pip', command, desc])\n"
+        "import atexit\n"
+        "atexit.register(lambda: print(json.dumps(calls)))\n")
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    out = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_install_does_nothing_when_the_webui_has_everything(tmp_path):
+    calls = run_install(tmp_path)
+    assert calls and all(c[0] == "is_installed" for c in calls)
+    assert "torch" not in [c[1] for c in calls]  # the WebUI's own torch build is never touched
+
+
+def test_install_installs_only_what_is_missing_with_our_ranges(tmp_path):
+    calls = run_install(tmp_path, missing=["scipy"])
+    pips = [c for c in calls if c[0] == "run_pip"]
+    assert len(pips) == 1 and "scipy>=1.10" in pips[0][1] and "==" not in pips[0][1]
