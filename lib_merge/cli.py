@@ -1,4 +1,7 @@
-"""Command line: `merge`, `inspect` and `demo`. Errors are one line on stderr and exit status 2, never a traceback."""
+"""Command line: `merge`, `inspect`, `demo` and `ui`.
+
+Errors are one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="merge small synthetic models and show what changed, per block")
     demo.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and merges here")
+    demo.add_argument("--ui", action="store_true", help="then open the merge tab (standalone app) on the demo models")
+    demo.add_argument("--port", type=int, default=None, help="port of the app with --ui")
+
+    ui = sub.add_parser("ui", help="the merge tab as a standalone app on 127.0.0.1 (no WebUI needed)")
+    ui.add_argument("--models", default=".", metavar="DIR", help="folder of checkpoints to merge (default: .)")
+    ui.add_argument("--port", type=int, default=None, help="port (default 7870)")
+    ui.add_argument("--data", default=None, metavar="DIR",
+                    help=f"merge history and hash cache (default {default_data_dir()})")
+    ui.add_argument("--browser", action="store_true", help="open a web browser on the app")
     return parser
 
 
@@ -157,13 +169,34 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import tempfile
+
     from .demo import run_demo
 
-    run_demo(Path(args.keep) if args.keep else None)
+    if not args.ui:
+        run_demo(Path(args.keep) if args.keep else None)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="block-merger-demo-") as tmp:
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        run_demo(folder)
+        print(f"\nOpening the merge tab on {folder}" + ("" if args.keep else " (removed when the app stops)"))
+        return _serve(folder, args.port, folder, False)
+
+
+def _serve(models: Path, port: int | None, data: Path, browser: bool) -> int:
+    from .app import DEFAULT_PORT, HOST, serve
+
+    port = port or DEFAULT_PORT
+    print(f"Block Merger on http://{HOST}:{port} (Ctrl+C stops it)")
+    serve(models, port, data, block=True, open_browser=browser)
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo}
+def cmd_ui(args) -> int:
+    return _serve(Path(args.models), args.port, Path(args.data) if args.data else default_data_dir(), args.browser)
+
+
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,538 @@
+"""The merge tab: gradio Blocks that turn widgets into a Recipe and hand it to a MergeService.
+
+Works inside the WebUI (gradio 3.41.2, registered by scripts/block_merger.py) and in the standalone app
+(`python -m lib_merge ui`); only plain components and `.click`/`.change`/`.input` events are used, all of which gradio 4
+keeps. Logic lives in `ui_values` (widget values <-> recipe) and `ui_chart` (the weight curve); the handlers here
+take the host's lock around service calls and turn every error into a message in the tab.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from . import ui_values as uv
+from .core.arch import BLOCKS_26
+from .core.errors import MergeError
+from .core.history import History
+from .core.kernels import CALC_MODES, MERGE_MODES, WEIGHT_SUM
+from .core.weights import ADJUST_NAMES, INEX_MODES
+from .host import model_choices
+from .service import MergeService
+from .ui_chart import weights_svg
+
+log = logging.getLogger("block_merger")
+
+TITLE = "Block Merger"
+#: the widgets a recipe is made of, in the order handlers receive them
+RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta", "use_mbw", "weights_alpha",
+               "weights_beta", "block_type", "elemental", "adjust", "inex", "inex_blocks", "inex_elements", "gamma",
+               "seed")
+SAVE_KEYS = ("save_flags", "save_dtype", "bake_vae", "custom_name")
+GEN_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "gen_seed",
+            "batch_size")
+ACTION_KEYS = RECIPE_KEYS + SAVE_KEYS + GEN_KEYS
+HISTORY_LIMIT = 50
+
+
+def error_message(e: BaseException) -> str:
+    """What the tab shows for a failure: the message of a MergeError, a one-line summary of anything else."""
+    if isinstance(e, MergeError):
+        return f"Error: {e}"
+    log.exception("Block Merger: unexpected error")
+    return f"Unexpected error ({type(e).__name__}: {e}). Details are in the console."
+
+
+@dataclass
+class ActionResult:
+    message: str
+    images: list | None = None
+    infotext: str | None = None
+
+
+class Handlers:
+    """The tab's callbacks over one MergeService, testable without gradio's event machinery.
+
+    Action methods take the widget values by name (ACTION_KEYS) and return an ActionResult; service calls run inside
+    the host's lock and job. `stop` takes no lock (it must work while a merge holds it).
+    """
+
+    def __init__(self, service: MergeService):
+        self.service = service
+        self.host = service.host
+
+    # -- recipe and options from widget values ------------------------------------------------------------------
+
+    def recipe(self, values: dict[str, Any]):
+        return uv.recipe_from_values(**{k: values.get(k) for k in RECIPE_KEYS if k in values},
+                                  presets=self.service.presets)
+
+    def _save_args(self, values: dict[str, Any]):
+        options, flags = uv.save_options_from_values(values.get("save_flags") or (), values.get("save_dtype") or "keep",
+                                                  values.get("bake_vae"))
+        return options, flags, (values.get("custom_name") or "").strip()
+
+    def _saved(self, result) -> str:
+        logged = f", merge ID {result.history_id}" if result.history_id is not None else ""
+        return f"Saved {result.path} ({result.plan.arch.describe()}{logged})."
+
+    # -- actions ------------------------------------------------------------------------------------------------
+
+    def _merge(self, values: dict[str, Any]) -> list[str]:
+        recipe = self.recipe(values)
+        options, flags, name = self._save_args(values)
+        outcome = self.service.merge_and_load(recipe, name=name)
+        lines = [outcome.message()]
+        if flags["save model"]:
+            result = self.service.save(outcome.plan.recipe, name, options, flags["overwrite"], flags["safetensors"],
+                                       flags["metadata"])
+            lines.append(self._saved(result))
+        return lines
+
+    def _generate(self, values: dict[str, Any], lines: list[str]) -> ActionResult:
+        request = uv.request_from_values(*(values.get(k) for k in GEN_KEYS))
+        result = self.service.generate(request)
+        lines.append(f"Generated {len(result.images)} image(s), seed {result.seed}.")
+        return ActionResult("\n".join(lines), list(result.images), result.infotexts[0] if result.infotexts else "")
+
+    def merge(self, values: dict[str, Any]) -> ActionResult:
+        with self.host.lock(), self.host.job(TITLE):
+            return ActionResult("\n".join(self._merge(values)))
+
+    def merge_and_generate(self, values: dict[str, Any]) -> ActionResult:
+        if self.host.generation_unavailable:
+            raise MergeError(self.host.generation_unavailable)
+        with self.host.lock(), self.host.job(TITLE):
+            lines = self._merge(values)
+            return self._generate(values, lines)
+
+    def generate(self, values: dict[str, Any]) -> ActionResult:
+        with self.host.lock(), self.host.job(TITLE):
+            return self._generate(values, [])
+
+    def save_to_file(self, values: dict[str, Any]) -> ActionResult:
+        """Merge the settings straight into a file (the loaded model is not touched)."""
+        recipe = self.recipe(values)
+        options, flags, name = self._save_args(values)
+        with self.host.lock(), self.host.job(TITLE):
+            result = self.service.save(recipe, name, options, flags["overwrite"], flags["safetensors"],
+                                       flags["metadata"])
+        return ActionResult(self._saved(result))
+
+    def save_current(self, values: dict[str, Any]) -> ActionResult:
+        options, flags, name = self._save_args(values)
+        with self.host.lock(), self.host.job(TITLE):
+            result = self.service.save_loaded(name, options, flags["overwrite"], flags["safetensors"])
+        return ActionResult(self._saved(result))
+
+    def restore(self, values: dict[str, Any]) -> ActionResult:
+        with self.host.lock(), self.host.job(TITLE):
+            self.service.restore_base()
+        return ActionResult("Restored the base model's own weights.")
+
+    def stop(self) -> str:
+        self.host.request_stop()
+        return "Stopping: the running merge ends at its next check and keeps the previous weights."
+
+    # -- read-only views ----------------------------------------------------------------------------------------
+
+    def loaded_model(self) -> str:
+        if self.host.live_model_unavailable:
+            return "No model is loaded here."
+        identity = self.host.loaded_identity()
+        return f"{identity.name} (recipe {identity.short_hash})" if identity else "The base checkpoint (no merge)."
+
+    def history(self) -> History:
+        return self.service.history()
+
+    def history_rows(self, words: str = "", mode: str = "and") -> list[list[str]]:
+        history = self.history()
+        rows = history.search(words, mode) if (words or "").strip() else history.rows(HISTORY_LIMIT)
+        return uv.history_table(rows, HISTORY_LIMIT)
+
+    def settings_from_id(self, merge_id: Any) -> dict[str, Any]:
+        try:
+            number = int(merge_id)
+        except (TypeError, ValueError):
+            raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r}.") from None
+        return uv.values_from_recipe(self.history().recipe(number))
+
+    def inspect(self, name: str) -> str:
+        from .inspect import describe
+
+        if not name:
+            raise MergeError("Choose a model to inspect.")
+        return describe(self.host.resolve_model(name))
+
+
+def _guard(fn: Callable[..., Any], failure: Callable[[str], Any]) -> Callable[..., Any]:
+    """Run a handler; on any exception return `failure(message)` instead of letting gradio show a traceback."""
+
+    def run(*args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message in the tab
+            return failure(error_message(e))
+
+    run.__name__ = getattr(fn, "__name__", "handler")
+    return run
+
+
+def _skip() -> dict:
+    return gr.update()
+
+
+def make_action(h: Handlers, method: Callable[[dict[str, Any]], ActionResult]) -> Callable[..., tuple]:
+    """A button callback: ACTION_KEYS-ordered widget values in; (message, gallery, infotext, loaded model, history)
+    out. Failures become the message and leave the other outputs as they were."""
+
+    def run(*values):
+        result = method(dict(zip(ACTION_KEYS, values, strict=True)))
+        images = gr.update(value=result.images) if result.images is not None else _skip()
+        info = result.infotext if result.infotext is not None else _skip()
+        return result.message, images, info, h.loaded_model(), _history_or_skip(h)
+
+    return _guard(run, lambda msg: (msg, _skip(), _skip(), h.loaded_model(), _skip()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layout
+
+
+def build_tab(service: MergeService) -> gr.Blocks:
+    """The merge tab as a gr.Blocks (render it inside another Blocks, or launch it on its own)."""
+    h = Handlers(service)
+    host = service.host
+    presets = service.presets
+    live_off = host.live_model_unavailable
+    gen_off = host.generation_unavailable
+    models = model_choices(host)
+    w: dict[str, Any] = {}  # widgets by name
+
+    with gr.Blocks(analytics_enabled=False, title=TITLE) as tab:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=560):
+                with gr.Row(equal_height=True):
+                    for key, label in (("model_a", "Model A"), ("model_b", "Model B"),
+                                       ("model_c", "Model C (Add difference, Triple sum, sum Twice)")):
+                        w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=3,
+                                             min_width=150)
+                    refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=80)
+                w["mode"] = gr.Radio(list(MERGE_MODES), value=WEIGHT_SUM, label="Merge mode",
+                                     info=uv.mode_info(WEIGHT_SUM), elem_id="bm_mode")
+                w["calc"] = gr.Radio(list(CALC_MODES), value="normal", label="Calc mode", elem_id="bm_calc")
+                calc_note = gr.Markdown(uv.calc_info(WEIGHT_SUM, "normal"), elem_id="bm_calc_info")
+                with gr.Row():
+                    w["alpha"] = gr.Slider(-1, 2, value=0.5, step=0.001, label="alpha",
+                                           info="with MBW on, the block weights replace alpha", elem_id="bm_alpha")
+                    w["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta",
+                                          info="Triple sum, sum Twice, tensor, tensor2, extract",
+                                          interactive=False, elem_id="bm_beta")
+                with gr.Row():
+                    merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge",
+                                          interactive=not live_off)
+                    merge_gen_btn = gr.Button("Merge & Generate", elem_id="bm_merge_gen",
+                                              interactive=not (live_off or gen_off))
+                    gen_btn = gr.Button("Generate", elem_id="bm_generate", interactive=not gen_off)
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop")
+                with gr.Row():
+                    file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file")
+                    save_btn = gr.Button("Save current merge", elem_id="bm_save_current", interactive=not live_off)
+                    restore_btn = gr.Button("Restore base model", elem_id="bm_restore", interactive=not live_off)
+                notes = []
+                if live_off:
+                    notes.append(f"Merge, Save current merge, Restore: unavailable. {live_off}")
+                if gen_off:
+                    notes.append(f"Generate: unavailable. {gen_off}")
+                gr.Markdown("\n\n".join(f"*{n}*" for n in notes), visible=bool(notes), elem_id="bm_unavailable")
+
+                with gr.Accordion("Options", open=False, elem_id="bm_options"):
+                    with gr.Row():
+                        w["save_flags"] = gr.CheckboxGroup(list(uv.SAVE_FLAGS), value=list(uv.DEFAULT_SAVE_FLAGS),
+                                                           label="Save settings", elem_id="bm_save_flags")
+                    with gr.Row():
+                        w["save_dtype"] = gr.Radio(list(uv.SAVE_DTYPE_CHOICES), value="keep", label="Save dtype",
+                                                   elem_id="bm_save_dtype")
+                        w["bake_vae"] = gr.Dropdown([uv.NO_VAE, *host.list_vaes()], value=uv.NO_VAE,
+                                                    label="Bake in VAE", elem_id="bm_bake_vae")
+                    with gr.Row():
+                        w["custom_name"] = gr.Textbox(label="Custom name (optional)", max_lines=1,
+                                                      placeholder="file name of the merge", elem_id="bm_custom_name")
+                        w["gamma"] = gr.Slider(0, 20, value=0.3, step=0.01, label="gamma (extract)",
+                                               elem_id="bm_gamma")
+                        w["seed"] = gr.Number(-1, label="Weight seed (R/U, plus random; -1 = random)", precision=0,
+                                              elem_id="bm_seed")
+
+                with gr.Accordion("Block weights (MBW)", open=True, elem_id="bm_mbw"):
+                    with gr.Row():
+                        w["use_mbw"] = gr.Checkbox(False, label="use MBW", elem_id="bm_use_mbw", min_width=100)
+                        w["block_type"] = gr.Radio(list(uv.BLOCK_TYPES), value=uv.SD1, label="Block type",
+                                                   elem_id="bm_block_type", min_width=140)
+                        preset = gr.Dropdown(presets.names(), value=None, label="Preset (sets alpha weights)",
+                                             elem_id="bm_preset", min_width=180)
+                    w["weights_alpha"] = gr.Textbox(label="Weights for alpha (BASE, IN00-IN11, M00, OUT00-OUT11)",
+                                                    value=",".join(["0.5"] * 26), max_lines=2,
+                                                    elem_id="bm_weights_alpha")
+                    w["weights_beta"] = gr.Textbox(label="Weights for beta (optional; numbers or a preset name)",
+                                                   max_lines=2, elem_id="bm_weights_beta")
+                    chart = gr.HTML(weights_svg("", enabled=False), elem_id="bm_chart")
+                    sliders: dict[str, gr.Slider] = {}
+                    with gr.Row():
+                        # IN blocks on the left, OUT blocks on the right in reverse, so skip connections face each
+                        # other (IN00 <-> OUT11); BASE and M00 on the top row.
+                        columns = (("BASE", *[f"IN{i:02d}" for i in range(12)]),
+                                   ("M00", *[f"OUT{i:02d}" for i in reversed(range(12))]))
+                        for labels in columns:
+                            with gr.Column(min_width=220):
+                                for label in labels:
+                                    sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
+                                                               elem_id=f"bm_w_{label}")
+                    block_sliders = [sliders[label] for label in BLOCKS_26]
+
+                with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
+                    w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
+                                                placeholder="OUT06:attn:0.5\nIN04 IN05:attn2.to_k:0.2", lines=3,
+                                                elem_id="bm_elemental")
+
+                with gr.Accordion("Adjust", open=False, elem_id="bm_adjust_acc"):
+                    w["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3 (blank = off)",
+                                             max_lines=1, elem_id="bm_adjust")
+                    adjust_sliders = []
+                    with gr.Row():
+                        for half in (ADJUST_NAMES[:4], ADJUST_NAMES[4:]):
+                            with gr.Column(min_width=220):
+                                for name in half:
+                                    lo, hi = uv.ADJUST_RANGES[name]
+                                    adjust_sliders.append(gr.Slider(lo, hi, value=0, step=0.01,
+                                                                    label=uv.ADJUST_LABELS[name],
+                                                                    elem_id=f"bm_adj_{name}"))
+
+                with gr.Accordion("Include / Exclude", open=False, elem_id="bm_inex_acc"):
+                    w["inex"] = gr.Radio(list(INEX_MODES), value="Off", label="Mode", elem_id="bm_inex")
+                    w["inex_blocks"] = gr.CheckboxGroup(uv.inex_choices(uv.SD1), value=[], label="Blocks",
+                                                        elem_id="bm_inex_blocks")
+                    w["inex_elements"] = gr.Textbox(label="Elements (key substrings, comma separated)",
+                                                    max_lines=1, elem_id="bm_inex_elements")
+
+                with gr.Accordion("Generation parameters (0 or blank = as in txt2img)", open=False,
+                                  elem_id="bm_gen_acc"):
+                    w["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="bm_prompt")
+                    w["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="bm_negative")
+                    with gr.Row():
+                        samplers = list(getattr(host, "list_samplers", list)())
+                        w["sampler"] = gr.Dropdown(["", *samplers], value="", label="Sampler",
+                                                   allow_custom_value=True, elem_id="bm_sampler")
+                        w["steps"] = gr.Number(0, label="Steps", precision=0, elem_id="bm_steps")
+                        w["cfg_scale"] = gr.Number(0, label="CFG scale", elem_id="bm_cfg")
+                    with gr.Row():
+                        w["width"] = gr.Number(0, label="Width", precision=0, elem_id="bm_width")
+                        w["height"] = gr.Number(0, label="Height", precision=0, elem_id="bm_height")
+                        w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
+                        w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
+
+            with gr.Column(scale=2, min_width=360):
+                message = gr.Textbox(label="Message", lines=3, max_lines=12, interactive=False,
+                                     elem_id="bm_message")
+                loaded = gr.Textbox(h.loaded_model(), label="Loaded model", max_lines=1, interactive=False,
+                                    elem_id="bm_loaded")
+                with gr.Row(equal_height=True):
+                    merge_id = gr.Number(-1, label="Load settings from merge ID (-1 = last)", precision=0,
+                                         elem_id="bm_merge_id", scale=3)
+                    load_btn = gr.Button("Load settings", elem_id="bm_load_settings", scale=1, min_width=100)
+                gallery = gr.Gallery(label="Images", columns=2, height=320, object_fit="contain",
+                                     elem_id="bm_gallery")
+                infotext = gr.Textbox(label="Generation info", lines=3, interactive=False, elem_id="bm_infotext")
+                with gr.Accordion("Inspect a model", open=False, elem_id="bm_inspect_acc"):
+                    with gr.Row(equal_height=True):
+                        inspect_model = gr.Dropdown(models, value=None, label="Model", elem_id="bm_inspect_model",
+                                                    scale=3)
+                        inspect_btn = gr.Button("Inspect", elem_id="bm_inspect", scale=1, min_width=80)
+                    inspect_out = gr.Textbox(label="Description", lines=12, max_lines=40, interactive=False,
+                                             show_copy_button=True, elem_id="bm_inspect_out")
+
+        with gr.Accordion("History", open=False, elem_id="bm_history_acc"):
+            with gr.Row(equal_height=True):
+                search_words = gr.Textbox(label="Search words (blank = latest merges)", max_lines=1,
+                                          elem_id="bm_search", scale=4)
+                search_mode = gr.Radio(["and", "or"], value="and", label="Match", elem_id="bm_search_mode", scale=1,
+                                       min_width=120)
+                search_btn = gr.Button("Search / reload", elem_id="bm_search_btn", scale=1, min_width=120)
+            history = gr.Dataframe(headers=list(uv.HISTORY_COLUMNS), datatype=["str"] * len(uv.HISTORY_COLUMNS),
+                                   value=_initial_history(h), interactive=False, wrap=True, elem_id="bm_history")
+
+        _wire(h, w, block_sliders, adjust_sliders, preset, chart, calc_note, message, loaded, gallery, infotext,
+              history, search_words, search_mode, merge_id, inspect_model, inspect_out,
+              dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn, stop=stop_btn,
+                   file=file_btn, save=save_btn, restore=restore_btn, load=load_btn, search=search_btn,
+                   inspect=inspect_btn))
+    return tab
+
+
+def _initial_history(h: Handlers) -> list[list[str]]:
+    try:
+        return h.history_rows()
+    except Exception as e:  # noqa: BLE001 - an unreadable history must not break the tab
+        log.warning("Block Merger: cannot read the merge history: %s", e)
+        return uv.history_table([])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# events
+
+
+def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_note, message, loaded, gallery, infotext,
+          history, search_words, search_mode, merge_id, inspect_model, inspect_out, buttons) -> None:
+    presets = h.service.presets
+    action_inputs = [w[k] for k in ACTION_KEYS]
+    action_outputs = [message, gallery, infotext, loaded, history]
+
+    for name, method in (("merge", h.merge), ("merge_gen", h.merge_and_generate), ("generate", h.generate),
+                         ("file", h.save_to_file), ("save", h.save_current), ("restore", h.restore)):
+        buttons[name].click(make_action(h, method), action_inputs, action_outputs)
+    buttons["stop"].click(_guard(h.stop, lambda msg: msg), None, message, queue=False)
+
+    # models
+    model_keys = ("model_a", "model_b", "model_c")
+
+    def refresh(*names):
+        choices = model_choices(h.host, names)
+        return [gr.update(choices=choices, value=n or None) for n in names]
+
+    buttons["refresh"].click(_guard(refresh, lambda msg: [_skip()] * 4),
+                             [w[k] for k in model_keys] + [inspect_model],
+                             [w[k] for k in model_keys] + [inspect_model], queue=False)
+
+    # merge mode / calc mode explanations
+    def on_mode(mode, calc):
+        beta = gr.update(interactive=uv.uses_beta(mode, calc))
+        return gr.update(info=uv.mode_info(mode)), uv.calc_info(mode, calc), beta
+
+    def on_calc(mode, calc):
+        mode = uv.implied_mode(mode, calc)
+        return gr.update(value=mode, info=uv.mode_info(mode)), uv.calc_info(mode, calc), \
+            gr.update(interactive=uv.uses_beta(mode, calc))
+
+    w["mode"].change(on_mode, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
+    w["calc"].change(on_calc, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
+
+    # block weights: sliders -> text (user moves a slider), text -> sliders (user types), chart follows the text
+    def sliders_changed(*values):
+        return uv.sliders_to_text(values[:26], values[26])
+
+    def text_typed(text, block_type, *current):
+        values = uv.text_to_sliders(text, block_type, current, presets)
+        return [_skip()] * 26 if values is None else [gr.update(value=v) for v in values]
+
+    for slider in block_sliders:
+        slider.input(sliders_changed, [*block_sliders, w["block_type"]], w["weights_alpha"], queue=False)
+    w["weights_alpha"].input(text_typed, [w["weights_alpha"], w["block_type"], *block_sliders], block_sliders,
+                             queue=False)
+
+    def redraw(use_mbw, alpha_text, beta_text, block_type):
+        return weights_svg(alpha_text, beta_text, block_type, presets, bool(use_mbw))
+
+    chart_inputs = [w["use_mbw"], w["weights_alpha"], w["weights_beta"], w["block_type"]]
+    for source in chart_inputs:
+        source.change(redraw, chart_inputs, chart, queue=False)
+
+    def preset_chosen(name, block_type, *current):
+        values = presets.get(name or "")
+        if values is None:
+            return [_skip(), _skip(), *([_skip()] * 26)]
+        sliders = uv.text_to_sliders(values, uv.SD1, current, presets) or list(current)
+        text = uv.sliders_to_text(sliders, block_type) if block_type == uv.SDXL else values
+        return [gr.update(value=text), gr.update(value=True), *[gr.update(value=v) for v in sliders]]
+
+    preset.change(preset_chosen, [preset, w["block_type"], *block_sliders],
+                  [w["weights_alpha"], w["use_mbw"], *block_sliders], queue=False)
+
+    hidden = [BLOCKS_26.index(label) for label in uv.XL_HIDDEN]
+
+    def block_type_changed(block_type, alpha_text, beta_text, inex_blocks, *current):
+        choices = uv.inex_choices(block_type)
+        return [
+            gr.update(value=uv.convert_block_type(alpha_text, block_type, current, presets)),
+            gr.update(value=uv.convert_block_type(beta_text, block_type, current, presets)),
+            gr.update(choices=choices, value=[b for b in inex_blocks or () if b in choices]),
+            *[gr.update(visible=block_type != uv.SDXL) for _ in hidden],
+        ]
+
+    w["block_type"].change(
+        block_type_changed, [w["block_type"], w["weights_alpha"], w["weights_beta"], w["inex_blocks"], *block_sliders],
+        [w["weights_alpha"], w["weights_beta"], w["inex_blocks"], *[block_sliders[i] for i in hidden]], queue=False)
+
+    # adjust: the same two-way sync
+    def adjust_moved(*values):
+        return uv.adjust_to_text(values)
+
+    def adjust_typed(text):
+        values = uv.text_to_adjust(text)
+        return [_skip()] * 8 if values is None else [gr.update(value=v) for v in values]
+
+    for slider in adjust_sliders:
+        slider.input(adjust_moved, adjust_sliders, w["adjust"], queue=False)
+    w["adjust"].input(adjust_typed, w["adjust"], adjust_sliders, queue=False)
+
+    # load settings from a merge ID
+    load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]
+
+    def load_settings(merge_id, *current):
+        values = h.settings_from_id(merge_id)
+        sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets)
+        adjust = uv.text_to_adjust(values["adjust"])
+        updates = []
+        for key in RECIPE_KEYS:
+            if key in ("model_a", "model_b", "model_c"):
+                names = [values[k] for k in ("model_a", "model_b", "model_c")]
+                updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
+            elif key == "inex_blocks":
+                choices = uv.inex_choices(values["block_type"])
+                updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))
+            else:
+                updates.append(gr.update(value=values[key]))
+        updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
+        updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
+        return [*updates, f"Loaded the settings of merge {merge_id}."]
+
+    buttons["load"].click(_guard(load_settings, lambda msg: [*([_skip()] * (len(load_outputs) - 1)), msg]),
+                          [merge_id, *block_sliders], load_outputs, queue=False)
+
+    # history search and inspect
+    def search(words, mode):
+        return h.history_rows(words, mode), ""
+
+    buttons["search"].click(_guard(search, lambda msg: (_skip(), msg)), [search_words, search_mode],
+                            [history, message], queue=False)
+    search_words.submit(_guard(search, lambda msg: (_skip(), msg)), [search_words, search_mode], [history, message],
+                        queue=False)
+    buttons["inspect"].click(_guard(h.inspect, lambda msg: msg), inspect_model, inspect_out)
+
+
+def _history_or_skip(h: Handlers):
+    try:
+        return h.history_rows()
+    except Exception:  # noqa: BLE001 - the action itself succeeded; keep the old table
+        return _skip()
+
+
+def handler_values(**values: Any) -> dict[str, Any]:
+    """Every action widget's value by name: the tab's defaults, with `values` replacing some (tests, scripts)."""
+    defaults = dict(model_a="", model_b="", model_c="", mode=WEIGHT_SUM, calc="normal", alpha=0.5, beta=0.25,
+                    use_mbw=False, weights_alpha="", weights_beta="", block_type=uv.SD1, elemental="", adjust="",
+                    inex="Off", inex_blocks=[], inex_elements="", gamma=0.3, seed=-1,
+                    save_flags=list(uv.DEFAULT_SAVE_FLAGS), save_dtype="keep", bake_vae=uv.NO_VAE, custom_name="",
+                    prompt="", negative_prompt="", steps=0, sampler="", cfg_scale=0, width=0, height=0, gen_seed=-1,
+                    batch_size=1)
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown widget(s): {', '.join(sorted(unknown))}")
+    defaults.update(values)
+    return {k: defaults[k] for k in ACTION_KEYS}
+
+
+__all__: Sequence[str] = ("build_tab", "Handlers", "ActionResult", "ACTION_KEYS", "RECIPE_KEYS", "handler_values",
+                          "error_message", "make_action")

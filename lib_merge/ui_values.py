@@ -1,0 +1,341 @@
+"""Widget values <-> merge recipe, for the tab (`ui.py`). Pure functions: no gradio, no files, easy to test.
+
+The tab's text fields are the truth (what a recipe records); sliders are a way to edit them. Block weights are
+shown on 26 sliders in BASE, IN00-IN11, M00, OUT00-OUT11 order; with the SDXL block type, the text holds the 20 SDXL
+values and the sliders of IN09-IN11 and OUT09-OUT11 are hidden (their values are kept for switching back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .core.arch import BLOCKS_26, BLOCKS_XL, Arch
+from .core.checkpoint import SaveOptions
+from .core.errors import MergeError
+from .core.kernels import CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM
+from .core.recipe import NEEDS_C, Recipe
+from .core.weights import ADJUST_NAMES, INEX_EXTRAS, Presets, parse_adjust, parse_block_weights, random_table
+from .host import GenerationRequest
+
+SD1, SDXL = "SD1", "SDXL"
+BLOCK_TYPES = (SD1, SDXL)
+#: positions (in BLOCKS_26) of the 20 SDXL blocks: BASE, IN00-IN08, M00, OUT00-OUT08
+XL_POSITIONS = tuple(BLOCKS_26.index(label) for label in BLOCKS_XL)
+XL_HIDDEN = tuple(label for label in BLOCKS_26 if label not in BLOCKS_XL)
+WEIGHT_RANGE = (-1.0, 2.0)
+ADJUST_RANGES = {name: (-6.0, 6.0) if name in ("IN", "OUT", "OUT2") else (-10.0, 10.0) for name in ADJUST_NAMES}
+ADJUST_LABELS = {
+    "IN": "IN (detail/noise, input)",
+    "OUT": "OUT (detail/noise, output)",
+    "OUT2": "OUT2 (detail/noise, final conv)",
+    "CONT": "CONT (contrast)",
+    "BRI": "BRI (brightness)",
+    "COL1": "COL1 (cyan-red)",
+    "COL2": "COL2 (magenta-green)",
+    "COL3": "COL3 (yellow-blue)",
+}
+SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids")
+DEFAULT_SAVE_FLAGS = ("safetensors", "save metadata")
+SAVE_DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32")
+NO_VAE = "None"
+DEFAULT_WEIGHT = 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# numbers and texts
+
+
+def fmt(value: float) -> str:
+    """A slider value as the weights text shows it: at most 3 decimals (the slider step), no trailing zeros."""
+    value = round(float(value), 3)
+    if value == 0:
+        value = 0.0  # no "-0"
+    return f"{value:g}" if abs(value) < 1e6 else repr(value)
+
+
+def weight_tokens(text: str) -> list[str]:
+    tokens = [t.strip() for t in (text or "").replace("\n", ",").split(",")]
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # one trailing comma
+    return tokens
+
+
+def number_or_none(token: str) -> float | None:
+    try:
+        value = float(token)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def block_labels(block_type: str) -> tuple[str, ...]:
+    return BLOCKS_XL if block_type == SDXL else BLOCKS_26
+
+
+def visible_positions(block_type: str) -> tuple[int, ...]:
+    """Which of the 26 sliders the block type shows (and the text lists), in text order."""
+    return XL_POSITIONS if block_type == SDXL else tuple(range(26))
+
+
+def sliders_to_text(values: Sequence[float], block_type: str = SD1) -> str:
+    """26 slider values -> the weights text (26 values, or the 20 visible ones for SDXL)."""
+    if len(values) != 26:
+        raise ValueError(f"expected 26 slider values, got {len(values)}")
+    return ",".join(fmt(values[i]) for i in visible_positions(block_type))
+
+
+def text_to_sliders(text: str, block_type: str, current: Sequence[float],
+                    presets: Presets | None = None) -> list[float] | None:
+    """The weights text -> 26 slider values, or None while the text is not a complete list (still being typed).
+
+    A preset name is looked up. 26 values fill every slider; 20 values (SDXL) fill the visible SDXL sliders and keep
+    the others. R/U (random) entries and values outside the slider range keep the slider where it is.
+    """
+    text = (text or "").strip()
+    if presets is not None and text and "," not in text:
+        text = presets.get(text) or text
+    tokens = weight_tokens(text)
+    if len(tokens) == 26:
+        positions: Sequence[int] = range(26)
+    elif len(tokens) == 20:
+        positions = XL_POSITIONS
+    else:
+        return None
+    out = [float(v) for v in current] if len(current) == 26 else [DEFAULT_WEIGHT] * 26
+    numbers = [number_or_none(t) for t in tokens]
+    if any(n is None and t not in ("R", "U") for n, t in zip(numbers, tokens, strict=True)):
+        return None
+    for pos, number in zip(positions, numbers, strict=True):
+        if number is not None:
+            out[pos] = min(max(number, WEIGHT_RANGE[0]), WEIGHT_RANGE[1])
+    return out
+
+
+def convert_block_type(text: str, new_type: str, current: Sequence[float], presets: Presets | None = None) -> str:
+    """The weights text after switching the block type: 26 <-> 20 values (hidden blocks from the sliders).
+
+    Text that is not a complete list (or holds a preset name) is kept as it is.
+    """
+    tokens = weight_tokens(text)
+    if len(tokens) == 26 and new_type == SDXL:
+        return ",".join(tokens[i] for i in XL_POSITIONS)
+    if len(tokens) == 20 and new_type == SD1:
+        full = [fmt(v) for v in current] if len(current) == 26 else [fmt(DEFAULT_WEIGHT)] * 26
+        for pos, token in zip(XL_POSITIONS, tokens, strict=True):
+            full[pos] = token
+        return ",".join(full)
+    return text
+
+
+def adjust_to_text(values: Sequence[float]) -> str:
+    """8 adjust sliders -> text; all zero -> "" (Adjust off)."""
+    if len(values) != 8:
+        raise ValueError(f"expected 8 adjust values, got {len(values)}")
+    return "" if not any(float(v) for v in values) else ",".join(fmt(v) for v in values)
+
+
+def text_to_adjust(text: str) -> list[float] | None:
+    """Adjust text -> 8 slider values ("" -> all zero), or None while it is not 8 numbers."""
+    text = (text or "").strip()
+    if not text:
+        return [0.0] * 8
+    tokens = weight_tokens(text)
+    numbers = [number_or_none(t) for t in tokens]
+    if len(tokens) != 8 or any(n is None for n in numbers):
+        return None
+    return [min(max(n, ADJUST_RANGES[name][0]), ADJUST_RANGES[name][1])
+            for n, name in zip(numbers, ADJUST_NAMES, strict=True)]
+
+
+def split_list(text: str | Iterable[str]) -> tuple[str, ...]:
+    """Comma/space separated names (a text, or a list of them) -> a tuple without blanks."""
+    items = [text] if isinstance(text, str) else list(text or ())
+    return tuple(t.strip() for item in items for t in item.replace(",", " ").split() if t.strip())
+
+
+def inex_choices(block_type: str) -> list[str]:
+    return [*block_labels(block_type), *reversed(INEX_EXTRAS)]  # ..., VAE, Adjust
+
+
+# --------------------------------------------------------------------------------------------------------------
+# explanations
+
+
+def mode_info(mode: str) -> str:
+    return f"{mode}: {MODE_FORMULAS.get(mode, '?')}" + ("; needs model C" if mode in NEEDS_C else "")
+
+
+def pair_problem(mode: str, calc: str) -> str | None:
+    """Why this merge mode / calc mode pair cannot run (the recipe's own message), or None when it can."""
+    try:
+        Recipe("A", "B", "C", mode=mode, calc=calc).validate(Presets({}))
+    except MergeError as e:
+        return str(e)
+    return None
+
+
+def calc_info(mode: str, calc: str) -> str:
+    """A short explanation of a calc mode for the chosen merge mode, with what will happen or why it cannot."""
+    c = CALC_MODES.get(calc)
+    if c is None:
+        return f"Unknown calc mode {calc!r}."
+    lines = [f"**{c.name}**: {c.summary}."]
+    problem = pair_problem(mode, calc)
+    if c.implies and c.implies != mode:
+        lines.append(f"{c.name} always merges as **{c.implies}** ({MODE_FORMULAS[c.implies]}): the merge mode is "
+                     f"switched to it.")
+    elif problem:
+        lines.append(f"⚠ Not possible: {problem} Merging refuses this pair; choose another merge or calc mode.")
+    notes = []
+    if not c.uses_b:
+        notes.append("model B is not used")
+    if c.uses_beta:
+        notes.append("beta is used")
+    if c.name == "extract":
+        notes.append("gamma sets how selective it is")
+    if notes:
+        lines.append("Here " + ", ".join(notes) + ".")
+    return " ".join(lines)
+
+
+def uses_beta(mode: str, calc: str) -> bool:
+    c = CALC_MODES.get(calc)
+    return mode in ("Triple sum", "sum Twice") or bool(c and c.uses_beta)
+
+
+def implied_mode(mode: str, calc: str) -> str:
+    c = CALC_MODES.get(calc)
+    return c.implies if c is not None and c.implies else mode
+
+
+# --------------------------------------------------------------------------------------------------------------
+# recipe
+
+
+_ANY_LAYOUT = Arch("sdxl")  # accepts 20 and 26 values: the count check before any model is opened
+
+
+def check_weights(text: str, what: str, block_type: str, presets: Presets) -> str:
+    """Resolve a preset name and check the number of block weights before any file is read (the core's message)."""
+    text = (text or "").strip()
+    single_number = "," not in text and number_or_none(text) is not None and presets.get(text) is None
+    resolved = text if single_number else presets.resolve(text)  # "0.5" is one weight, not an unknown preset
+    if resolved:
+        if block_type == SD1 and len(weight_tokens(resolved)) == 20:
+            raise MergeError(f"Block weights for {what} have 20 values (the SDXL layout) but the block type is SD1; "
+                             f"choose block type SDXL or give 26 values.")
+        parse_block_weights(resolved, _ANY_LAYOUT, what, random_table(0))
+    return resolved
+
+
+def recipe_from_values(
+    model_a: str = "", model_b: str = "", model_c: str = "", mode: str = WEIGHT_SUM, calc: str = "normal",
+    alpha: float = 0.5, beta: float = 0.25, use_mbw: bool = False, weights_alpha: str = "", weights_beta: str = "",
+    block_type: str = SD1, elemental: str = "", adjust: str = "", inex: str = "Off",
+    inex_blocks: Sequence[str] = (), inex_elements: str = "", gamma: float = 0.3, seed: float | int = -1,
+    presets: Presets | None = None, **_ignored: Any,
+) -> Recipe:
+    """The tab's widget values -> a validated Recipe (MergeError with the message to show when they cannot merge).
+
+    MBW off ignores both weight fields. A preset name in a weight field becomes its values. Unknown keyword
+    arguments (other widgets) are ignored so callers can pass every widget by name.
+    """
+    presets = presets or Presets.load()
+    if mode not in MERGE_MODES:
+        raise MergeError(f"Choose a merge mode ({', '.join(MERGE_MODES)}).")
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("seed", seed)):
+        if value is None:
+            raise MergeError(f"{name} is empty; enter a number.")
+    wa = wb = ""
+    if use_mbw:
+        wa = check_weights(weights_alpha or "", "alpha", block_type, presets)
+        if not wa:
+            raise MergeError("use MBW is on but the block weights for alpha are empty; enter 26 values, pick a "
+                             "preset, or turn MBW off.")
+        wb = check_weights(weights_beta or "", "beta", block_type, presets)
+    if inex != "Off" and not split_list(inex_blocks) and not split_list(inex_elements):
+        raise MergeError(f"Include/Exclude is {inex} but no blocks or elements are chosen; tick blocks (e.g. IN01, "
+                         f"OUT02) or type elements (e.g. attn), or set it to Off.")
+    parse_adjust(adjust)
+    recipe = Recipe(
+        model_a=model_a or "", model_b=model_b or "", model_c=model_c or "", mode=mode, calc=calc,
+        alpha=float(alpha), beta=float(beta), weights_alpha=wa, weights_beta=wb, elemental=(elemental or "").strip(),
+        adjust=(adjust or "").strip(), inex=inex, inex_blocks=split_list(inex_blocks) if inex != "Off" else (),
+        inex_elements=split_list(inex_elements) if inex != "Off" else (), gamma=float(gamma), seed=int(seed),
+    )
+    return recipe.validate(presets)
+
+
+def values_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A logged recipe (History.recipe) -> widget values by name, the inverse of `recipe_from_values`."""
+    r = Recipe.from_dict(dict(recipe))
+    wa, wb = r.weights_alpha, r.weights_beta
+    block_type = SDXL if len(weight_tokens(wa)) == 20 or len(weight_tokens(wb)) == 20 else SD1
+    inex_blocks = [b for b in r.inex_blocks]
+    return {
+        "model_a": r.model_a, "model_b": r.model_b, "model_c": r.model_c, "mode": r.mode, "calc": r.calc,
+        "alpha": r.alpha, "beta": r.beta, "use_mbw": r.mbw, "weights_alpha": wa, "weights_beta": wb,
+        "block_type": block_type, "elemental": r.elemental, "adjust": r.adjust, "inex": r.inex,
+        "inex_blocks": inex_blocks, "inex_elements": ",".join(r.inex_elements), "gamma": r.gamma, "seed": r.seed,
+    }
+
+
+def save_options_from_values(flags: Sequence[str] = DEFAULT_SAVE_FLAGS, dtype: str = "keep",
+                             bake_vae: str | None = None) -> tuple[SaveOptions, dict[str, bool]]:
+    """Options widgets -> (SaveOptions, {"overwrite", "safetensors", "metadata", "save model"})."""
+    flags = set(flags or ())
+    unknown = flags - set(SAVE_FLAGS)
+    if unknown:
+        raise MergeError(f"Unknown save option(s): {', '.join(sorted(unknown))}.")
+    vae = bake_vae if bake_vae and bake_vae != NO_VAE else None
+    options = SaveOptions(dtype=dtype or "keep", prune="prune" in flags, bake_vae=vae,
+                          reset_clip_ids="Reset CLIP ids" in flags)
+    return options, {"overwrite": "overwrite" in flags, "safetensors": "safetensors" in flags,
+                     "metadata": "save metadata" in flags, "save model": "save model" in flags}
+
+
+def _int(value: Any, name: str, default: int = 0) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{name} must be a number, not {value!r}.") from None
+    if not math.isfinite(number) or number != int(number):
+        raise MergeError(f"{name} must be a whole number, not {value!r}.")
+    return int(number)
+
+
+def request_from_values(prompt: str = "", negative_prompt: str = "", steps: Any = 0, sampler: str = "",
+                        cfg_scale: Any = 0, width: Any = 0, height: Any = 0, seed: Any = -1,
+                        batch_size: Any = 1) -> GenerationRequest:
+    """Generation widgets -> GenerationRequest; 0 or blank means "as in txt2img"."""
+    steps, width, height = (_int(v, n) for v, n in ((steps, "Steps"), (width, "Width"), (height, "Height")))
+    seed, batch = _int(seed, "Seed", -1), _int(batch_size, "Batch size", 1)
+    try:
+        cfg = float(cfg_scale or 0)
+    except (TypeError, ValueError):
+        raise MergeError(f"CFG scale must be a number, not {cfg_scale!r}.") from None
+    for name, value in (("Steps", steps), ("Width", width), ("Height", height), ("CFG scale", cfg)):
+        if value < 0:
+            raise MergeError(f"{name} cannot be negative (0 means as in txt2img).")
+    if width % 8 or height % 8:
+        raise MergeError("Width and height must be multiples of 8 (or 0 for txt2img's).")
+    if batch < 1:
+        raise MergeError("Batch size must be at least 1.")
+    return GenerationRequest(prompt=prompt or "", negative_prompt=negative_prompt or "", steps=steps,
+                             sampler=(sampler or "").strip(), cfg_scale=cfg, width=width, height=height,
+                             seed=seed, batch_size=batch)
+
+
+HISTORY_COLUMNS = ("id", "time", "name", "mode", "calc", "alpha", "beta", "weights_alpha", "model_a", "model_b",
+                   "model_c")
+
+
+def history_table(rows: Sequence[Mapping[str, Any]], limit: int = 50) -> list[list[str]]:
+    """History rows (oldest first) -> table rows, newest first."""
+    table = [[str(row.get(c, "")) for c in HISTORY_COLUMNS] for row in list(rows)[-limit:]] if limit > 0 else []
+    table.reverse()
+    return table or [["" for _ in HISTORY_COLUMNS]]
