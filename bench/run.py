@@ -145,7 +145,7 @@ def op_ours_dict(spec):
 
     _import_ours()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _open_models(spec) as models:
         plan = _restrict(plan_merge(_recipe(spec), models), spec.get("subset"))
         kw = {"device": spec["device"]} if spec.get("device") else {}
@@ -154,9 +154,9 @@ def op_ours_dict(spec):
             import torch
 
             torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     _check_keys_save(state, spec.get("check_keys", []), spec.get("check_path"))
-    return {"time": dt, "merged": plan.merged}
+    return {"time": dt, "cpu": cpu, "merged": plan.merged}
 
 
 def op_ours_live(spec):
@@ -164,14 +164,14 @@ def op_ours_live(spec):
 
     _import_ours()
     live = _preload_live(spec["a"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _open_models(spec) as models:
         plan = plan_merge(_recipe(spec), models)
         sink = TensorSink(live)
         run_merge(plan, models, sink, threads=spec.get("threads"))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     _check_keys_save(live, spec.get("check_keys", []), spec.get("check_path"))
-    return {"time": dt, "extra_keys": len(sink.extra)}
+    return {"time": dt, "cpu": cpu, "extra_keys": len(sink.extra)}
 
 
 def op_ours_file(spec):
@@ -180,10 +180,10 @@ def op_ours_file(spec):
     from lib_merge.core.pipeline import merge_to_file
 
     _import_ours()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     merge_to_file(_recipe(spec), spec["out"], SaveOptions(), overwrite=True, metadata=True,
                   hashes=HashCache(spec["hash_cache"]), threads=spec.get("threads"))
-    return {"time": time.perf_counter() - t0}
+    return {"time": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 def op_ours_cli(spec):
@@ -192,7 +192,7 @@ def op_ours_cli(spec):
 
     old = os.environ.get("XDG_DATA_HOME")
     os.environ["XDG_DATA_HOME"] = spec["xdg"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             rc = cli.main(cli_args(spec))
@@ -203,7 +203,7 @@ def op_ours_cli(spec):
             os.environ["XDG_DATA_HOME"] = old
     if rc != 0:
         raise RuntimeError(f"CLI exited with {rc}")
-    return {"time": time.perf_counter() - t0}
+    return {"time": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 def cli_args(spec) -> list[str]:
@@ -228,11 +228,11 @@ def op_ours_remerge(spec):
     _import_ours()
     live = _preload_live(spec["a"])
     weights = [float(w) for w in spec["weights"].split(",")]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _open_models(spec) as models:
         plan = plan_merge(_recipe(spec), models)
         run_merge(plan, models, TensorSink(live))
-    full = time.perf_counter() - t0
+    full, cpu = time.perf_counter() - t0, time.process_time() - c0
     remerges = []
     for block in spec["blocks"]:
         weights[BLOCKS_26.index(block)] = round(weights[BLOCKS_26.index(block)] + REMERGE_DELTA, 4)
@@ -256,7 +256,7 @@ def op_ours_remerge(spec):
             expect = torch.lerp(fa.get_tensor(key).float(), fb.get_tensor(key).float(), w).to(live[key].dtype)
             worst = max(worst, (live[key].double() - expect.double()).abs().max().item())
     total_numel = sum(t.numel() for t in live.values())
-    return {"time": full, "full": full, "remerges": remerges, "numel": total_numel, "check_max_abs": worst}
+    return {"time": full, "cpu": cpu, "full": full, "remerges": remerges, "numel": total_numel, "check_max_abs": worst}
 
 
 def _seed_logger():
@@ -299,13 +299,13 @@ def op_seed_mem(spec):
     if spec.get("calc") == "smoothAdd":
         _timed_smooth(per_key)
     stages, log = _seed_logger()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = seed_merge(spec["a"], spec["b"], spec.get("c"), spec.get("mode", "Weight sum"), spec.get("calc", "normal"),
                        spec.get("alpha", 0.5), spec.get("beta", 0.25), spec.get("weights"), keys=spec.get("subset"),
                        log=log)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     _check_keys_save(state, spec.get("check_keys", []), spec.get("check_path"))
-    return {"time": dt, "stages": stages, "stage1": _stage_time(stages, "stage 1"), "per_key": per_key}
+    return {"time": dt, "cpu": cpu, "stages": stages, "stage1": _stage_time(stages, "stage 1"), "per_key": per_key}
 
 
 def _fsync_time(path) -> float:
@@ -322,13 +322,13 @@ def op_seed_save(spec):
     from seed_ref import seed_merge, seed_save
 
     stages, log = _seed_logger()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = seed_merge(spec["a"], spec["b"], spec.get("c"), spec.get("mode", "Weight sum"), spec.get("calc", "normal"),
                        spec.get("alpha", 0.5), spec.get("beta", 0.25), spec.get("weights"), log=log)
     t1 = time.perf_counter()
     seed_save(state, spec["out"])
-    t2 = time.perf_counter()
-    return {"time": t2 - t0, "merge": t1 - t0, "save": t2 - t1, "fsync_after": _fsync_time(spec["out"])}
+    t2, cpu = time.perf_counter(), time.process_time() - c0
+    return {"time": t2 - t0, "cpu": cpu, "merge": t1 - t0, "save": t2 - t1, "fsync_after": _fsync_time(spec["out"])}
 
 
 def _mecha_call(spec, output):
@@ -350,11 +350,11 @@ def _mecha_call(spec, output):
 def op_mecha_mem(spec):
     import mecha_ref  # noqa: F401  (imports sd_mecha before the clock starts)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = _mecha_call(spec, None)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     _check_keys_save(state, spec.get("check_keys", []), spec.get("check_path"))
-    return {"time": dt}
+    return {"time": dt, "cpu": cpu}
 
 
 def op_mecha_save(spec):
@@ -362,10 +362,10 @@ def op_mecha_save(spec):
 
     if os.path.exists(spec["out"]):
         os.remove(spec["out"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _mecha_call(spec, spec["out"])
-    dt = time.perf_counter() - t0
-    return {"time": dt, "fsync_after": _fsync_time(spec["out"])}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"time": dt, "cpu": cpu, "fsync_after": _fsync_time(spec["out"])}
 
 
 OPS = {
@@ -403,13 +403,38 @@ def _warm(paths) -> float:
     return time.perf_counter() - t0
 
 
+def _cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs busy over `seconds` while this harness idles: other processes' load (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            parts = [int(x) for x in f.readline().split()[1:]]
+        return parts[3] + parts[4], sum(parts)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def _wait_quiet(limit: float, threshold: float = 0.25) -> float | None:
+    """Wait (up to `limit` s) until other processes use under `threshold` of the CPUs; return the last reading."""
+    start = time.perf_counter()
+    busy = _cpu_busy()
+    while busy is not None and busy > threshold and time.perf_counter() - start < limit:
+        busy = _cpu_busy(2.0)
+    return busy
+
+
 def _sync():
     with contextlib.suppress(AttributeError, OSError):
         os.sync()
 
 
-def run_subprocess(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, str, float, int]:
-    """Run `cmd`; return (exit code, stdout, wall seconds, peak RSS bytes of that process)."""
+def run_subprocess(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, str, float, object]:
+    """Run `cmd`; return (exit code, stdout, wall seconds, its resource usage: ru_maxrss, ru_utime, ...)."""
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
@@ -426,7 +451,7 @@ def run_subprocess(cmd: list[str], env: dict, log_path: Path, timeout: float) ->
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.write(out)
-    return proc.returncode, out.decode(errors="replace"), wall, usage.ru_maxrss * 1024
+    return proc.returncode, out.decode(errors="replace"), wall, usage
 
 
 @dataclasses.dataclass
@@ -448,8 +473,9 @@ class Measure:
 
 
 class Runner:
-    def __init__(self, workdir: Path, inline: bool, timeout: float, verbose: bool = True):
+    def __init__(self, workdir: Path, inline: bool, timeout: float, verbose: bool = True, quiet_wait: float = 0):
         self.workdir, self.inline, self.timeout, self.verbose = workdir, inline, timeout, verbose
+        self.quiet_wait = quiet_wait
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -461,10 +487,12 @@ class Runner:
         _sync()
         if c.warm:
             _warm(c.inputs)
+        busy = _wait_quiet(self.quiet_wait) if self.quiet_wait > 0 else None
         spec = dict(c.spec)
         if run != 0:
             spec.pop("check_path", None)
         log_path = self.logs / f"{task}__{c.label.replace(' ', '_').replace('/', '_')}.log"
+        load = os.getloadavg()[0]
         try:
             if self.inline:
                 t0 = time.perf_counter()
@@ -474,16 +502,18 @@ class Runner:
             elif spec["op"] == "ours_cli":
                 env = dict(os.environ, XDG_DATA_HOME=spec["xdg"])
                 cmd = [sys.executable, "-m", "lib_merge", *cli_args(spec)]
-                rc, out, wall, rss = run_subprocess(cmd, env, log_path, self.timeout)
+                rc, out, wall, usage = run_subprocess(cmd, env, log_path, self.timeout)
+                rss = usage.ru_maxrss * 1024
                 if rc != 0:
                     raise RuntimeError(f"CLI exited with {rc}; see {log_path}")
-                data = {"time": wall, "cli_stdout": out.strip()}
+                data = {"time": wall, "cpu": usage.ru_utime + usage.ru_stime, "cli_stdout": out.strip()}
                 found = re.search(r"tensors merged, ([0-9.]+) s", out)
                 if found:
                     data["cli_reported"] = float(found.group(1))
             else:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-                rc, out, wall, rss = run_subprocess(cmd, dict(os.environ), log_path, self.timeout)
+                rc, out, wall, usage = run_subprocess(cmd, dict(os.environ), log_path, self.timeout)
+                rss = usage.ru_maxrss * 1024
                 lines = [ln for ln in out.splitlines() if ln.startswith(MARK)]
                 if rc != 0 or not lines:
                     raise RuntimeError(f"child exited with {rc}; see {log_path}")
@@ -491,6 +521,8 @@ class Runner:
                 if "error" in data:
                     raise RuntimeError(data["error"])
             data["process_wall"] = wall
+            data["load"] = load
+            data["busy"] = busy
             m = Measure(data["time"], rss, data)
         except Exception as e:  # a failing contender is reported, the others go on
             m = Measure(None, None, {}, f"{type(e).__name__}: {e}")
@@ -625,6 +657,11 @@ def median_time(row) -> float | None:
     return statistics.median(ts) if ts else None
 
 
+def median_cpu(row) -> float | None:
+    cs = [m.data.get("cpu") for m in row["measures"] if m.data.get("cpu") is not None]
+    return statistics.median(cs) if cs else None
+
+
 def max_rss(row) -> int | None:
     rs = [m.rss for m in row["measures"] if m.rss]
     return max(rs) if rs else None
@@ -637,7 +674,8 @@ class Bench:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.checkdir = self.workdir / "checks"
         self.checkdir.mkdir(exist_ok=True)
-        self.runner = Runner(self.workdir, args.inline, args.timeout, verbose=not args.silent)
+        self.runner = Runner(self.workdir, args.inline, args.timeout, verbose=not args.silent,
+                             quiet_wait=0 if args.inline else args.quiet_wait)
         self.cache = Path(args.cache).resolve()
         self.xdg = self.workdir / "xdg"
         self.hash_cache = self.xdg / "block-merger" / "hashes.json"
@@ -685,8 +723,12 @@ class Bench:
                     os.remove(out)
 
     def ratio(self, res: TaskResult, ours: str, base: str, note: str = "") -> float | None:
-        to, tb = median_time(res.rows.get(ours, {"measures": []})), median_time(res.rows.get(base, {"measures": []}))
+        empty = {"measures": []}
+        to, tb = median_time(res.rows.get(ours, empty)), median_time(res.rows.get(base, empty))
         r = tb / to if to and tb else None
+        co, cb = median_cpu(res.rows.get(ours, empty)), median_cpu(res.rows.get(base, empty))
+        if co and cb:
+            note = (note + "; " if note else "") + f"CPU-time ratio {cb / co:.2f}x"
         res.ratios.append((ours, base, r, note))
         return r
 
@@ -1266,16 +1308,21 @@ def render(bench: Bench) -> str:
             lines.append(f"Load average before / after: {load[0][0]:.2f} / {load[1][0]:.2f}; task took "
                          f"{r.extra.get('seconds', 0):.0f} s in all.")
             lines.append("")
-        lines.append("| Contender | median | runs | peak RSS (max over runs) |")
-        lines.append("|---|---|---|---|")
+        lines.append("| Contender | median wall | runs (s) | median CPU s | peak RSS (max over runs) | "
+                     "others' CPU use at start |")
+        lines.append("|---|---|---|---|---|---|")
         for lab, row in r.rows.items():
             runs = ", ".join("fail" if x.time is None else f"{x.time:.2f}" for x in row["measures"])
             errs = [x.error for x in row["measures"] if x.error]
             name = lab + (f" — {row['label_time']}" if row.get("label_time") else "")
             name += " (derived)" if row.get("derived") else ""
-            lines.append(f"| {name} | {_fmt_t(median_time(row))} | {runs} | {_fmt_gb(max_rss(row))} |")
+            cpus = [x.data.get("cpu") for x in row["measures"] if x.data.get("cpu") is not None]
+            cpu = f"{statistics.median(cpus):.1f}" if cpus else "–"
+            loads = ", ".join(f"{x.data['busy']:.0%}" for x in row["measures"] if x.data.get("busy") is not None)
+            lines.append(f"| {name} | {_fmt_t(median_time(row))} | {runs} | {cpu} | {_fmt_gb(max_rss(row))} | "
+                         f"{loads or '–'} |")
             for e in errs[:1]:
-                lines.append(f"| ↳ error | {e} | | |")
+                lines.append(f"| ↳ error | {e} | | | | |")
         if r.ratios:
             lines.append("")
             lines.append("Ratios (baseline time / our time, same run set; > 1 means we are faster):")
@@ -1316,6 +1363,10 @@ def _method_lines() -> list[str]:
         "count in its RSS; ours reads into reusable buffers and sd-mecha streams, so the page cache is not in theirs.",
         "- Correctness: after the timed part each contender saves a few keys (a conv, attention, norm, time "
         "embedding, text encoder, VAE), compared with the seed's result (max abs difference and fp16 ulps).",
+        "- The machine is shared with other jobs. Before each run the harness waits (up to --quiet-wait s) for other "
+        "processes to leave the CPUs and records how busy they were ('others' CPU use at start', from /proc/stat "
+        "while the harness idles). 'CPU s' is the user+sys CPU time of the timed part (for the CLI: of the whole "
+        "process); it is much less sensitive to other jobs than wall time, so it is shown next to it.",
         "",
     ]
 
@@ -1338,6 +1389,9 @@ def parse_args(argv=None):
     ap.add_argument("--factor", type=int, default=1, help="model size divisor (1 = full size)")
     ap.add_argument("--no-mecha", action="store_true", help="leave sd-mecha out")
     ap.add_argument("--inline", action="store_true", help="run contenders in this process (smoke tests; no RSS)")
+    ap.add_argument("--quiet-wait", type=float, default=20,
+                    help="before each run, wait up to this many seconds for other processes to leave the CPUs "
+                         "(under 25%% busy); the reading is reported either way (default 20)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     ap.add_argument("--appendix", default=str(BENCH / "RESULTS_NOTES.md"),
                     help="a markdown file appended to the report (profile findings), if it exists")

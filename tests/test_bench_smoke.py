@@ -90,7 +90,7 @@ def test_child_processes_report_rss(tmp_path):
     out = tmp_path / "R.md"
     args = ["--no-mecha", "--silent", "--factor", "16", "--cache", str(tmp_path / "models"),
             "--workdir", str(tmp_path / "work"), "--output", str(out), "--appendix", str(tmp_path / "none.md"),
-            "--runs", "1", "--fast-runs", "1", "--tasks", "remerge"]
+            "--runs", "1", "--fast-runs", "1", "--quiet-wait", "0", "--tasks", "remerge"]
     assert bench_run.main(args) == 0
     raw = json.loads((tmp_path / "work" / "results.json").read_text())
     (task,) = raw["tasks"]
