@@ -1,9 +1,9 @@
 """The merge tab: gradio Blocks that turn widgets into a Recipe and hand it to a MergeService.
 
 Works inside the WebUI (gradio 3.41.2, registered by scripts/block_merger.py) and in the standalone app
-(`python -m lib_merge ui`); only plain components and `.click`/`.change`/`.input` events are used, all of which gradio 4
-keeps. Logic lives in `ui_values` (widget values <-> recipe) and `ui_chart` (the weight curve); the handlers here
-take the host's lock around service calls and turn every error into a message in the tab.
+(`python -m lib_merge ui`). Only plain components, `gr.update` and the click/change/input/release/blur/submit events are
+used, all of which gradio 4 keeps. Logic lives in `ui_values` (widget values <-> recipe) and `ui_chart` (the weight
+curve); the handlers here take the host's lock around service calls and turn every error into a message in the tab.
 """
 
 from __future__ import annotations
@@ -216,12 +216,12 @@ def build_tab(service: MergeService) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False, title=TITLE) as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=560):
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     for key, label in (("model_a", "Model A"), ("model_b", "Model B"),
-                                       ("model_c", "Model C (Add difference, Triple sum, sum Twice)")):
-                        w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=3,
-                                             min_width=150)
-                    refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=80)
+                                       ("model_c", "Model C (3-model modes)")):
+                        w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=4,
+                                             min_width=160)
+                    refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=70)
                 w["mode"] = gr.Radio(list(MERGE_MODES), value=WEIGHT_SUM, label="Merge mode",
                                      info=uv.mode_info(WEIGHT_SUM), elem_id="bm_mode")
                 w["calc"] = gr.Radio(list(CALC_MODES), value="normal", label="Calc mode", elem_id="bm_calc")
@@ -232,24 +232,6 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     w["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta",
                                           info="Triple sum, sum Twice, tensor, tensor2, extract",
                                           interactive=False, elem_id="bm_beta")
-                with gr.Row():
-                    merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge",
-                                          interactive=not live_off)
-                    merge_gen_btn = gr.Button("Merge & Generate", elem_id="bm_merge_gen",
-                                              interactive=not (live_off or gen_off))
-                    gen_btn = gr.Button("Generate", elem_id="bm_generate", interactive=not gen_off)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop")
-                with gr.Row():
-                    file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file")
-                    save_btn = gr.Button("Save current merge", elem_id="bm_save_current", interactive=not live_off)
-                    restore_btn = gr.Button("Restore base model", elem_id="bm_restore", interactive=not live_off)
-                notes = []
-                if live_off:
-                    notes.append(f"Merge, Save current merge, Restore: unavailable. {live_off}")
-                if gen_off:
-                    notes.append(f"Generate: unavailable. {gen_off}")
-                gr.Markdown("\n\n".join(f"*{n}*" for n in notes), visible=bool(notes), elem_id="bm_unavailable")
-
                 with gr.Accordion("Options", open=False, elem_id="bm_options"):
                     with gr.Row():
                         w["save_flags"] = gr.CheckboxGroup(list(uv.SAVE_FLAGS), value=list(uv.DEFAULT_SAVE_FLAGS),
@@ -335,14 +317,34 @@ def build_tab(service: MergeService) -> gr.Blocks:
                         w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
 
             with gr.Column(scale=2, min_width=360):
+                with gr.Row():
+                    merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge", min_width=90,
+                                          interactive=not live_off)
+                    merge_gen_btn = gr.Button("Merge & Generate", elem_id="bm_merge_gen", min_width=90,
+                                              interactive=not (live_off or gen_off))
+                    gen_btn = gr.Button("Generate", elem_id="bm_generate", min_width=90, interactive=not gen_off)
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop", min_width=90)
+                with gr.Row():
+                    file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file", min_width=110)
+                    save_btn = gr.Button("Save current merge", elem_id="bm_save_current", min_width=110,
+                                         interactive=not live_off)
+                    restore_btn = gr.Button("Restore base model", elem_id="bm_restore", min_width=110,
+                                            interactive=not live_off)
+                notes = []
+                if live_off:
+                    notes.append(f"Merge, Save current merge, Restore: unavailable. {live_off}")
+                if gen_off:
+                    notes.append(f"Generate: unavailable. {gen_off}")
+                gr.Markdown("\n\n".join(f"*{n}*" for n in notes), visible=bool(notes), elem_id="bm_unavailable")
                 message = gr.Textbox(label="Message", lines=3, max_lines=12, interactive=False,
                                      elem_id="bm_message")
                 loaded = gr.Textbox(h.loaded_model(), label="Loaded model", max_lines=1, interactive=False,
                                     elem_id="bm_loaded")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     merge_id = gr.Number(-1, label="Load settings from merge ID (-1 = last)", precision=0,
                                          elem_id="bm_merge_id", scale=3)
-                    load_btn = gr.Button("Load settings", elem_id="bm_load_settings", scale=1, min_width=100)
+                    load_btn = gr.Button("Load settings", elem_id="bm_load_settings", size="sm", scale=1,
+                                         min_width=100)
                 gallery = gr.Gallery(label="Images", columns=2, height=320, object_fit="contain",
                                      elem_id="bm_gallery")
                 infotext = gr.Textbox(label="Generation info", lines=3, interactive=False, elem_id="bm_infotext")
@@ -419,7 +421,7 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     w["mode"].change(on_mode, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
     w["calc"].change(on_calc, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
 
-    # block weights: sliders -> text (user moves a slider), text -> sliders (user types), chart follows the text
+    # block weights: sliders -> text (user moves a slider), text -> sliders (user types), the chart follows the text
     def sliders_changed(*values):
         return uv.sliders_to_text(values[:26], values[26])
 
@@ -427,10 +429,14 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
         values = uv.text_to_sliders(text, block_type, current, presets)
         return [_skip()] * 26 if values is None else [gr.update(value=v) for v in values]
 
+    # `release` (end of a drag, or leaving the number box) rather than `input`: one request per edit, so responses
+    # of a burst cannot arrive out of order and leave the text behind the sliders.
     for slider in block_sliders:
-        slider.input(sliders_changed, [*block_sliders, w["block_type"]], w["weights_alpha"], queue=False)
-    w["weights_alpha"].input(text_typed, [w["weights_alpha"], w["block_type"], *block_sliders], block_sliders,
-                             queue=False)
+        slider.release(sliders_changed, [*block_sliders, w["block_type"]], w["weights_alpha"], queue=False)
+    # gradio drops an event while the same one is still running, so fast typing can outrun `input`; leaving the
+    # field (`blur`) syncs once more with the final text.
+    for event in (w["weights_alpha"].input, w["weights_alpha"].blur):
+        event(text_typed, [w["weights_alpha"], w["block_type"], *block_sliders], block_sliders, queue=False)
 
     def redraw(use_mbw, alpha_text, beta_text, block_type):
         return weights_svg(alpha_text, beta_text, block_type, presets, bool(use_mbw))
@@ -438,6 +444,8 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     chart_inputs = [w["use_mbw"], w["weights_alpha"], w["weights_beta"], w["block_type"]]
     for source in chart_inputs:
         source.change(redraw, chart_inputs, chart, queue=False)
+    for source in (w["weights_alpha"], w["weights_beta"]):
+        source.blur(redraw, chart_inputs, chart, queue=False)
 
     def preset_chosen(name, block_type, *current):
         values = presets.get(name or "")
@@ -474,8 +482,9 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
         return [_skip()] * 8 if values is None else [gr.update(value=v) for v in values]
 
     for slider in adjust_sliders:
-        slider.input(adjust_moved, adjust_sliders, w["adjust"], queue=False)
-    w["adjust"].input(adjust_typed, w["adjust"], adjust_sliders, queue=False)
+        slider.release(adjust_moved, adjust_sliders, w["adjust"], queue=False)
+    for event in (w["adjust"].input, w["adjust"].blur):
+        event(adjust_typed, w["adjust"], adjust_sliders, queue=False)
 
     # load settings from a merge ID
     load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]

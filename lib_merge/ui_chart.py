@@ -12,8 +12,8 @@ from html import escape
 from .core.weights import Presets
 from .ui_values import SD1, XL_POSITIONS, block_labels, fmt, number_or_none, weight_tokens
 
-WIDTH, HEIGHT = 640, 190
-LEFT, RIGHT, TOP, BOTTOM = 38, 10, 14, 46
+WIDTH, HEIGHT = 640, 200
+LEFT, RIGHT, TOP, BOTTOM = 38, 10, 22, 46
 ALPHA_COLOUR, BETA_COLOUR = "#2563eb", "#ea580c"
 
 
@@ -52,6 +52,8 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
     curves = [(_fit(v, len(labels)), *rest) for v, *rest in curves]
     numbers = [v for values, *_ in curves for v in values if v is not None]
     lo, hi = min([0.0, *numbers]), max([1.0, *numbers])
+    pad = 0.04 * (hi - lo)  # points on 0 or 1 stay off the frame
+    lo, hi = lo - pad, hi + pad
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     step = plot_w / (len(labels) - 1)
 
@@ -78,7 +80,7 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
         if label in ("M00", "IN00", "OUT00"):
             parts.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{TOP}" y2="{TOP + plot_h}" stroke="#9ca3af" '
                          f'stroke-width="0.4"/>')
-        parts.append(f'<text x="{x(i):.1f}" y="{TOP + plot_h + 8}" font-size="9.5" fill="currentColor" '
+        parts.append(f'<text x="{x(i):.1f}" y="{TOP + plot_h + 8}" font-size="10" fill="currentColor" '
                      f'text-anchor="end" transform="rotate(-55 {x(i):.1f} {TOP + plot_h + 8})">{label}</text>')
     for values, colour, name, dash in curves:
         points = [(x(i), y(v)) for i, v in enumerate(values) if v is not None]
@@ -90,12 +92,11 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
             if v is not None:
                 parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}">'
                              f'<title>{name} {labels[i]}: {fmt(v)}</title></circle>')
-    legend_x = WIDTH - RIGHT - 4
-    for n, (_, colour, name, dash) in enumerate(reversed(curves)):
-        lx = legend_x - n * 62
-        parts.append(f'<line x1="{lx - 40}" x2="{lx - 26}" y1="{TOP + 9}" y2="{TOP + 9}" stroke="{colour}" '
+    for n, (_, colour, name, dash) in enumerate(curves):  # the legend, above the plot
+        lx = LEFT + 4 + n * 70
+        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{TOP - 10}" y2="{TOP - 10}" stroke="{colour}" '
                      f'stroke-width="2" stroke-dasharray="{dash}"/>')
-        parts.append(f'<text x="{lx - 22}" y="{TOP + 12.5}" font-size="10.5" fill="currentColor">{name}</text>')
+        parts.append(f'<text x="{lx + 22}" y="{TOP - 6.5}" font-size="11" fill="currentColor">{name}</text>')
     parts.append("</svg>")
     return f'<div class="bm-chart">{"".join(parts)}</div>'
 

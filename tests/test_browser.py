@@ -1,0 +1,279 @@
+"""The tab in a real browser: Debian's chromium, driven through chromium-driver (selenium), against the standalone app
+(`python -m lib_merge ui`) serving tiny synthetic models on a free 127.0.0.1 port.
+
+A person's path through the tab: pick models A/B/C, a merge mode and a calc mode, block weights from a preset and
+from a slider, merge to a file; then check the message, the file and its recipe metadata. A bad input (25 weights)
+must show its error in the page. Screenshots of the tab (1280x800: the top, and the block weights; and the whole
+page at 1280 wide) are written to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lib_merge import synth
+from lib_merge.core.weights import Presets
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,800")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
+           ".ci/run installs them)",
+)
+pytest.importorskip("gradio", reason="gradio 3.41.2 is not installed (pip install -r requirements-dev.txt)")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
+                                                              "(pip install -r requirements-dev.txt)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition", interval: float = 0.2):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = condition()
+        except Exception as e:  # noqa: BLE001 - elements come and go while gradio renders
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    models = tmp_path_factory.mktemp("browser_models")
+    data = tmp_path_factory.mktemp("browser_data")
+    base = synth.make_checkpoint(models / "base.safetensors", "sd1", factor=16, seed=1)
+    synth.make_checkpoint(models / "model_a.safetensors", "sd1", factor=16, seed=2, base=base, noise=1.0)
+    synth.make_checkpoint(models / "model_b.safetensors", "sd1", factor=16, seed=3, base=base, noise=1.0)
+    port = free_port()
+    log = (data / "app.log").open("w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib_merge", "ui", "--models", str(models), "--data", str(data), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(f"the app exited with {proc.returncode}: {(data / 'app.log').read_text()}")
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+
+        end = time.monotonic() + 90
+        while True:
+            try:
+                if up():
+                    break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.3)
+        yield {"url": url, "models": models, "data": data}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    set_viewport(driver, 1280, 800)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def set_viewport(driver, width: int, height: int) -> None:
+    """Size the window so that the page itself (the viewport) is width x height."""
+    driver.set_window_size(width, height)
+    inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+    driver.set_window_size(2 * width - inner[0], 2 * height - inner[1])
+
+
+class Tab:
+    """Small helpers over gradio 3.41's DOM (components are found by their elem_id)."""
+
+    def __init__(self, driver):
+        self.d = driver
+
+    def el(self, css: str):
+        return self.d.find_element("css selector", css)
+
+    def click(self, css: str):
+        element = self.el(css)
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def choose(self, elem_id: str, value: str):
+        """A gr.Dropdown: open it and click the option."""
+        self.click(f"#{elem_id} input")
+        option = wait_until(lambda: self.el(f'#{elem_id} li[data-value="{value}"]'), 10, f"option {value}")
+        option.click()
+        wait_until(lambda: self.el(f"#{elem_id} input").get_attribute("value") == value, 10, f"{elem_id} = {value}")
+
+    def radio(self, elem_id: str, value: str):
+        self.click(f'#{elem_id} label[data-testid="{value}-radio-label"]')
+        wait_until(lambda: self.el(f'#{elem_id} input[value="{value}"]').is_selected(), 10, f"{elem_id} = {value}")
+
+    def open_accordion(self, elem_id: str, probe: str):
+        """Open an accordion (a click on its header) unless `probe` inside it is already visible."""
+        if not self.el(probe).is_displayed():
+            self.click(f"#{elem_id} > .label-wrap")
+            wait_until(lambda: self.el(probe).is_displayed(), 10, f"{elem_id} open")
+
+    def type_number(self, elem_id: str, value: str):
+        """A slider's number box: select, type, leave (the blur is the slider's "release")."""
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.el(f"#{elem_id} input[type=number]")
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(value)
+        box.send_keys(Keys.TAB)
+
+    def text(self, elem_id: str) -> str:
+        return self.el(f"#{elem_id} textarea, #{elem_id} input").get_property("value")
+
+    def type_text(self, elem_id: str, value: str):
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.el(f"#{elem_id} textarea, #{elem_id} input")
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(value)
+        box.send_keys(Keys.TAB)  # leave the field, as a person moving on does
+
+    def message(self) -> str:
+        return self.text("bm_message")
+
+    def wait_message(self, needle: str, timeout: float = 60) -> str:
+        return wait_until(lambda: needle in self.message() and self.message(), timeout, f"message with {needle!r}")
+
+
+def test_merge_to_file_in_the_browser(app, browser):
+    tab = Tab(browser)
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 60, "the tab")
+
+    # standalone: loading into a model and generating are unavailable, with the reason in the page
+    assert not tab.el("#bm_merge").is_enabled() and not tab.el("#bm_generate").is_enabled()
+    assert "No model is loaded outside the WebUI" in tab.el("#bm_unavailable").text
+
+    tab.choose("bm_model_a", "model_a.safetensors")
+    tab.choose("bm_model_b", "model_b.safetensors")
+    tab.choose("bm_model_c", "base.safetensors")
+    tab.radio("bm_mode", "Add difference")
+    wait_until(lambda: "A+(B-C)*alpha" in tab.el("#bm_mode").text, 10, "the formula of Add difference")
+
+    # an invalid pair is explained as soon as it is chosen
+    tab.radio("bm_calc", "cosineA")
+    wait_until(lambda: "Not possible" in tab.el("#bm_calc_info").text, 10, "the invalid pair note")
+    assert "cannot be used with 'Add difference'" in tab.el("#bm_calc_info").text
+    tab.radio("bm_calc", "smoothAdd")
+    wait_until(lambda: "gaussian" in tab.el("#bm_calc_info").text and "Not possible" not in tab.el(
+        "#bm_calc_info").text, 10, "smoothAdd's explanation")
+
+    # block weights: a preset (ticks "use MBW"), then one slider moved by hand
+    tab.choose("bm_preset", "FLAT_25")
+    wait_until(lambda: tab.el("#bm_use_mbw input").is_selected(), 10, "use MBW ticked by the preset")
+    flat = Presets.load().get("FLAT_25")  # 0 for BASE, 0.25 for every U-Net block
+    assert flat.split(",")[:2] == ["0", "0.25"]
+    wait_until(lambda: tab.text("bm_weights_alpha") == flat, 10, "the preset's weights")
+    wait_until(lambda: tab.el("#bm_w_OUT03 input[type=number]").get_property("value") == "0.25", 10,
+               "the sliders set by the preset")
+    tab.type_number("bm_w_IN05", "0.8")
+    expected = flat.split(",")
+    expected[6] = "0.8"  # BASE, IN00..IN05
+    wait_until(lambda: tab.text("bm_weights_alpha") == ",".join(expected), 10, "the text following the slider")
+    # ... and the text drives the sliders
+    typed = list(expected)
+    typed[25] = "1"
+    tab.type_text("bm_weights_alpha", ",".join(typed))
+    wait_until(lambda: tab.el("#bm_w_OUT11 input[type=number]").get_property("value") == "1", 10,
+               "OUT11's slider following the text")
+    chart = tab.el("#bm_chart")
+    wait_until(lambda: len(chart.find_elements("css selector", "circle")) == 26, 10, "26 points in the chart")
+
+    tab.open_accordion("bm_options", "#bm_custom_name")
+    tab.type_text("bm_custom_name", "browser_merge")
+    tab.click("#bm_save_file")
+    message = tab.wait_message("Saved")
+    out = app["models"] / "browser_merge.safetensors"
+    assert str(out) in message and "merge ID 1" in message
+    assert out.is_file()
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert (recipe["mode"], recipe["calc"]) == ("Add difference", "smoothAdd")
+    assert (recipe["model_a"], recipe["model_b"], recipe["model_c"]) == (
+        "model_a.safetensors", "model_b.safetensors", "base.safetensors")
+    assert recipe["weights_alpha"] == ",".join(typed)
+    wait_until(lambda: "smoothAdd" in tab.el("#bm_history").get_attribute("textContent"), 10,
+               "the merge in the history table")
+
+    # screenshots for a person to look at: the top of the tab at 1280x800, and the whole page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.3)
+    browser.save_screenshot(str(ARTIFACTS / "tab.png"))
+    browser.execute_script("document.getElementById('bm_mbw').scrollIntoView()")
+    time.sleep(0.3)
+    browser.save_screenshot(str(ARTIFACTS / "tab-weights.png"))  # the chart and the sliders, at 1280x800
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    set_viewport(browser, 1280, min(height, 6000))
+    time.sleep(0.5)
+    browser.save_screenshot(str(ARTIFACTS / "tab-full.png"))
+    set_viewport(browser, 1280, 800)
+    assert browser.execute_script("return [window.innerWidth, window.innerHeight]") == [1280, 800]
+
+    # a bad input: 25 weights -> the error in the page, no file
+    tab.type_text("bm_weights_alpha", ",".join(["0.5"] * 25))
+    tab.type_text("bm_custom_name", "bad_merge")
+    tab.click("#bm_save_file")
+    message = tab.wait_message("Error")
+    assert "Block weights for alpha have 25 values; give 26" in message
+    assert "Traceback" not in browser.page_source
+    assert not (app["models"] / "bad_merge.safetensors").exists()
