@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import os
 import threading
@@ -156,6 +155,7 @@ class A1111Host:
         self.root = Path(root)
         self._bar = _ConsoleBar()
         self._installed = None  # the CheckpointInfo of the merge this host loaded last, while it is in place
+        self.busy = 0  # >0 while this host itself loads weights (model-loaded callbacks are then its own)
 
     # -- models -----------------------------------------------------------------------------------------------
 
@@ -233,6 +233,13 @@ class A1111Host:
         return getattr(info, IDENTITY_ATTR, None)
 
     def load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
+        self.busy += 1
+        try:
+            self._load_weights(state, identity)
+        finally:
+            self.busy -= 1
+
+    def _load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
         m = self._model()
         current = m.sd_checkpoint_info
         base = getattr(current, BASE_ATTR, current)
@@ -351,8 +358,12 @@ class A1111Host:
             m.cond_stage_model_empty_prompt = get_empty_cond(m)
 
     def restore_base(self) -> None:
-        sd_models.reload_model_weights(forced_reload=True)
-        self._installed = None
+        self.busy += 1
+        try:
+            sd_models.reload_model_weights(forced_reload=True)
+        finally:
+            self._installed = None
+            self.busy -= 1
 
     # -- generation -------------------------------------------------------------------------------------------
 
@@ -491,7 +502,13 @@ class Extension:
             service = self._service
         service.threads = int(option(OPT_THREADS) or 0) or None
         service.keep_models = max(1, int(option(OPT_KEEP) or 1))
+        service.device = str(option(OPT_DEVICE) or "cpu")
         return service
+
+    def model_loaded(self, sd_model) -> None:
+        """The WebUI loaded a checkpoint by itself (the user chose another one): that is now the user's choice."""
+        if self._service is not None and not self.host.busy and self.host.loaded_identity() is None:
+            self._service.forget_loaded()
 
     def close(self) -> None:
         if self._service is not None:
@@ -505,7 +522,7 @@ class Extension:
         opts, info = shared.opts, shared.OptionInfo
         opts.add_option(OPT_DEVICE, info(
             DEFAULTS[OPT_DEVICE], "Merge device", gr.Radio, {"choices": ["cpu", "cuda"]}, section=SECTION,
-        ).info("where merge arithmetic should run; this version computes on the CPU either way"))
+        ).info("cuda computes each tensor on the GPU (needs one); the merged model is the same either way"))
         opts.add_option(OPT_THREADS, info(
             DEFAULTS[OPT_THREADS], "Merge threads (0: automatic)", gr.Slider,
             {"minimum": 0, "maximum": 64, "step": 1}, section=SECTION))
@@ -518,28 +535,15 @@ class Extension:
 
     # -- the txt2img hook (runs inside a generation: the queue lock is already held) ---------------------------
 
-    def is_loaded(self, recipe: Recipe) -> bool:
-        """Whether `recipe` is the merge in the model now (a seed of -1 accepts whatever seed it was drawn with)."""
-        identity = self.host.loaded_identity()
-        if identity is None:
-            return False
-        try:
-            loaded = Recipe.from_json(identity.recipe_json)
-        except (MergeError, TypeError):
-            return False
-        wanted = recipe.validate(self.service().presets)
-        if wanted.seed == -1:
-            loaded = dataclasses.replace(loaded, seed=-1)
-        return wanted == loaded
-
     def before_process(self, p, requested=None) -> None:
-        """Merge the requested recipe unless it is loaded already; the infotext names whatever merge is loaded."""
+        """Make the model what this generation asks for: the requested recipe (merged only when it is not loaded
+        already; a transient merge), or without a request the user's own choice (their merge or the base). The
+        infotext then names whatever merge is loaded."""
         requested = getattr(p, REQUEST_ATTR, None) or requested
-        if requested:
-            recipe, name = parse_request(requested)
-            if not self.is_loaded(recipe):
-                with self.host.progress_kept():
-                    self.service().merge_and_load(recipe, name)
+        blank = requested is None or (isinstance(requested, str) and not requested.strip())
+        recipe = None if blank else parse_request(requested)[0]
+        with self.host.progress_kept():
+            self.service().reconcile(recipe)
         identity = self.host.loaded_identity()
         if identity is not None:
             p.extra_generation_params[INFOTEXT_MERGE] = identity.name

@@ -162,8 +162,10 @@ class MergeService:
         return self._committed
 
     def forget_loaded(self) -> None:
-        """The host's model changed behind our back (another checkpoint was chosen): merge fully next time."""
+        """The host's model changed behind our back (another checkpoint was chosen): that checkpoint is now the
+        user's choice (`reconcile(None)` keeps it), and the next merge is a full one."""
         self._loaded = None
+        self._committed = None
 
     # -- saving ---------------------------------------------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def on_app_started(demo, app):
 
 class BlockMergerScript(scripts.Script):
     """txt2img, the API's alwayson_scripts and X/Y/Z can ask for a merge: its recipe JSON is merged and loaded before
-    the generation (only when it differs from the merge already loaded). Runs under the generation's lock."""
+    the generation (only when it differs from the merge already loaded); a generation without one gets the user's
+    own choice back (their merge from the tab or API, or the base). Runs under the generation's lock."""
 
     def title(self):
         return "Block Merger"
@@ -76,4 +77,5 @@ class BlockMergerScript(scripts.Script):
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(EXTENSION.add_settings)
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_model_loaded(EXTENSION.model_loaded)
 script_callbacks.on_script_unloaded(EXTENSION.close)

@@ -38,10 +38,6 @@ def routes(webui):
     return app.routes
 
 
-def merges(webui):
-    return [e for e in webui.sd_models.events if e[0] in ("load_model", "reload")] , webui.sd_hijack.model_hijack.undos
-
-
 # -- registration -----------------------------------------------------------------------------------------------
 
 
@@ -49,7 +45,7 @@ def test_every_registration(webui, entry):
     cb = webui.script_callbacks.callback_map
     assert [c.script for c in cb["callbacks_ui_tabs"]] == ["block_merger.py"]
     assert len(cb["callbacks_ui_settings"]) == 1 and len(cb["callbacks_app_started"]) == 1
-    assert len(cb["callbacks_script_unloaded"]) == 1
+    assert len(cb["callbacks_script_unloaded"]) == 1 and len(cb["callbacks_model_loaded"]) == 1
 
     ours = [d for d in webui.scripts.scripts_data if d.path.endswith("block_merger.py")]
     assert [d.script_class.__name__ for d in ours] == ["BlockMergerScript"]  # no stray base Script registered
@@ -94,8 +90,14 @@ def test_settings_reach_the_service(webui, entry):
     opts.block_merger_threads = 4
     opts.block_merger_keep_models = 1
     opts.block_merger_history_file = str(webui.tmp / "log" / "merges.csv")
+    opts.block_merger_merge_device = "cuda"
     service = entry.EXTENSION.service()
-    assert service.threads == 4 and service.keep_models == 1
+    assert service.threads == 4 and service.keep_models == 1 and service.device == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception) as err:
+            routes(webui)[("POST", "/block-merger/merge")](RECIPE.to_dict())
+        assert err.value.status_code == 400 and "needs a CUDA GPU" in err.value.detail
+    opts.block_merger_merge_device = "cpu"
     routes(webui)[("POST", "/block-merger/merge")](RECIPE.to_dict())
     assert (webui.tmp / "log" / "merges.csv").is_file()
 
@@ -144,20 +146,48 @@ def test_txt2img_recipe_merges_only_when_it_differs(webui, entry):
     assert again.images[0].tobytes() == first.images[0].tobytes()
     other = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.7)
     webui.shared.state.begin(job="txt2img")  # as wrap_gradio_gpu_call does: job_count -1, processing sets it
-    third = webui.txt2img(script_args=[json.dumps({"recipe": other.to_dict(), "name": "seventy"})])
+    third = webui.txt2img(script_args=[json.dumps({"recipe": other.to_dict()})])
     assert webui.sd_hijack.model_hijack.undos > model_undos
-    assert "Model: seventy" in third.infotexts[0]
+    assert f"Model: {other.title()}" in third.infotexts[0]
     assert third.images[0].tobytes() != first.images[0].tobytes()
     assert (webui.shared.state.job_count, webui.shared.state.textinfo) == (1, None)  # processing's own counts
 
 
 def test_txt2img_infotext_carries_the_merge_even_without_a_request(webui, entry):
-    entry.EXTENSION.service().merge_and_load(RECIPE)
+    routes(webui)[("POST", "/block-merger/merge")](RECIPE.to_dict())  # the user's own merge
     processed = webui.txt2img(script_args=[""])
     info = processed.infotexts[0]
     assert f"Model: {RECIPE.title()}" in info
     assert f"{INFOTEXT_MERGE}: " in info and f"{INFOTEXT_RECIPE}: " in info
     assert json.loads(processed.extra_generation_params[INFOTEXT_RECIPE])["alpha"] == 0.3
+
+
+def test_a_requested_merge_is_transient_and_the_users_choice_comes_back(webui, entry):
+    base = webui.txt2img(script_args=[""]).images[0].tobytes()
+    requested = webui.txt2img(script_args=[RECIPE.to_json()])
+    assert requested.images[0].tobytes() != base
+    plain = webui.txt2img(script_args=[""])  # no request, nothing chosen by the user: the base comes back
+    assert plain.images[0].tobytes() == base and INFOTEXT_MERGE not in plain.infotexts[0]
+    assert entry.EXTENSION.host.loaded_identity() is None
+
+    mine = Recipe("modelA.safetensors", "modelC.safetensors", alpha=0.6)
+    routes(webui)[("POST", "/block-merger/merge")](mine.to_dict())  # the user's choice
+    chosen = webui.txt2img(script_args=[""]).images[0].tobytes()
+    webui.txt2img(script_args=[RECIPE.to_json()])
+    back = webui.txt2img(script_args=[""])
+    assert back.images[0].tobytes() == chosen and f"Model: {mine.title()}" in back.infotexts[0]
+
+
+def test_choosing_another_checkpoint_replaces_the_users_merge(webui, entry):
+    """After a merge, the user picks a checkpoint in the WebUI: generations use that checkpoint, not the merge."""
+    routes(webui)[("POST", "/block-merger/merge")](RECIPE.to_dict())
+    webui.shared.opts.sd_model_checkpoint = "modelC.safetensors"
+    webui.sd_models.reload_model_weights()  # what the checkpoint dropdown does
+    c_weights = webui.live()
+    processed = webui.txt2img(script_args=[""])
+    assert "Model: modelC" in processed.infotexts[0] and INFOTEXT_MERGE not in processed.infotexts[0]
+    assert all(torch.equal(v, c_weights[k]) for k, v in webui.live().items())
+    assert entry.EXTENSION.service().committed() is None
 
 
 def test_a_plain_generation_has_no_merge_in_its_infotext(webui, entry):
