@@ -491,13 +491,16 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
 
     def load_settings(merge_id, *current):
         values = h.settings_from_id(merge_id)
-        sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets)
+        sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
+            if values["use_mbw"] else None
         adjust = uv.text_to_adjust(values["adjust"])
         updates = []
         for key in RECIPE_KEYS:
             if key in ("model_a", "model_b", "model_c"):
                 names = [values[k] for k in ("model_a", "model_b", "model_c")]
                 updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
+            elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
+                updates.append(_skip())  # the merge used no block weights: keep what the fields hold
             elif key == "inex_blocks":
                 choices = uv.inex_choices(values["block_type"])
                 updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))

@@ -277,3 +277,43 @@ def test_merge_to_file_in_the_browser(app, browser):
     assert "Block weights for alpha have 25 values; give 26" in message
     assert "Traceback" not in browser.page_source
     assert not (app["models"] / "bad_merge.safetensors").exists()
+
+
+def test_load_settings_and_sdxl_block_type_in_the_browser(app, browser):
+    tab = Tab(browser)
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 60, "the tab")
+    tab.choose("bm_model_a", "model_b.safetensors")
+    tab.choose("bm_model_b", "model_a.safetensors")
+    tab.radio("bm_mode", "Weight sum")
+    tab.type_number("bm_alpha", "0.3")
+    tab.open_accordion("bm_options", "#bm_custom_name")
+    tab.type_text("bm_custom_name", "second_merge")
+    tab.click("#bm_save_file")
+    message = tab.wait_message("second_merge")
+    assert "Saved" in message and (app["models"] / "second_merge.safetensors").is_file()
+
+    # a fresh page: "load settings from merge ID" -1 fills the controls from the history
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_load_settings").is_displayed(), 60, "the tab")
+    tab.click("#bm_load_settings")
+    tab.wait_message("Loaded the settings of merge -1")
+    assert tab.el("#bm_model_a input").get_attribute("value") == "model_b.safetensors"
+    assert tab.el("#bm_model_b input").get_attribute("value") == "model_a.safetensors"
+    assert tab.el('#bm_mode input[value="Weight sum"]').is_selected()
+    assert tab.el("#bm_alpha input[type=number]").get_property("value") == "0.3"
+
+    # SDXL block type: 20 values in the text, the six SDXL-less sliders hidden, 20 points in the chart
+    tab.click("#bm_use_mbw input")
+    tab.radio("bm_block_type", "SDXL")
+    wait_until(lambda: len(tab.text("bm_weights_alpha").split(",")) == 20, 10, "20 weights")
+    wait_until(lambda: not tab.el("#bm_w_IN10").is_displayed() and not tab.el("#bm_w_OUT09").is_displayed(), 10,
+               "IN09-IN11 and OUT09-OUT11 hidden")
+    assert tab.el("#bm_w_IN08").is_displayed() and tab.el("#bm_w_OUT08").is_displayed()
+    wait_until(lambda: len(tab.el("#bm_chart").find_elements("css selector", "circle")) == 20, 10, "20 points")
+    # these models are SD1: the merge refuses the 20-value layout with a message in the page
+    tab.click("#bm_save_file")
+    assert "this model is SD1 and needs 26" in tab.wait_message("Error")
+    tab.radio("bm_block_type", "SD1")
+    wait_until(lambda: len(tab.text("bm_weights_alpha").split(",")) == 26, 10, "26 weights again")
+    wait_until(lambda: tab.el("#bm_w_IN10").is_displayed(), 10, "IN10 shown again")
