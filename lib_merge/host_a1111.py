@@ -269,9 +269,10 @@ class A1111Host:
             finally:
                 self._rehijack(m)
         self._adopt(m, info, base)
-        if any(k.startswith(TEXT_PARTS) for k in wanted):
-            self._refresh_empty_prompt(m)
-        script_callbacks.model_loaded_callback(m)
+        if not rebuild:  # load_model did both already
+            if any(k.startswith(TEXT_PARTS) for k in wanted):
+                self._refresh_empty_prompt(m)
+            script_callbacks.model_loaded_callback(m)
         devices.torch_gc()
 
     def _load_in_place(self, m, wanted: dict, live: dict) -> None:
