@@ -317,3 +317,11 @@ def test_load_settings_and_sdxl_block_type_in_the_browser(app, browser):
     tab.radio("bm_block_type", "SD1")
     wait_until(lambda: len(tab.text("bm_weights_alpha").split(",")) == 26, 10, "26 weights again")
     wait_until(lambda: tab.el("#bm_w_IN10").is_displayed(), 10, "IN10 shown again")
+
+    # inspect a model (the standalone app's view of lib_merge.inspect.describe)
+    tab.open_accordion("bm_inspect_acc", "#bm_inspect_model")
+    tab.click("#bm_refresh")  # the merge saved above joins the model lists
+    tab.choose("bm_inspect_model", "second_merge.safetensors")
+    tab.click("#bm_inspect")
+    wait_until(lambda: "Architecture: SD1" in tab.text("bm_inspect_out"), 30, "the description")
+    assert "sd_merge_recipe" in tab.text("bm_inspect_out")

@@ -442,3 +442,60 @@ def test_errors_become_messages_not_tracebacks(folder, caplog):
     assert out[0] == "Error: Block weights for alpha have 25 values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11) " \
                      "or, for SDXL, 20 (BASE, IN00-IN08, M00, OUT00-OUT08)."
     assert error_message(MergeError("x")) == "Error: x"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the standalone app's command line
+
+
+def _run_cli(*args, timeout=60):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "lib_merge", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_ui_command_refuses_a_missing_folder(tmp_path):
+    result = _run_cli("ui", "--models", str(tmp_path / "nothing"), "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: Models folder {tmp_path / 'nothing'} does not exist."
+
+
+def test_demo_ui_serves_the_tab(tmp_path):
+    """`python -m lib_merge demo --ui` makes the demo models and serves the tab on them."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    log = (tmp_path / "demo.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "lib_merge", "demo", "--ui", "--keep", str(tmp_path / "demo"),
+                             "--port", str(port)], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                    config = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < end, "the app did not start"
+                time.sleep(0.5)
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert {"bm_save_file", "bm_chart", "bm_w_OUT11", "bm_inspect"} <= ids
+        names = next(c["props"]["choices"] for c in config["components"] if c["props"].get("elem_id") == "bm_model_a")
+        flat = [n if isinstance(n, str) else n[0] for n in names]
+        assert {"model_a.safetensors", "model_b.safetensors", "base.safetensors"} <= set(flat)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
