@@ -21,7 +21,9 @@ from .core.errors import MergeError
 from .core.history import History
 from .core.kernels import CALC_MODES, MERGE_MODES, WEIGHT_SUM
 from .core.weights import ADJUST_NAMES, INEX_MODES
+from .core.xyz import AXIS_TYPES
 from .host import model_choices
+from .plot import run_plot
 from .service import MergeService
 from .ui_chart import weights_svg
 
@@ -35,8 +37,15 @@ RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta",
 SAVE_KEYS = ("save_flags", "save_dtype", "bake_vae", "custom_name")
 GEN_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "gen_seed",
             "batch_size")
-ACTION_KEYS = RECIPE_KEYS + SAVE_KEYS + GEN_KEYS
+PLOT_KEYS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values")
+ACTION_KEYS = RECIPE_KEYS + SAVE_KEYS + GEN_KEYS + PLOT_KEYS
 HISTORY_LIMIT = 50
+XYZ_HELP = (
+    "Values: numbers or names separated by commas (`0.2, 0.5, 0.8`); `mbw alpha`/`adjust`/`prompt`: one per line; "
+    "`elemental`: texts separated by blank lines; `pinpoint blocks`: cells of blocks such as `IN01 OUT02, "
+    "IN03-IN05, NOT BASE`, with ratios from an `alpha` axis; `seed` -1 draws one seed. Each distinct merge is made "
+    "once; cells that change only the seed or prompt reuse it. Stop keeps the finished cells."
+)
 
 
 def error_message(e: BaseException) -> str:
@@ -128,6 +137,17 @@ class Handlers:
         with self.host.lock(), self.host.job(TITLE):
             result = self.service.save_loaded(name, options, flags["overwrite"], flags["safetensors"])
         return ActionResult(self._saved(result))
+
+    def plot(self, values: dict[str, Any]) -> ActionResult:
+        """The tab's X/Y/Z plot: grids in the gallery, the cells' merges loaded one after another."""
+        if self.host.generation_unavailable:
+            raise MergeError(f"X/Y/Z plots generate images: {self.host.generation_unavailable}")
+        specs = [(values.get(f"{axis}_type") or "none", values.get(f"{axis}_values") or "") for axis in "xyz"]
+        request = uv.request_from_values(*(values.get(k) for k in GEN_KEYS))
+        with self.host.lock(), self.host.job(f"{TITLE}: X/Y/Z plot"):
+            result = run_plot(self.service, self.recipe(values), request, specs)
+        saved = "".join(f"\nSaved {path}" for path in result.saved)
+        return ActionResult(result.message() + saved, list(result.grids), None)
 
     def restore(self, values: dict[str, Any]) -> ActionResult:
         with self.host.lock(), self.host.job(TITLE):
@@ -316,6 +336,17 @@ def build_tab(service: MergeService) -> gr.Blocks:
                         w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
                         w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
 
+                with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
+                    for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
+                        with gr.Row(equal_height=True):
+                            w[f"{axis}_type"] = gr.Dropdown(list(AXIS_TYPES), value=default,
+                                                            label=f"{axis.upper()} type", elem_id=f"bm_{axis}_type",
+                                                            scale=1, min_width=140)
+                            w[f"{axis}_values"] = gr.Textbox(label=f"{axis.upper()} values", lines=1, max_lines=8,
+                                                             elem_id=f"bm_{axis}_values", scale=3)
+                    gr.Markdown(XYZ_HELP, elem_id="bm_xyz_help")
+                    plot_btn = gr.Button("Run X/Y/Z plot", elem_id="bm_xyz_run", interactive=not gen_off)
+
             with gr.Column(scale=2, min_width=360):
                 with gr.Row():
                     merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge", min_width=90,
@@ -369,7 +400,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
         _wire(h, w, block_sliders, adjust_sliders, preset, chart, calc_note, message, loaded, gallery, infotext,
               history, search_words, search_mode, merge_id, inspect_model, inspect_out,
               dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn, stop=stop_btn,
-                   file=file_btn, save=save_btn, restore=restore_btn, load=load_btn, search=search_btn,
+                   file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn, load=load_btn, search=search_btn,
                    inspect=inspect_btn))
     return tab
 
@@ -393,7 +424,8 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     action_outputs = [message, gallery, infotext, loaded, history]
 
     for name, method in (("merge", h.merge), ("merge_gen", h.merge_and_generate), ("generate", h.generate),
-                         ("file", h.save_to_file), ("save", h.save_current), ("restore", h.restore)):
+                         ("file", h.save_to_file), ("save", h.save_current), ("restore", h.restore),
+                         ("plot", h.plot)):
         buttons[name].click(make_action(h, method), action_inputs, action_outputs)
     buttons["stop"].click(_guard(h.stop, lambda msg: msg), None, message, queue=False)
 
@@ -538,7 +570,8 @@ def handler_values(**values: Any) -> dict[str, Any]:
                     inex="Off", inex_blocks=[], inex_elements="", gamma=0.3, seed=-1,
                     save_flags=list(uv.DEFAULT_SAVE_FLAGS), save_dtype="keep", bake_vae=uv.NO_VAE, custom_name="",
                     prompt="", negative_prompt="", steps=0, sampler="", cfg_scale=0, width=0, height=0, gen_seed=-1,
-                    batch_size=1)
+                    batch_size=1, x_type="alpha", x_values="", y_type="none", y_values="", z_type="none",
+                    z_values="")
     unknown = set(values) - set(defaults)
     if unknown:
         raise TypeError(f"unknown widget(s): {', '.join(sorted(unknown))}")

@@ -499,3 +499,30 @@ def test_demo_ui_serves_the_tab(tmp_path):
         proc.terminate()
         proc.wait(15)
         log.close()
+
+
+def test_xyz_plot_button_runs_the_plot_under_the_lock(tmp_path):
+    """The tab's plot over a host that generates: grids come back, one merge per distinct recipe."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from memory_host import MemoryHost
+
+    from lib_merge import synth
+    from lib_merge.service import MergeService
+    from lib_merge.ui import Handlers, handler_values
+
+    a = synth.make_checkpoint(tmp_path / "a.safetensors", "sd1", factor=16, seed=1)
+    synth.make_checkpoint(tmp_path / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)
+    host = MemoryHost(tmp_path, "a.safetensors")
+    handlers = Handlers(MergeService(host, log_merges=False))
+    values = handler_values(model_a="a.safetensors", model_b="b.safetensors", x_type="alpha", x_values="0.2,0.8",
+                            y_type="seed", y_values="1,2")
+    result = handlers.plot(values)
+    assert "4 of 4 cells, 2 merges, 1 grid(s)" in result.message
+    assert len(result.images) == 1 and result.images[0].width > 2 * 64
+    bad = handler_values(model_a="a.safetensors", model_b="b.safetensors", x_type="alpha", x_values="0.2",
+                         y_type="alpha", y_values="0.3")
+    with pytest.raises(MergeError, match="used twice"):
+        handlers.plot(bad)
