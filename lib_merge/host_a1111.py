@@ -27,6 +27,7 @@ from modules import (
     lowvram,
     processing,
     script_callbacks,
+    scripts,
     sd_hijack,
     sd_models,
     sd_unet,
@@ -34,6 +35,8 @@ from modules import (
     shared,
 )
 
+from . import xyz_webui
+from .core.arch import BLOCKS_26, BLOCKS_XL
 from .core.errors import MergeError
 from .core.recipe import Recipe
 from .host import GenerationRequest, GenerationResult, MergeIdentity
@@ -543,12 +546,28 @@ class Extension:
         requested = getattr(p, REQUEST_ATTR, None) or requested
         blank = requested is None or (isinstance(requested, str) and not requested.strip())
         recipe = None if blank else parse_request(requested)[0]
+        blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
+        base = recipe or self.service().committed()
+        recipe = xyz_webui.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
         with self.host.progress_kept():
             self.service().reconcile(recipe)
         identity = self.host.loaded_identity()
         if identity is not None:
             p.extra_generation_params[INFOTEXT_MERGE] = identity.name
             p.extra_generation_params[INFOTEXT_RECIPE] = identity.recipe_json
+
+    # -- axes in the WebUI's X/Y/Z plot ----------------------------------------------------------------------
+
+    def register_xyz_axes(self) -> bool:
+        """Add our axes to the built-in X/Y/Z script (loaded before extensions); idempotent, so the entry script
+        calls it at import (API-only mode builds the UI early) and again in on_before_ui."""
+        xyz = next((d.module for d in scripts.scripts_data
+                    if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")), None)
+        if xyz is None:
+            return False
+        options = xyz_webui.axis_options(xyz, self.host.resolve_model, self.host.list_models,
+                                         lambda: self.service().presets)
+        return xyz_webui.register(xyz, options)
 
     # -- API handlers (outside generations: they take the queue lock) -----------------------------------------
 

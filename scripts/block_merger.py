@@ -74,6 +74,8 @@ class BlockMergerScript(scripts.Script):
         EXTENSION.before_process(p, recipe)
 
 
+EXTENSION.register_xyz_axes()  # the built-in xyz_grid script is loaded before extensions
+script_callbacks.on_before_ui(EXTENSION.register_xyz_axes)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(EXTENSION.add_settings)
 script_callbacks.on_app_started(on_app_started)
