@@ -3,9 +3,12 @@
     python bench/smooth_speed.py                  # the five reference shapes, 1 and 2 threads
     python bench/smooth_speed.py --threads 1      # one thread count only
     python bench/smooth_speed.py --model          # every distinct SD1.5 shape, timed once, weighted by its count
+    python bench/smooth_speed.py --clock cpu --threads 1   # CPU time: steadier when other jobs share the machine
 
-Times are wall clock, best of --repeat runs; the seed column is always single-threaded scipy (as the seed runs). Other
-jobs on the machine change absolute numbers: compare the ratios of one run, and rerun. `median` compares
+Times are best of --repeat runs, wall clock by default; the seed column is always single-threaded scipy (as the seed
+runs). Other jobs on the machine change wall-clock numbers: compare the ratios of one run, and rerun; with --clock cpu
+the process's CPU time is measured instead, which for one thread is the work done whatever the load (for several
+threads it is their total, showing the threading overhead, not the speed-up). `median` compares
 scipy.ndimage.median_filter with median3; `smooth` compares the whole gaussian(median(x)) with smoothing.smooth.
 Every result is checked bit for bit against scipy's.
 """
@@ -32,12 +35,15 @@ from lib_merge.core import smoothing  # noqa: E402
 SHAPES = [(320, 320, 3, 3), (640, 640, 3, 3), (1280, 1280, 3, 3), (1280, 1280), (49408, 768)]
 
 
+CLOCK = time.perf_counter
+
+
 def best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times)
 
 
@@ -94,7 +100,11 @@ def main():
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", action="store_true", help="every SD1.5 shape once, totals weighted by key count")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"clock: {args.clock}; torch {torch.__version__}, {torch.get_num_threads()} torch threads by default")
     rng = np.random.default_rng(0)
     if not args.model:
         rows = []
