@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch
 from .errors import MergeCancelled, MergeError
 from .recipe import Recipe, check_extract_ratios
@@ -295,6 +295,7 @@ class KeyMerger:
         self.recipe = plan.recipe
         self.uses_b = plan.recipe.calc_mode.uses_b
         self.device = device  # None: compute on the CPU in reusable buffers; else move each key's inputs there
+        self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -368,7 +369,7 @@ class KeyMerger:
         if calc == "trainDifference":
             return None if torch.equal(b, c) else kernels.train_difference(a, b, c, alpha)
         if calc in ("smoothAdd", "smoothAdd MT"):
-            return kernels.smooth_add(a, b, c, alpha)
+            return kernels.smooth_add(a, b, c, alpha, self.smoothing)
         if calc == "extract":
             return kernels.extract(a, b, c, alpha, beta, r.gamma)
         if calc in ("tensor", "tensor2"):

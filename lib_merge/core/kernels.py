@@ -11,9 +11,10 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
+
+from . import smoothing
 
 WEIGHT_SUM, ADD_DIFF, TRIPLE_SUM, SUM_TWICE = "Weight sum", "Add difference", "Triple sum", "sum Twice"
 MERGE_MODES = (WEIGHT_SUM, ADD_DIFF, TRIPLE_SUM, SUM_TWICE)
@@ -153,17 +154,11 @@ def train_difference(a, b, c, alpha: float) -> torch.Tensor:
     return a.float() + diff * scale * (alpha * 1.8)
 
 
-def smooth(diff: torch.Tensor) -> torch.Tensor:
-    """N-dimensional median filter (size 3) then gaussian (sigma 1), both with scipy's default 'reflect' edges."""
-    if diff.dim() == 0:
-        return diff.float()
-    array = diff.float().cpu().numpy()
-    smoothed = scipy.ndimage.gaussian_filter(scipy.ndimage.median_filter(array, size=3), sigma=1)
-    return torch.from_numpy(smoothed).to(diff.device)
-
-
-def smooth_add(a, b, c, alpha: float) -> torch.Tensor:
-    return a.float() + alpha * smooth(b.float() - c.float())
+def smooth_add(a, b, c, alpha: float, workers: smoothing.Workers | None = None) -> torch.Tensor:
+    """A + α·gaussian(median(B-C)): N-dimensional median filter (size 3) then gaussian (sigma 1), scipy's 'reflect'
+    edges; `smoothing` computes exactly scipy's result (one thread per key: the engine runs keys on all cores)."""
+    diff = b.float() - c.float()
+    return a.float() + alpha * smoothing.smooth(diff, threads=1, workers=workers).to(diff.device)
 
 
 def extract(a, b, c, alpha: float, beta: float, gamma: float) -> torch.Tensor:

@@ -63,7 +63,7 @@ _TARGET_POSITIONS = 1 << 16
 _MAX_CHANNELS = 64  # more (unusually shaped tensors with three or more long axes) goes to scipy, identical anyway
 _GAUSS_MARGIN = 4  # rows read either side by scipy's gaussian: int(truncate 4.0 * sigma 1 + 0.5)
 _GAUSS_BAND = 1 << 18  # fewest elements per gaussian band
-_MAX_IDLE_WORKERS = 4  # kept between calls; more concurrent workers are dropped after use
+_MAX_IDLE_WORKERS = 4  # kept by a Workers pool between calls; more concurrent workers are dropped after use
 _PROGRAMS_PER_WORKER = 8  # programs are views into the worker's buffers (~8 MB of Python objects each)
 
 # ------------------------------------------------------------------------------------------------ symbolic networks
@@ -358,31 +358,29 @@ class _Worker:
         return prog
 
 
-_IDLE: list[_Worker] = []
-_IDLE_LOCK = threading.Lock()
+class Workers:
+    """A pool of idle workers (buffers and programs) reused between calls: one per merge run, so consecutive keys
+    reuse the same ~25 MB buffers instead of touching fresh memory; dropped with the pool."""
 
+    def __init__(self, max_idle: int = _MAX_IDLE_WORKERS):
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._max_idle = max_idle
 
-def _acquire() -> _Worker:
-    with _IDLE_LOCK:
-        return _IDLE.pop() if _IDLE else _Worker()
+    def acquire(self) -> _Worker:
+        with self._lock:
+            return self._idle.pop() if self._idle else _Worker()
 
-
-def _release(worker: _Worker):
-    with _IDLE_LOCK:
-        if len(_IDLE) < _MAX_IDLE_WORKERS:
-            _IDLE.append(worker)
-
-
-def release_buffers():
-    """Drop the idle workers (each ~25 MB of buffers plus its programs' views); they are made again when needed."""
-    with _IDLE_LOCK:
-        _IDLE.clear()
+    def release(self, worker: _Worker) -> None:
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(worker)
 
 
 # ------------------------------------------------------------------------------------------------ public functions
 
 
-def _median_planes(x: np.ndarray, inner: tuple[int, ...], threads: int) -> np.ndarray:
+def _median_planes(x: np.ndarray, inner: tuple[int, ...], threads: int, workers: Workers) -> np.ndarray:
     """Median of x [n0, n1, C] (C = prod(inner) channels, the flattened short axes); n0, n1 >= 2."""
     n0, n1, _ = x.shape
     rows = max(2, min(n0 + n0 % 2, _TARGET_POSITIONS // (n1 + 3) // 2 * 2))
@@ -392,13 +390,13 @@ def _median_planes(x: np.ndarray, inner: tuple[int, ...], threads: int) -> np.nd
     threads = max(1, min(threads, len(spans)))
 
     def work(part):
-        worker = _acquire()
+        worker = workers.acquire()
         try:
             prog = worker.program(inner, rows, n1, x.dtype)
             for r0, keep in part:
                 prog.run(x, y, r0, keep)
         finally:
-            _release(worker)
+            workers.release(worker)
 
     if threads == 1:
         work(spans)
@@ -426,7 +424,7 @@ def _median_1d(x: np.ndarray) -> np.ndarray:
     return np.maximum(np.minimum(a, x), np.minimum(np.maximum(a, x), c))
 
 
-def _median_array(x: np.ndarray, threads: int) -> np.ndarray:
+def _median_array(x: np.ndarray, threads: int, workers: Workers) -> np.ndarray:
     shape = x.shape
     if x.size == 0:
         return x.copy()
@@ -444,14 +442,15 @@ def _median_array(x: np.ndarray, threads: int) -> np.ndarray:
     perm = outer + inner_axes
     moved = core.transpose(perm)
     planes = np.ascontiguousarray(moved).reshape(moved.shape[0], moved.shape[1], -1)
-    result = _median_planes(planes, inner, threads).reshape(moved.shape)
+    result = _median_planes(planes, inner, threads, workers).reshape(moved.shape)
     return np.ascontiguousarray(result.transpose(np.argsort(perm))).reshape(shape)
 
 
-def median3(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def median3(x: torch.Tensor, threads: int | None = None, workers: Workers | None = None) -> torch.Tensor:
     """scipy.ndimage.median_filter(x, size=3) (mode 'reflect', every axis), exactly, as a new CPU tensor.
 
     threads: worker threads (default torch.get_num_threads()); pass 1 where the caller already runs one per core.
+    workers: a pool to reuse buffers across calls (default: a fresh one for this call).
     fp16/bf16 are filtered in fp32 and rounded back, which is exact (the median is one of the values).
     """
     x = x.detach().cpu()
@@ -459,7 +458,7 @@ def median3(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     if dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     threads = torch.get_num_threads() if threads is None else threads
-    result = torch.from_numpy(_median_array(x.numpy(), max(1, threads)))
+    result = torch.from_numpy(_median_array(x.numpy(), max(1, threads), workers or Workers()))
     return result.to(dtype) if result.dtype != dtype else result
 
 
@@ -495,13 +494,13 @@ def _gaussian(m: np.ndarray, threads: int) -> np.ndarray:
     return out
 
 
-def smooth(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def smooth(x: torch.Tensor, threads: int | None = None, workers: Workers | None = None) -> torch.Tensor:
     """gaussian_filter(median_filter(x, size=3), sigma=1) in fp32, bit-identical to the scipy pipeline.
 
-    threads: as for median3 (default torch.get_num_threads()).
+    threads, workers: as for median3.
     """
     x = x.detach().cpu().float()
     if x.dim() == 0 or x.numel() == 0:
         return x.clone()
     threads = max(1, torch.get_num_threads() if threads is None else threads)
-    return torch.from_numpy(_gaussian(_median_array(x.numpy(), threads), threads))
+    return torch.from_numpy(_gaussian(_median_array(x.numpy(), threads, workers or Workers()), threads))
