@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .core.engine import ScratchPool
 from .core.xyz import Axis, Cell, GenParams, axis_label, draw_grid, merge_order, parse_axis, plan_cells
 from .host import GenerationRequest
 from .service import MergeService
@@ -56,12 +57,13 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
     cells = plan_cells(base_recipe, gen, axes, arch, service.presets)
     images: dict[tuple[int, int, int], Image.Image] = {}
     merges, done, stopped = 0, 0, False
+    scratch = ScratchPool()  # buffers kept from cell to cell: a small re-merge touches no fresh memory
     try:
         for group in merge_order(cells):
             if host.interrupted():
                 stopped = True
                 break
-            outcome = service.merge_and_load(group[0].recipe, commit=False)
+            outcome = service.merge_and_load(group[0].recipe, commit=False, scratch=scratch)
             merges += 1
             for cell in group:
                 if host.interrupted():

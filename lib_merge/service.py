@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
-from .core.engine import DictSink, MergePlan, Models, changed_jobs, plan_merge, run_merge
+from .core.engine import DictSink, MergePlan, Models, ScratchPool, changed_jobs, plan_merge, run_merge
 from .core.errors import MergeError
 from .core.hashes import HashCache
 from .core.history import History
@@ -101,7 +101,7 @@ class MergeService:
 
     def merge_and_load(self, recipe: Recipe, name: str = "", cancel: Callable[[], bool] | None = None,
                        progress: Callable[[int, int], None] | None = None, log: bool = True,
-                       commit: bool = True) -> MergeOutcome:
+                       commit: bool = True, scratch: ScratchPool | None = None) -> MergeOutcome:
         """Merge into the loaded model (only the keys that differ from the merge already loaded).
 
         `commit=False` marks a transient merge (an X/Y/Z cell, an API request for one generation): the next
@@ -118,7 +118,8 @@ class MergeService:
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Merging"))
             device = check_device(self.device)
-            state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device) if todo.jobs else {}
+            state = (run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch)
+                     if todo.jobs else {})
             identity = identity_of(plan, name)
             self.host.load_weights(state, identity)
             self._loaded = plan

@@ -72,3 +72,20 @@ def test_other_models_need_a_full_merge(models):
     with pytest.raises(ValueError, match="full merge"):
         changed_jobs(plan_merge(Recipe("A", "B"), models),
                      plan_merge(Recipe("A", "B", "C", mode="Add difference"), models))
+
+
+def test_scratch_pool_reuses_buffers_between_runs(models):
+    from lib_merge.core.engine import ScratchPool
+
+    pool = ScratchPool()
+    old = Recipe("A", "B", "C", mode="Add difference", weights_alpha=weights())
+    new = Recipe("A", "B", "C", mode="Add difference", weights_alpha=weights(OUT04="0.9"))
+    old_plan, new_plan = plan_merge(old, models), plan_merge(new, models)
+    live = run_merge(old_plan, models, DictSink(), threads=1, scratch=pool)
+    (first,) = pool._idle
+    pointers = {slot: buf.data_ptr() for slot, buf in first._buffers.items()}
+    run_merge(changed_jobs(old_plan, new_plan), models, TensorSink(live), threads=1, scratch=pool)
+    (again,) = pool._idle
+    assert again is first and {slot: buf.data_ptr() for slot, buf in again._buffers.items()} == pointers
+    expected = full(new, models)
+    assert all(torch.equal(live[k], expected[k]) for k in expected)

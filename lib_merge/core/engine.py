@@ -261,21 +261,46 @@ def _check_cancel(cancel: Cancel | None) -> None:
 
 class Scratch:
     """One worker's reusable buffers. Touching fresh memory (page faults) costs more than the merge arithmetic,
-    so each key is read and computed in buffers that are allocated once per run and reused for every key."""
+    so each key is read and computed in buffers that are allocated once and reused for every key."""
 
-    def __init__(self, sizes: dict[str, int]):
-        self._sizes = sizes
+    def __init__(self, sizes: dict[str, int] | None = None):
+        self._sizes = dict(sizes or {})
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def resize(self, sizes: dict[str, int]) -> None:
+        """Prepare for a run whose largest keys need `sizes`; buffers big enough are kept."""
+        self._sizes = dict(sizes)
 
     def raw(self, slot: str) -> torch.Tensor:
         buf = self._buffers.get(slot)
-        if buf is None:
-            buf = self._buffers[slot] = torch.empty(max(self._sizes[slot], 1), dtype=torch.uint8)
+        need = max(self._sizes.get(slot, 0), 1)
+        if buf is None or buf.numel() < need:
+            self._buffers.pop(slot, None)  # free the small one before touching the new one
+            buf = self._buffers[slot] = torch.empty(need, dtype=torch.uint8)
         return buf
 
     def tensor(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         count = math.prod(shape)
         return self.raw(slot)[: count * dtype.itemsize].view(dtype).view(shape)
+
+
+class ScratchPool:
+    """Scratch buffers shared by consecutive runs (the cells of an X/Y/Z plot), so that a small re-merge touches no
+    fresh memory; the buffers are freed with the pool."""
+
+    def __init__(self):
+        self._idle: list[Scratch] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, sizes: dict[str, int]) -> Scratch:
+        with self._lock:
+            scratch = self._idle.pop() if self._idle else Scratch()
+        scratch.resize(sizes)
+        return scratch
+
+    def release(self, scratch: Scratch) -> None:
+        with self._lock:
+            self._idle.append(scratch)
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -386,14 +411,18 @@ def default_threads(plan: MergePlan) -> int:
 
 
 def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
-              cancel: Cancel | None = None, threads: int | None = None, device: str | None = None) -> object:
+              cancel: Cancel | None = None, threads: int | None = None, device: str | None = None,
+              scratch: ScratchPool | None = None) -> object:
     """Run every job of `plan` into `sink`; on cancel or error the sink is aborted and nothing is kept.
 
     Workers take jobs in order, each with its own scratch buffers, and hand every finished tensor to the sink
     at once (sinks accept keys in any order); progress is reported after every key. With a `device` ("cuda"),
     each merged key's inputs are moved there, computed, and the result copied back into the CPU destination.
+    `scratch` keeps the workers' buffers for the next run (default: they are freed with this run).
     """
     threads = max(1, threads or default_threads(plan))
+    buffers = scratch or ScratchPool()
+    taken: list[Scratch] = []
     try:
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
@@ -405,10 +434,11 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
 
         def work(job: Job) -> None:
             _check_cancel(cancel)
-            scratch = getattr(local, "scratch", None)
-            if scratch is None:
-                scratch = local.scratch = Scratch(sizes)
-            sink.put(job.key, merger(job, sink.target(job.key), scratch))
+            mine = getattr(local, "scratch", None)
+            if mine is None:
+                mine = local.scratch = buffers.acquire(sizes)
+                taken.append(mine)
+            sink.put(job.key, merger(job, sink.target(job.key), mine))
 
         total = len(plan.jobs)
         if threads == 1:
@@ -431,6 +461,9 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
     except BaseException:
         sink.abort()
         raise
+    finally:
+        for mine in taken:
+            buffers.release(mine)
 
 
 ALIGN = 64  # bytes; every tensor carved from an arena starts on a cache line (and on its element size)
