@@ -401,22 +401,28 @@ def _median_planes(x: np.ndarray, inner: tuple[int, ...], threads: int, workers:
     if threads == 1:
         work(spans)
     else:
-        errors = []
-
-        def guarded(part):
-            try:
-                work(part)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-
-        pool = [threading.Thread(target=guarded, args=(spans[i::threads],)) for i in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        if errors:
-            raise errors[0]
+        _in_threads(work, [(spans[i::threads],) for i in range(threads)])
     return y
+
+
+def _in_threads(target, arguments: list[tuple]) -> None:
+    """Run target(*args) for each args in its own thread (the GIL is released inside numpy/scipy); the first
+    exception is re-raised in the caller's thread."""
+    errors: list[BaseException] = []
+
+    def guarded(*args):
+        try:
+            target(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=args) for args in arguments]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _median_1d(x: np.ndarray) -> np.ndarray:
@@ -475,22 +481,11 @@ def _gaussian(m: np.ndarray, threads: int) -> np.ndarray:
         return scipy.ndimage.gaussian_filter(m, sigma=1)
     out = np.empty_like(m)
     bounds = [n0 * i // threads for i in range(threads + 1)]
-    errors = []
-
     def band(lo, hi):
-        try:
-            start, stop = max(0, lo - _GAUSS_MARGIN), min(n0, hi + _GAUSS_MARGIN)
-            out[lo:hi] = scipy.ndimage.gaussian_filter(m[start:stop], sigma=1)[lo - start:hi - start]
-        except BaseException as exc:  # re-raised in the caller's thread
-            errors.append(exc)
+        start, stop = max(0, lo - _GAUSS_MARGIN), min(n0, hi + _GAUSS_MARGIN)
+        out[lo:hi] = scipy.ndimage.gaussian_filter(m[start:stop], sigma=1)[lo - start:hi - start]
 
-    pool = [threading.Thread(target=band, args=(bounds[i], bounds[i + 1])) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    if errors:
-        raise errors[0]
+    _in_threads(band, [(bounds[i], bounds[i + 1]) for i in range(threads)])
     return out
 
 
