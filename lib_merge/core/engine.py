@@ -333,14 +333,14 @@ class KeyMerger:
 
     def scratch_sizes(self) -> dict[str, int]:
         """Bytes each scratch slot needs for the largest key of this plan."""
-        sizes = {"a": 0, "b": 0, "c": 0, "fp32": 0, "out": 0}
+        sizes = {"a": 0, "b": 0, "c": 0, "fp32": 0, "fp32b": 0, "out": 0}
         for job in self.plan.jobs:
             src = self.source(job)
             nbytes = math.prod(src.shape(job.key)) * src.dtype(job.key).itemsize
             sizes["out"] = max(sizes["out"], nbytes)
             if job.kind == MERGE:
                 sizes["a"] = max(sizes["a"], nbytes)
-                sizes["fp32"] = max(sizes["fp32"], math.prod(src.shape(job.key)) * 4)
+                sizes["fp32"] = sizes["fp32b"] = max(sizes["fp32"], math.prod(src.shape(job.key)) * 4)
                 for slot, other in (("b", self.models.b if self.uses_b else None),
                                     ("c", self.models.c if self.recipe.uses_c else None)):
                     if other is not None:
@@ -366,8 +366,11 @@ class KeyMerger:
         if self.device is not None:
             a, b, c = (t.to(self.device) if t is not None else None for t in (a, b, c))
         elif self.recipe.calc == "normal" and not job.channels and not adjusted:
-            tmp = scratch.tensor("fp32", torch.float32, tuple(full.shape))
-            return kernels.normal(self.recipe.mode, a, b, c, job.alpha, job.beta, out=out, tmp=tmp)
+            work = None
+            if self.recipe.mode != kernels.WEIGHT_SUM:  # Weight sum lerps straight into `out`
+                work = kernels.Fp32(scratch.tensor("fp32", torch.float32, tuple(full.shape)),
+                                    scratch.tensor("fp32b", torch.float32, tuple(full.shape)))
+            return kernels.normal(self.recipe.mode, a, b, c, job.alpha, job.beta, out=out, work=work)
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         result = self._compute(job, a, b, c)

@@ -60,9 +60,23 @@ CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
 )}
 
 
-def _fp32(x: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
-    """An fp32 copy of `x` that may be modified (written into `tmp` when a reusable buffer is given)."""
-    return x.to(torch.float32, copy=True) if tmp is None else tmp.copy_(x)
+class Fp32:
+    """fp32 working copies for one key: in two reusable buffers when given (no fresh memory, and no hidden
+    conversion copies, which torch makes when an fp32 tensor meets an fp16 operand), else newly allocated. Both ways
+    run the same operations, so the bits are the same."""
+
+    def __init__(self, tmp: torch.Tensor | None = None, tmp2: torch.Tensor | None = None):
+        self.tmp, self.tmp2 = tmp, tmp2
+
+    def acc(self, x: torch.Tensor) -> torch.Tensor:
+        """The accumulator: an fp32 copy of x that may be modified."""
+        return x.to(torch.float32, copy=True) if self.tmp is None else self.tmp.copy_(x)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """x as fp32 for one operation (reuses the second buffer, so use it before asking for the next)."""
+        if x.dtype == torch.float32:
+            return x
+        return x.float() if self.tmp2 is None else self.tmp2.copy_(x)
 
 
 def _emit(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -84,33 +98,43 @@ def weight_sum(a, b, alpha: float, out=None) -> torch.Tensor:
     return _emit(torch.lerp(a.float(), b.float(), alpha), out)
 
 
-def add_difference(a, b, c, alpha: float, out=None, tmp=None) -> torch.Tensor:
-    """A + α(B-C): B-C in fp32, then one fused add rounded once into the output dtype."""
-    diff = _fp32(b, tmp).sub_(c)
-    return torch.add(a, diff, alpha=alpha, out=out)
+def _finish(acc: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return acc if out is None else out.copy_(acc)
 
 
-def triple_sum(a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
+def add_difference(a, b, c, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
+    """A + α(B-C), in fp32, rounded once into the output."""
+    work = work or Fp32()
+    acc = work.acc(b)
+    acc.sub_(work.operand(c)).mul_(alpha)
+    return _finish(acc.add_(work.operand(a)), out)
+
+
+def triple_sum(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
     """A(1-α-β) + Bα + Cβ, in fp32."""
-    acc = _fp32(a, tmp).mul_(1 - alpha - beta).add_(b, alpha=alpha)
-    return torch.add(acc, c, alpha=beta, out=out)
+    work = work or Fp32()
+    acc = work.acc(a).mul_(1 - alpha - beta)
+    acc.add_(work.operand(b), alpha=alpha)
+    return _finish(acc.add_(work.operand(c), alpha=beta), out)
 
 
-def sum_twice(a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
+def sum_twice(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
     """(A(1-α)+Bα)(1-β)+Cβ, in fp32."""
-    acc = _fp32(a, tmp).mul_(1 - alpha).add_(b, alpha=alpha).mul_(1 - beta)
-    return torch.add(acc, c, alpha=beta, out=out)
+    work = work or Fp32()
+    acc = work.acc(a).mul_(1 - alpha)
+    acc.add_(work.operand(b), alpha=alpha).mul_(1 - beta)
+    return _finish(acc.add_(work.operand(c), alpha=beta), out)
 
 
-def normal(mode: str, a, b, c, alpha: float, beta: float, out=None, tmp=None) -> torch.Tensor:
-    """The merge mode's own formula; `out`/`tmp` are optional reusable buffers (the result lands in `out`)."""
+def normal(mode: str, a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
+    """The merge mode's own formula; `out` and `work` are optional reusable buffers (the result lands in `out`)."""
     if mode == WEIGHT_SUM:
         return weight_sum(a, b, alpha, out)
     if mode == ADD_DIFF:
-        return add_difference(a, b, c, alpha, out, tmp)
+        return add_difference(a, b, c, alpha, out, work)
     if mode == TRIPLE_SUM:
-        return triple_sum(a, b, c, alpha, beta, out, tmp)
-    return sum_twice(a, b, c, alpha, beta, out, tmp)
+        return triple_sum(a, b, c, alpha, beta, out, work)
+    return sum_twice(a, b, c, alpha, beta, out, work)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
