@@ -223,15 +223,16 @@ def op_ours_remerge(spec):
     import torch
     from seed_ref import BLOCKS_26, block_sd1
 
-    from lib_merge.core.engine import TensorSink, changed_jobs, plan_merge, run_merge
+    from lib_merge.core.engine import ScratchPool, TensorSink, changed_jobs, plan_merge, run_merge
 
     _import_ours()
     live = _preload_live(spec["a"])
+    pool = ScratchPool()  # as an X/Y/Z plot does: buffers kept from merge to merge
     weights = [float(w) for w in spec["weights"].split(",")]
     t0, c0 = time.perf_counter(), time.process_time()
     with _open_models(spec) as models:
         plan = plan_merge(_recipe(spec), models)
-        run_merge(plan, models, TensorSink(live))
+        run_merge(plan, models, TensorSink(live), scratch=pool)
     full, cpu = time.perf_counter() - t0, time.process_time() - c0
     remerges = []
     for block in spec["blocks"]:
@@ -241,7 +242,7 @@ def op_ours_remerge(spec):
         with _open_models(new_spec) as models:
             new_plan = plan_merge(_recipe(new_spec), models)
             delta = changed_jobs(plan, new_plan)
-            run_merge(delta, models, TensorSink(live))
+            run_merge(delta, models, TensorSink(live), scratch=pool)
         dt = time.perf_counter() - t0
         numel = sum(live[j.key].numel() for j in delta.jobs if j.key in live)
         remerges.append({"block": block, "time": dt, "jobs": len(delta.jobs), "numel": numel})
