@@ -38,7 +38,7 @@ from modules import (
 from . import xyz_webui
 from .core.arch import BLOCKS_26, BLOCKS_XL
 from .core.errors import MergeError
-from .core.recipe import Recipe
+from .core.recipe import Recipe, json_object
 from .host import GenerationRequest, GenerationResult, MergeIdentity
 from .service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
@@ -471,11 +471,7 @@ def parse_request(data) -> tuple[Recipe, str]:
     """A recipe as the API, txt2img's field and the history give it: a recipe object or its JSON, or
     {"recipe": <that>, "name": "merge name"}."""
     if isinstance(data, (bytes, str)):
-        text = data.decode() if isinstance(data, bytes) else data
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+        data = json_object(data)
     if not isinstance(data, dict):
         raise MergeError("A recipe must be a JSON object.")
     name = ""

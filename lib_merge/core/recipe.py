@@ -130,13 +130,7 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MergeError(f"Recipe is not valid JSON: {e}.") from e
-        if not isinstance(data, dict):
-            raise MergeError("Recipe JSON must be an object.")
-        return cls.from_dict(data)
+        return cls.from_dict(json_object(text))
 
     def fingerprint(self) -> str:
         """A stable hash of the math (models by name, every ratio), for names and caches; `extra` is ignored."""
@@ -167,6 +161,17 @@ def _stem(path: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def json_object(text: str | bytes) -> dict:
+    """A recipe's JSON text decoded, refusing anything but a JSON object with a message a user can act on."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise MergeError("Recipe JSON must be an object.")
+    return data
 
 
 def check_extract_ratios(alpha: float, beta: float, where: str) -> None:
