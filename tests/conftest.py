@@ -165,6 +165,16 @@ def xl_model(seed=0, dtype=torch.float32, base=None, noise=0.3):
     return sd1_model(seed, dtype, base, noise, shapes)
 
 
+def synth_family(folder, family="sd1", factor=16):
+    """Tiny checkpoint files a, b, c in `folder`: B and C are fine-tunes of A (A plus noise), as real models are."""
+    from lib_merge import synth
+
+    a = synth.make_checkpoint(folder / "a.safetensors", family, factor=factor, seed=1)
+    b = synth.make_checkpoint(folder / "b.safetensors", family, factor=factor, seed=2, base=a, noise=0.5)
+    c = synth.make_checkpoint(folder / "c.safetensors", family, factor=factor, seed=3, base=a, noise=0.5)
+    return a, b, c
+
+
 def clone_all(state):
     return {k: v.clone() for k, v in state.items()}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synth_family
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -21,9 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli-models")
-    a = synth.make_checkpoint(folder / "a.safetensors", "sd1", factor=16, seed=1)
-    b = synth.make_checkpoint(folder / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)
-    c = synth.make_checkpoint(folder / "c.safetensors", "sd1", factor=16, seed=3, base=a, noise=0.5)
+    a, b, c = synth_family(folder)
     xl = synth.make_checkpoint(folder / "xl.safetensors", "sdxl", factor=32, seed=4)
     return {"a": a, "b": b, "c": c, "xl": xl, "folder": folder}
 

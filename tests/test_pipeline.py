@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import synth_family
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -22,20 +23,12 @@ from lib_merge.core.recipe import Recipe
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd1")
-    a = synth.make_checkpoint(folder / "a.safetensors", "sd1", factor=16, seed=1)
-    b = synth.make_checkpoint(folder / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)
-    c = synth.make_checkpoint(folder / "c.safetensors", "sd1", factor=16, seed=3, base=a, noise=0.5)
-    return a, b, c
+    return synth_family(tmp_path_factory.mktemp("sd1"))
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl")
-    a = synth.make_checkpoint(folder / "a.safetensors", "sdxl", factor=32, seed=1)
-    b = synth.make_checkpoint(folder / "b.safetensors", "sdxl", factor=32, seed=2, base=a, noise=0.5)
-    c = synth.make_checkpoint(folder / "c.safetensors", "sdxl", factor=32, seed=3, base=a, noise=0.5)
-    return a, b, c
+    return synth_family(tmp_path_factory.mktemp("sdxl"), "sdxl", factor=32)
 
 
 def files_in(folder):

@@ -6,10 +6,10 @@ import random
 import resource
 
 import pytest
+from conftest import synth_family
 from memory_host import MemoryHost, weights_digest
 from PIL import Image
 
-from lib_merge import synth
 from lib_merge.core.arch import Arch
 from lib_merge.core.checkpoint import open_checkpoint
 from lib_merge.core.engine import DictSink, plan_merge, run_merge
@@ -33,9 +33,7 @@ def axis(kind, text, arch=SD1):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    a = synth.make_checkpoint(root / "a.safetensors", "sd1", factor=16, seed=1)
-    synth.make_checkpoint(root / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)
-    synth.make_checkpoint(root / "c.safetensors", "sd1", factor=16, seed=3, base=a, noise=0.5)
+    synth_family(root)
     return root
 
 
