@@ -54,6 +54,9 @@ class MemorySource:
     def get(self, key, out=None):
         return self._tensors[key]
 
+    def get_span(self, key, start, stop, out=None):
+        return self._tensors[key].reshape(-1)[start:stop]
+
 
 def merge(a, b=None, c=None, clone=True, **recipe):
     """Run a merge of plain dicts; returns (plan, state).

@@ -48,6 +48,7 @@ class Checkpoint(Protocol):
     def dtype(self, key: str) -> torch.dtype: ...
     def nbytes(self, key: str) -> int: ...
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     def close(self) -> None: ...
@@ -124,6 +125,12 @@ class _Base:
         return f"<{type(self).__name__} {self._label()} ({len(self)} tensors)>"
 
 
+def _clamp_span(start: int, stop: int, numel: int) -> tuple[int, int]:
+    if not 0 <= start <= stop <= numel:
+        raise IndexError(f"span [{start}, {stop}) is outside a tensor of {numel} elements")
+    return start, stop
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -174,6 +181,18 @@ class SafetensorsCheckpoint(_Base):
             self._read_into(memoryview(buf.numpy()), entry.start, key)
         return buf.view(entry.dtype).reshape(entry.shape)
 
+    def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor (1-D), read like `get`: a merge streams a large tensor
+        through cache-sized pieces this way."""
+        entry = self._entry(key)
+        size = itemsize(entry.dtype)
+        start, stop = _clamp_span(start, stop, _numel(entry.shape))
+        nbytes = (stop - start) * size
+        buf = out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            self._read_into(memoryview(buf.numpy()), entry.start + start * size, key)
+        return buf.view(entry.dtype)
+
     def _read_into(self, view: memoryview, offset: int, key: str) -> None:
         done = 0
         total = len(view)
@@ -215,8 +234,11 @@ class DictCheckpoint(_Base):
     def __init__(self, mapping: Mapping[str, object], name: str = "memory", metadata: Mapping[str, str] | None = None):
         self.path = None
         self.name = name
+        # Spans are views of flat storage, so the rare non-contiguous tensor (a transposed view in an old .ckpt)
+        # is made contiguous once here.
         self._tensors: dict[str, torch.Tensor] = {
-            k: v for k, v in mapping.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+            k: v if v.is_contiguous() else v.contiguous()
+            for k, v in mapping.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
         }
         self._metadata = dict(metadata or {})
 
@@ -239,6 +261,14 @@ class DictCheckpoint(_Base):
         self._check_key(key)
         t = self._tensors[key]
         return t if t.device.type == "cpu" else t.to("cpu")
+
+    def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor: a view of the stored one (moved to the CPU if needed)."""
+        self._check_key(key)
+        t = self._tensors[key]
+        start, stop = _clamp_span(start, stop, t.numel())
+        span = t.view(-1)[start:stop]
+        return span if span.device.type == "cpu" else span.to("cpu")
 
     @property
     def metadata(self) -> dict[str, str]:

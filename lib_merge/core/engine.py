@@ -39,6 +39,9 @@ from .weights import (
 )
 
 COPY_A, COPY_B, MERGE = "a", "b", "merge"
+#: calc modes whose result at each element depends only on the inputs at that element
+PIECEWISE_CALCS = ("normal", "trainDifference", "self")
+PIECE = 1 << 19  # elements streamed at a time: with its fp32 temporaries, a piece stays within the CPU cache
 NEVER_COPY_FROM_B = ("position_ids",)
 
 Progress = Callable[[int, int], None]
@@ -55,6 +58,7 @@ class Source(Protocol):
     def shape(self, key: str) -> tuple[int, ...]: ...
     def dtype(self, key: str) -> torch.dtype: ...
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class Sink(Protocol):
@@ -310,6 +314,15 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor | None:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def _read_into(dest: torch.Tensor, dtype: torch.dtype, read: Callable[[torch.Tensor], torch.Tensor],
+               buffer: torch.Tensor) -> torch.Tensor:
+    """`read(into)` a tensor of `dtype` straight into dest's bytes when the dtypes match, else into `buffer` and
+    cast it into dest."""
+    into = _byte_view(dest) if dest.dtype == dtype else None
+    tensor = read(into if into is not None else buffer)
+    return dest if tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor.view(dest.shape))
+
+
 class KeyMerger:
     """Computes one job's output from the sources into a destination tensor; safe to call from several threads
     (each with its own Scratch)."""
@@ -331,20 +344,38 @@ class KeyMerger:
     def shape(self, job: Job) -> tuple[int, ...]:
         return self.source(job).shape(job.key)
 
+    def in_pieces(self, job: Job) -> bool:
+        """Whether the job is elementwise, so it can stream through cache-sized pieces: each input is read one
+        piece at a time and every fp32 temporary stays in the CPU cache (instead of several key-sized passes
+        through memory). Same operations per element, so the same bits as a whole-key merge."""
+        return (job.kind == MERGE and self.device is None and self.recipe.calc in PIECEWISE_CALCS
+                and not job.channels and not self._adjusted(job))
+
+    def _adjusted(self, job: Job) -> bool:
+        return self.plan.adjust is not None and job.key in ADJUST_KEYS
+
     def scratch_sizes(self) -> dict[str, int]:
-        """Bytes each scratch slot needs for the largest key of this plan."""
+        """Bytes each scratch slot needs for the largest key (or piece) of this plan."""
         sizes = {"a": 0, "b": 0, "c": 0, "fp32": 0, "fp32b": 0, "out": 0}
+
+        def need(slot: str, count: int, dtype: torch.dtype) -> None:
+            sizes[slot] = max(sizes[slot], count * dtype.itemsize)
+
         for job in self.plan.jobs:
             src = self.source(job)
-            nbytes = math.prod(src.shape(job.key)) * src.dtype(job.key).itemsize
-            sizes["out"] = max(sizes["out"], nbytes)
-            if job.kind == MERGE:
-                sizes["a"] = max(sizes["a"], nbytes)
-                sizes["fp32"] = sizes["fp32b"] = max(sizes["fp32"], math.prod(src.shape(job.key)) * 4)
-                for slot, other in (("b", self.models.b if self.uses_b else None),
-                                    ("c", self.models.c if self.recipe.uses_c else None)):
-                    if other is not None:
-                        sizes[slot] = max(sizes[slot], math.prod(other.shape(job.key)) * other.dtype(job.key).itemsize)
+            numel = math.prod(src.shape(job.key))
+            need("out", numel, src.dtype(job.key))
+            if job.kind != MERGE:
+                continue
+            read = min(numel, PIECE) if self.in_pieces(job) else numel
+            need("a", read, src.dtype(job.key))
+            need("fp32", read, torch.float32)
+            need("fp32b", read, torch.float32)
+            for slot, other in (("b", self.models.b if self.uses_b else None),
+                                ("c", self.models.c if self.recipe.uses_c else None)):
+                if other is not None:
+                    count = read if self.in_pieces(job) else math.prod(other.shape(job.key))
+                    need(slot, count, other.dtype(job.key))
         return sizes
 
     def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
@@ -352,30 +383,68 @@ class KeyMerger:
         result must be consumed before this thread's next call."""
         src = self.source(job)
         if job.kind != MERGE:
-            into = _byte_view(dest) if dest is not None else None
-            tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
-            return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
-        full = src.get(job.key, out=scratch.raw("a"))
+            if dest is None:
+                return src.get(job.key, out=scratch.raw("out"))
+            return _read_into(dest, src.dtype(job.key), lambda into: src.get(job.key, out=into), scratch.raw("out"))
+        if dest is None:
+            dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
+        if self.in_pieces(job):
+            return self._merge_in_pieces(job, dest, scratch)
+        return self._merge_whole(job, dest, scratch)
+
+    def _merge_in_pieces(self, job: Job, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        key, r = job.key, self.recipe
+        flat = out.view(-1)
+
+        def read(source: Source, slot: str, start: int, stop: int) -> torch.Tensor:
+            return source.get_span(key, start, stop, out=scratch.raw(slot))
+
+        def compute(start: int, stop: int, keep_equal: bool) -> bool:
+            """Merge one piece; True when it kept A's values because B equals C there (trainDifference)."""
+            piece = flat[start:stop]
+            a = read(self.models.a, "a", start, stop)
+            b = read(self.models.b, "b", start, stop) if self.uses_b else None
+            c = read(self.models.c, "c", start, stop) if r.uses_c else None
+            if r.calc == "normal":
+                work = kernels.Fp32(scratch.tensor("fp32", torch.float32, piece.shape),
+                                    scratch.tensor("fp32b", torch.float32, piece.shape))
+                kernels.normal(r.mode, a, b, c, job.alpha, job.beta, out=piece, work=work)
+            elif r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
+                piece.copy_(a)
+                return True
+            else:
+                piece.copy_(self._compute(job, a, b, c))
+            return False
+
+        # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
+        # are computed after all when another piece differs.
+        kept, differs = [], False
+        for start in range(0, flat.numel(), PIECE):
+            span = (start, min(start + PIECE, flat.numel()))
+            if compute(*span, keep_equal=not differs):
+                kept.append(span)
+            else:
+                differs = True
+        if differs:
+            for span in kept:
+                compute(*span, keep_equal=False)
+        return out
+
+    def _merge_whole(self, job: Job, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        full = self.models.a.get(job.key, out=scratch.raw("a"))
         b = self.models.b.get(job.key, out=scratch.raw("b")) if self.uses_b else None
         c = self.models.c.get(job.key, out=scratch.raw("c")) if self.recipe.uses_c else None
         a = full
         if job.channels:
             a, b, c = (t[:, : job.channels] if t is not None else None for t in (full, b, c))
-        adjusted = self.plan.adjust is not None and job.key in ADJUST_KEYS
-        out = dest if dest is not None else scratch.tensor("out", full.dtype, tuple(full.shape))
+        adjusted = self._adjusted(job)
         if self.device is not None:
             a, b, c = (t.to(self.device) if t is not None else None for t in (a, b, c))
-        elif self.recipe.calc == "normal" and not job.channels and not adjusted:
-            work = None
-            if self.recipe.mode != kernels.WEIGHT_SUM:  # Weight sum lerps straight into `out`
-                work = kernels.Fp32(scratch.tensor("fp32", torch.float32, tuple(full.shape)),
-                                    scratch.tensor("fp32b", torch.float32, tuple(full.shape)))
-            return kernels.normal(self.recipe.mode, a, b, c, job.alpha, job.beta, out=out, work=work)
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
-        result = self._compute(job, a, b, c)
-        if result is None:
+        if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
             return out.copy_(full)
+        result = self._compute(job, a, b, c)
         if adjusted:
             result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
         if job.channels:
@@ -384,7 +453,7 @@ class KeyMerger:
             return out
         return out.copy_(result)
 
-    def _compute(self, job: Job, a, b, c) -> torch.Tensor | None:
+    def _compute(self, job: Job, a, b, c) -> torch.Tensor:
         calc, r = self.recipe.calc, self.recipe
         alpha, beta = job.alpha, job.beta
         if calc == "normal":
@@ -395,7 +464,7 @@ class KeyMerger:
             smin, smax = self.plan.similarity
             return kernels.cosine_merge(a, b, comb, abs(alpha) if calc == "cosineA" else alpha, smin, smax)
         if calc == "trainDifference":
-            return None if torch.equal(b, c) else kernels.train_difference(a, b, c, alpha)
+            return kernels.train_difference(a, b, c, alpha)
         if calc in ("smoothAdd", "smoothAdd MT"):
             return kernels.smooth_add(a, b, c, alpha, self.smoothing)
         if calc == "extract":

@@ -1,0 +1,142 @@
+"""Elementwise merges stream large tensors through cache-sized pieces (engine.PIECE elements at a time).
+
+The expectations are the spec's formulas in float64 (from test_formulas), so a piece boundary that read the wrong
+span, skipped a tail or mixed keys shows as a wrong value. PIECE is shrunk to a few elements (not a multiple of
+any vector width) so the tiny models' tensors are cut into many pieces; one test keeps the real size and reads a
+tensor larger than a piece from a safetensors file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import UNET, assert_rounded, assert_same, merge, randn, sd1_model, selected
+from safetensors.torch import save_file
+from test_formulas import MODES, normal_expected, three, train_difference_expected
+
+from lib_merge.core import engine
+from lib_merge.core.checkpoint import open_checkpoint
+from lib_merge.core.engine import DictSink, Models, TensorSink, plan_merge, run_merge
+from lib_merge.core.recipe import Recipe
+
+BIG = UNET + "input_blocks.5.0.in_layers.2.weight"
+
+
+@pytest.fixture
+def tiny_pieces(monkeypatch):
+    monkeypatch.setattr(engine, "PIECE", 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_normal_modes_in_small_pieces(tiny_pieces, dtype, mode):
+    a, b, c = three(dtype)
+    uses_c = mode != "Weight sum"
+    _, state = merge(a, b, c if uses_c else None, mode=mode, alpha=0.35, beta=0.2)
+    for key in a:
+        if selected(key, b, c if uses_c else None):
+            exp = normal_expected(mode, a[key], b[key], c[key] if uses_c else None, 0.35, 0.2)
+            assert_rounded(state[key], exp, dtype, what=f"{mode} {key}")
+        else:
+            assert_same(state[key], a[key], key)
+
+
+def test_self_in_small_pieces(tiny_pieces):
+    a = sd1_model(3, torch.float16)
+    _, state = merge(a, mode="Weight sum", calc="self", alpha=0.6)
+    key = UNET + "input_blocks.3.0.op.weight"
+    assert_rounded(state[key], a[key].double() * 0.6, torch.float16, what=key)
+
+
+def test_train_difference_in_small_pieces(tiny_pieces):
+    a, b, c = three(torch.float16)
+    mixed = BIG  # 576 elements: B equals C in the first pieces only
+    b[mixed].view(-1)[:20] = c[mixed].view(-1)[:20]
+    _, state = merge(a, b, c, mode="Add difference", calc="trainDifference", alpha=0.5)
+    for key in a:
+        if selected(key, b, c):
+            assert_rounded(state[key], train_difference_expected(a[key], b[key], c[key], 0.5), torch.float16,
+                           what=key)
+
+
+def test_train_difference_keeps_a_only_where_b_equals_c_over_the_whole_tensor(tiny_pieces):
+    """A tensor where B equals C keeps A bit for bit (even -0.0); where B equals C only in some pieces, those are
+    computed by the formula like the rest, and -0.0 + 0 gives +0.0 there (IEEE), as the seed's per-key kernel does."""
+    a, b, c = three(torch.float16)
+    same, mixed = UNET + "input_blocks.3.0.op.weight", BIG
+    c[same] = b[same].clone()
+    c[mixed].view(-1)[:14] = b[mixed].view(-1)[:14]  # the first two pieces of 7 have B == C
+    for key in (same, mixed):
+        a[key].view(-1)[3] = -0.0
+        b[key].view(-1)[3] = c[key].view(-1)[3] = 0.25
+    _, state = merge(a, b, c, mode="Add difference", calc="trainDifference", alpha=0.5)
+    assert_same(state[same], a[same], same)
+    assert state[same].view(-1)[3].item() == 0 and torch.signbit(state[same].view(-1)[3])
+    got = state[mixed].view(-1)[3]
+    assert got.item() == 0 and not torch.signbit(got)
+    assert_rounded(state[mixed], train_difference_expected(a[mixed], b[mixed], c[mixed], 0.5), torch.float16,
+                   what=mixed)
+
+
+def _write(folder, name, state):
+    path = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_files_with_a_tensor_larger_than_one_piece(tmp_path):
+    """Real piece size, real positional reads: a 3-piece tensor and its neighbours come out right."""
+    numel = engine.PIECE * 2 + 12345
+    a = sd1_model(5, torch.float16)
+    a[BIG] = randn((numel,), 50, torch.float16)
+    b = {k: (v.double() + randn(v.shape, 60 + i, torch.float64) * 0.1).to(v.dtype) if v.is_floating_point() else v
+         for i, (k, v) in enumerate(a.items())}
+    c = {k: (v.double() + randn(v.shape, 90 + i, torch.float64) * 0.1).to(v.dtype) if v.is_floating_point() else v
+         for i, (k, v) in enumerate(a.items())}
+    paths = [_write(tmp_path, n, m) for n, m in (("A", a), ("B", b), ("C", c))]
+    recipe = Recipe("A", "B", "C", mode="Add difference", alpha=0.7)
+    with open_checkpoint(paths[0]) as fa, open_checkpoint(paths[1]) as fb, open_checkpoint(paths[2]) as fc:
+        models = Models(fa, fb, fc)
+        state = run_merge(plan_merge(recipe, models), models, DictSink(), threads=2)
+    for key in a:
+        if selected(key, b, c):
+            assert_rounded(state[key], normal_expected("Add difference", a[key], b[key], c[key], 0.7, 0),
+                           torch.float16, what=key)
+        else:
+            assert_same(state[key], a[key], key)
+
+
+def test_live_tensors_of_another_dtype_get_cast_values(tmp_path, tiny_pieces):
+    """Merging into fp32 tensors from fp16 files: copied and merged keys are cast, not reinterpreted bytes."""
+    a = sd1_model(7, torch.float16)
+    b = sd1_model(8, torch.float16, base=a)
+    paths = [_write(tmp_path, n, m) for n, m in (("A", a), ("B", b))]
+    live = {k: torch.zeros(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in a.items()}
+    with open_checkpoint(paths[0]) as fa, open_checkpoint(paths[1]) as fb:
+        models = Models(fa, fb)
+        run_merge(plan_merge(Recipe("A", "B", alpha=0.4), models), models, TensorSink(live), threads=1)
+    for key in a:
+        if selected(key, b):
+            expected = normal_expected("Weight sum", a[key], b[key], None, 0.4, 0).to(torch.float16)
+            assert_rounded(live[key], expected.double(), torch.float32, ulps=0, atol=0, what=key)
+        else:
+            assert torch.equal(live[key], a[key].to(live[key].dtype)), key
+
+
+@pytest.mark.parametrize("start,stop", [(-1, 3), (5, 4), (0, 10**9)])
+def test_span_outside_the_tensor_is_refused(tmp_path, start, stop):
+    a = sd1_model(1, torch.float16)
+    path = _write(tmp_path, "A", a)
+    with open_checkpoint(path) as f, pytest.raises(IndexError, match="outside"):
+        f.get_span(BIG, start, stop)
+
+
+def test_span_reads_the_right_elements(tmp_path):
+    a = sd1_model(2, torch.float16)
+    path = _write(tmp_path, "A", a)
+    flat = a[BIG].reshape(-1)
+    with open_checkpoint(path) as f:
+        assert_same(f.get_span(BIG, 100, 131), flat[100:131], "span")
+        buffer = torch.empty(1000, dtype=torch.uint8)
+        assert_same(f.get_span(BIG, 0, 5, out=buffer), flat[:5], "span into a buffer")
+        assert f.get_span(BIG, 7, 7).numel() == 0
