@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import UNET, assert_rounded, assert_same, merge, randn, sd1_model, selected
 from safetensors.torch import save_file
-from test_formulas import MODES, normal_expected, three, train_difference_expected
+from test_formulas import MODES, cosine_expected, normal_expected, three, train_difference_expected
 
 from lib_merge.core import engine
 from lib_merge.core.checkpoint import open_checkpoint
@@ -37,6 +37,23 @@ def test_normal_modes_in_small_pieces(tiny_pieces, dtype, mode):
         if selected(key, b, c if uses_c else None):
             exp = normal_expected(mode, a[key], b[key], c[key] if uses_c else None, 0.35, 0.2)
             assert_rounded(state[key], exp, dtype, what=f"{mode} {key}")
+        else:
+            assert_same(state[key], a[key], key)
+
+
+@pytest.mark.parametrize("calc", ["cosineA", "cosineB"])
+@pytest.mark.parametrize("piece", [7, 150], ids=["one row", "rows"])
+def test_cosine_in_pieces_of_whole_rows(monkeypatch, calc, piece):
+    """Cosine ratios are per column (dim 0), so pieces hold whole rows: 1 or 2 rows of a 3x3 conv, 18 of a matrix."""
+    monkeypatch.setattr(engine, "PIECE", piece)
+    a = sd1_model(11, torch.float16)
+    b = sd1_model(12, torch.float16, base=a, noise=0.4)
+    _, state = merge(a, b, calc=calc, alpha=0.3)
+    expected = cosine_expected(calc, a, b, 0.3)
+    assert BIG in expected
+    for key in a:
+        if key in expected:
+            assert_rounded(state[key], expected[key], torch.float16, ulps=1, atol=1e-5, what=f"{calc} {key}")
         else:
             assert_same(state[key], a[key], key)
 

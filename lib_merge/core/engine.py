@@ -41,6 +41,8 @@ from .weights import (
 COPY_A, COPY_B, MERGE = "a", "b", "merge"
 #: calc modes whose result at each element depends only on the inputs at that element
 PIECEWISE_CALCS = ("normal", "trainDifference", "self")
+#: calc modes that are elementwise given a per-column ratio (computed beforehand): pieces of whole rows of dim 0
+ROWWISE_CALCS = ("cosineA", "cosineB")
 PIECE = 1 << 19  # elements streamed at a time: with its fp32 temporaries, a piece stays within the CPU cache
 NEVER_COPY_FROM_B = ("position_ids",)
 
@@ -234,9 +236,11 @@ def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None =
     to_merge = {job.key for job in plan.jobs if job.kind == MERGE}
     keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k]
     collected, combs = [], {}
+    buffers = [torch.empty(max((math.prod(m.shape(k)) * m.dtype(k).itemsize for k in keys), default=0),
+                           dtype=torch.uint8) for m in (a, b)]  # reused for every key: no fresh memory per read
     for done, key in enumerate(keys, 1):
         _check_cancel(cancel)
-        ta, tb = _narrowed(a.get(key), b.get(key))
+        ta, tb = _narrowed(a.get(key, out=buffers[0]), b.get(key, out=buffers[1]))
         simab, comb = kernels.cosine_similarity(ta, tb, normalize)
         collected.append((simab if normalize else comb).reshape(-1).double().numpy())
         if key in to_merge:
@@ -344,12 +348,20 @@ class KeyMerger:
     def shape(self, job: Job) -> tuple[int, ...]:
         return self.source(job).shape(job.key)
 
-    def in_pieces(self, job: Job) -> bool:
-        """Whether the job is elementwise, so it can stream through cache-sized pieces: each input is read one
-        piece at a time and every fp32 temporary stays in the CPU cache (instead of several key-sized passes
-        through memory). Same operations per element, so the same bits as a whole-key merge."""
-        return (job.kind == MERGE and self.device is None and self.recipe.calc in PIECEWISE_CALCS
-                and not job.channels and not self._adjusted(job))
+    def piece_length(self, job: Job) -> int:
+        """Elements per piece when the job can stream through cache-sized pieces, else 0 (whole key). Pieces work
+        for elementwise formulas: each input is read a piece at a time and every fp32 temporary stays in the CPU
+        cache, instead of several key-sized passes through memory. Same operations per element, same bits."""
+        if job.kind != MERGE or self.device is not None or job.channels or self._adjusted(job):
+            return 0
+        numel = math.prod(self.models.a.shape(job.key))
+        if self.recipe.calc in PIECEWISE_CALCS:
+            return min(numel, PIECE)
+        shape = self.models.a.shape(job.key)
+        if self.recipe.calc in ROWWISE_CALCS and job.key in self.combs and len(shape) >= 1 and numel:
+            row = numel // shape[0]
+            return min(numel, max(row, PIECE // row * row))
+        return 0
 
     def _adjusted(self, job: Job) -> bool:
         return self.plan.adjust is not None and job.key in ADJUST_KEYS
@@ -367,14 +379,14 @@ class KeyMerger:
             need("out", numel, src.dtype(job.key))
             if job.kind != MERGE:
                 continue
-            read = min(numel, PIECE) if self.in_pieces(job) else numel
+            read = self.piece_length(job) or numel
             need("a", read, src.dtype(job.key))
             need("fp32", read, torch.float32)
             need("fp32b", read, torch.float32)
             for slot, other in (("b", self.models.b if self.uses_b else None),
                                 ("c", self.models.c if self.recipe.uses_c else None)):
                 if other is not None:
-                    count = read if self.in_pieces(job) else math.prod(other.shape(job.key))
+                    count = self.piece_length(job) or math.prod(other.shape(job.key))
                     need(slot, count, other.dtype(job.key))
         return sizes
 
@@ -388,11 +400,12 @@ class KeyMerger:
             return _read_into(dest, src.dtype(job.key), lambda into: src.get(job.key, out=into), scratch.raw("out"))
         if dest is None:
             dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
-        if self.in_pieces(job):
-            return self._merge_in_pieces(job, dest, scratch)
+        step = self.piece_length(job)
+        if step:
+            return self._merge_in_pieces(job, dest, scratch, step)
         return self._merge_whole(job, dest, scratch)
 
-    def _merge_in_pieces(self, job: Job, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    def _merge_in_pieces(self, job: Job, out: torch.Tensor, scratch: Scratch, step: int) -> torch.Tensor:
         key, r = job.key, self.recipe
         flat = out.view(-1)
 
@@ -412,6 +425,9 @@ class KeyMerger:
             elif r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
                 piece.copy_(a)
                 return True
+            elif r.calc in ROWWISE_CALCS:
+                rows = (-1, *out.shape[1:])
+                piece.copy_(self._compute(job, a.view(rows), b.view(rows), None).view(-1))
             else:
                 piece.copy_(self._compute(job, a, b, c))
             return False
@@ -419,8 +435,8 @@ class KeyMerger:
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
         # are computed after all when another piece differs.
         kept, differs = [], False
-        for start in range(0, flat.numel(), PIECE):
-            span = (start, min(start + PIECE, flat.numel()))
+        for start in range(0, flat.numel(), step):
+            span = (start, min(start + step, flat.numel()))
             if compute(*span, keep_equal=not differs):
                 kept.append(span)
             else:
