@@ -1039,7 +1039,8 @@ class Bench:
         res.notes.append(f"Per run: one full Weight-sum merge into A's loaded tensors (TensorSink), then the blocks "
                          f"{', '.join(REMERGE_BLOCKS)} each get +{REMERGE_DELTA} in turn; every re-merge plans the new "
                          f"recipe, takes changed_jobs and merges those into the same tensors. The model files stay "
-                         f"open from merge to merge (the full merge's time includes opening them), as MergeService keeps them. "
+                         f"open from merge to merge (the full merge's time includes opening them), as MergeService "
+                         f"keeps them. "
                          f"Median share of the full merge: {pcts}. BASE (text encoder and VAE, 19 % of the weights) "
                          f"is shown but not held to the 10 % target.")
 
