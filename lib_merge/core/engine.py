@@ -354,10 +354,10 @@ class KeyMerger:
         cache, instead of several key-sized passes through memory. Same operations per element, same bits."""
         if job.kind != MERGE or self.device is not None or job.channels or self._adjusted(job):
             return 0
-        numel = math.prod(self.models.a.shape(job.key))
+        shape = self.models.a.shape(job.key)
+        numel = math.prod(shape)
         if self.recipe.calc in PIECEWISE_CALCS:
             return min(numel, PIECE)
-        shape = self.models.a.shape(job.key)
         if self.recipe.calc in ROWWISE_CALCS and job.key in self.combs and len(shape) >= 1 and numel:
             row = numel // shape[0]
             return min(numel, max(row, PIECE // row * row))
