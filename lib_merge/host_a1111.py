@@ -5,8 +5,9 @@ the txt2img hook and the API handlers).
 This is the only module that imports `modules.*`; only the entry script (inside the WebUI) and the tests (against
 the fake under tests/fakes) import it. The live swap follows the integration reference §3.5: the merge is loaded
 into the existing model with `load_state_dict` between `undo_hijack` and `hijack` (so the text encoder is reached
-and the Lora extension's backups are reset), and the model gets a new, unregistered CheckpointInfo that keeps the
-base file name, so the WebUI's `reload_model_weights()` calls leave the merge in place.
+and the Lora extension's backups are reset, after the last generation's LoRA is taken out of the weights), and the
+model gets a new, unregistered CheckpointInfo that keeps the base file name, so the WebUI's
+`reload_model_weights()` calls leave the merge in place.
 """
 
 from __future__ import annotations
@@ -80,6 +81,30 @@ UI_DEFAULTS = {  # ui-config.json keys (v1.8+ first, older second) and the WebUI
 def option(key: str):
     """Our settings, read as `opts.data.get` because they have no default before the settings UI is built."""
     return shared.opts.data.get(key, DEFAULTS[key])
+
+
+def take_out_networks(m) -> None:
+    """Put back the weights the built-in Lora extension patched (from its own backups) and forget the patch.
+
+    `load_state_dict` resets the extension's backups of every module, also of those a partial load (a re-merge of
+    the changed keys) does not write: without this, the LoRA of the last generation would stay baked into them and
+    be applied twice later. The next generation applies its LoRAs afresh, as after a checkpoint change.
+    """
+    try:
+        import networks  # extensions-builtin/Lora, on sys.path when that extension is enabled
+    except ImportError:
+        return
+    restore = getattr(networks, "network_restore_weights_from_backup", None)
+    if restore is None:
+        return
+    with torch.no_grad():
+        for module in m.modules():
+            if getattr(module, "network_current_names", ()):
+                restore(module)
+                # set here, not through network_reset_cached_weight: some WebUI versions' one keeps the bias backup
+                module.network_current_names = ()
+                module.network_weights_backup = None
+                module.network_bias_backup = None
 
 
 def loadable(key: str, external_vae: bool) -> bool:
@@ -255,6 +280,7 @@ class A1111Host:
         sd_unet.apply_unet("None")
         sd_hijack.model_hijack.undo_hijack(m)
         try:
+            take_out_networks(m)
             live = m.state_dict()
             changed = [k for k, v in wanted.items() if k not in live or tuple(live[k].shape) != tuple(v.shape)]
             if changed and not is_complete(state):

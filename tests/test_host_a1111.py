@@ -259,6 +259,49 @@ def test_lora_backups_are_reset_by_the_swap(webui):
     assert_live_is(webui, expected(webui, RECIPE))
 
 
+def test_a_lora_applied_before_an_incremental_remerge_is_not_baked_in(webui):
+    """A re-merge loads only the changed keys; the modules it does not touch held the LoRA of the last generation
+    and must get their own weights back, so the next generation applies the LoRA once, or not at all."""
+    service = service_of(webui)
+    model = webui.shared.sd_model
+    weights = ["0.5"] * 26
+    service.merge_and_load(Recipe("modelA.safetensors", "modelB.safetensors", weights_alpha=",".join(weights)))
+    webui.extra_networks.activate(model, ("style",))  # a generation with <lora:style>
+    weights[20] = "0.9"  # OUT07 only
+    second = Recipe("modelA.safetensors", "modelB.safetensors", weights_alpha=",".join(weights))
+    assert service.merge_and_load(second).recomputed < 100
+    webui.extra_networks.activate(model, ())  # the next generation, without the LoRA
+    assert_live_is(webui, expected(webui, second))
+    webui.extra_networks.activate(model, ("style",))
+    webui.extra_networks.activate(model, ())
+    assert_live_is(webui, expected(webui, second))
+
+
+def test_a_failed_partial_load_with_a_lora_applied_leaves_consistent_weights(webui, monkeypatch):
+    """The LoRA is taken out before loading; when the load then fails, the old merge stays, without the LoRA in it
+    and without a backup, so the next generation applies the LoRA afresh."""
+    service = service_of(webui)
+    model = webui.shared.sd_model
+    service.merge_and_load(RECIPE)
+    clean = webui.live()
+    webui.extra_networks.activate(model, ("style",))
+    original = type(model).load_state_dict
+    calls = []
+
+    def failing(self, state, strict=True, **kw):
+        calls.append(len(state))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return original(self, state, strict=strict, **kw)
+
+    monkeypatch.setattr(type(model), "load_state_dict", failing)
+    with pytest.raises(MergeError, match="put back"):
+        service.host.load_weights({UNET: torch.zeros_like(clean[UNET])}, service.host.loaded_identity())
+    monkeypatch.setattr(type(model), "load_state_dict", original)
+    assert all(torch.equal(webui.live()[k], v) for k, v in clean.items())
+    assert webui.extra_networks.backups(model) == []
+
+
 def test_the_fake_catches_a_raw_copy(webui):
     """Why the swap must use load_state_dict: a raw param.copy_ keeps the LoRA backup, which later comes back."""
     model = webui.shared.sd_model

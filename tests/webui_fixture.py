@@ -22,7 +22,7 @@ ENTRY = ROOT / "scripts" / "block_merger.py"
 
 def purge() -> None:
     for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name == "lib_merge.host_a1111":
+        if name in ("modules", "networks", "lib_merge.host_a1111") or name.startswith("modules."):
             del sys.modules[name]
     import lib_merge
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from networks import network_reset_cached_weight
 
 XL_MARKER = "conditioner.embedders.1.model.ln_final.weight"
 SD1_MARKER = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 KEEP_FP32 = ("alphas_cumprod",)
-
-
-def network_reset_cached_weight(module):
-    """As extensions-builtin/Lora/networks.py: forget the backup of the pre-LoRA weights."""
-    module.network_current_names = ()
-    module.network_weights_backup = None
-    module.network_bias_backup = None
 
 
 class _LoraMixin:
