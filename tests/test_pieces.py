@@ -101,15 +101,18 @@ def _write(folder, name, state):
     return path
 
 
+def _near(model, seed):
+    """A fine-tune of `model`: every float tensor plus a little noise."""
+    return {k: (v.double() + randn(v.shape, seed + i, torch.float64) * 0.1).to(v.dtype) if v.is_floating_point()
+            else v for i, (k, v) in enumerate(model.items())}
+
+
 def test_files_with_a_tensor_larger_than_one_piece(tmp_path):
     """Real piece size, real positional reads: a 3-piece tensor and its neighbours come out right."""
     numel = engine.PIECE * 2 + 12345
     a = sd1_model(5, torch.float16)
     a[BIG] = randn((numel,), 50, torch.float16)
-    b = {k: (v.double() + randn(v.shape, 60 + i, torch.float64) * 0.1).to(v.dtype) if v.is_floating_point() else v
-         for i, (k, v) in enumerate(a.items())}
-    c = {k: (v.double() + randn(v.shape, 90 + i, torch.float64) * 0.1).to(v.dtype) if v.is_floating_point() else v
-         for i, (k, v) in enumerate(a.items())}
+    b, c = _near(a, 60), _near(a, 90)
     paths = [_write(tmp_path, n, m) for n, m in (("A", a), ("B", b), ("C", c))]
     recipe = Recipe("A", "B", "C", mode="Add difference", alpha=0.7)
     with open_checkpoint(paths[0]) as fa, open_checkpoint(paths[1]) as fb, open_checkpoint(paths[2]) as fc:

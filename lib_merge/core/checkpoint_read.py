@@ -125,10 +125,9 @@ class _Base:
         return f"<{type(self).__name__} {self._label()} ({len(self)} tensors)>"
 
 
-def _clamp_span(start: int, stop: int, numel: int) -> tuple[int, int]:
+def _check_span(start: int, stop: int, numel: int) -> None:
     if not 0 <= start <= stop <= numel:
         raise IndexError(f"span [{start}, {stop}) is outside a tensor of {numel} elements")
-    return start, stop
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -176,17 +175,14 @@ class SafetensorsCheckpoint(_Base):
         """The tensor, read into `out` (a contiguous uint8 buffer of at least nbytes, reused by the caller so
         that no fresh memory is touched) or into a new tensor."""
         entry = self._entry(key)
-        buf = out[: entry.nbytes] if out is not None else torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            self._read_into(memoryview(buf.numpy()), entry.start, key)
-        return buf.view(entry.dtype).reshape(entry.shape)
+        return self.get_span(key, 0, _numel(entry.shape), out).reshape(entry.shape)
 
     def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor (1-D), read like `get`: a merge streams a large tensor
         through cache-sized pieces this way."""
         entry = self._entry(key)
         size = itemsize(entry.dtype)
-        start, stop = _clamp_span(start, stop, _numel(entry.shape))
+        _check_span(start, stop, _numel(entry.shape))
         nbytes = (stop - start) * size
         buf = out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
@@ -266,7 +262,7 @@ class DictCheckpoint(_Base):
         """Elements [start, stop) of the flattened tensor: a view of the stored one (moved to the CPU if needed)."""
         self._check_key(key)
         t = self._tensors[key]
-        start, stop = _clamp_span(start, stop, t.numel())
+        _check_span(start, stop, t.numel())
         span = t.view(-1)[start:stop]
         return span if span.device.type == "cpu" else span.to("cpu")
 
