@@ -318,15 +318,6 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor | None:
     return tensor.reshape(-1).view(torch.uint8)
 
 
-def _read_into(dest: torch.Tensor, dtype: torch.dtype, read: Callable[[torch.Tensor], torch.Tensor],
-               buffer: torch.Tensor) -> torch.Tensor:
-    """`read(into)` a tensor of `dtype` straight into dest's bytes when the dtypes match, else into `buffer` and
-    cast it into dest."""
-    into = _byte_view(dest) if dest.dtype == dtype else None
-    tensor = read(into if into is not None else buffer)
-    return dest if tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor.view(dest.shape))
-
-
 class KeyMerger:
     """Computes one job's output from the sources into a destination tensor; safe to call from several threads
     (each with its own Scratch)."""
@@ -394,10 +385,10 @@ class KeyMerger:
         """The job's tensor, written into `dest` when given (else into scratch or a source's own tensor); the
         result must be consumed before this thread's next call."""
         src = self.source(job)
-        if job.kind != MERGE:
-            if dest is None:
-                return src.get(job.key, out=scratch.raw("out"))
-            return _read_into(dest, src.dtype(job.key), lambda into: src.get(job.key, out=into), scratch.raw("out"))
+        if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
+            into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
+            tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
+            return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
         if dest is None:
             dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
         step = self.piece_length(job)
