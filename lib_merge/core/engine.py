@@ -44,6 +44,7 @@ PIECEWISE_CALCS = ("normal", "trainDifference", "self")
 #: calc modes that are elementwise given a per-column ratio (computed beforehand): pieces of whole rows of dim 0
 ROWWISE_CALCS = ("cosineA", "cosineB")
 PIECE = 1 << 19  # elements streamed at a time: with its fp32 temporaries, a piece stays within the CPU cache
+FP32_SLOTS = ("fp32", "fp32b", "fp32c", "fp32d")  # a piece's fp32 work buffers (trainDifference needs four)
 NEVER_COPY_FROM_B = ("position_ids",)
 
 Progress = Callable[[int, int], None]
@@ -359,7 +360,7 @@ class KeyMerger:
 
     def scratch_sizes(self) -> dict[str, int]:
         """Bytes each scratch slot needs for the largest key (or piece) of this plan."""
-        sizes = {"a": 0, "b": 0, "c": 0, "fp32": 0, "fp32b": 0, "out": 0}
+        sizes = dict.fromkeys(("a", "b", "c", "out", "mask", *FP32_SLOTS), 0)
 
         def need(slot: str, count: int, dtype: torch.dtype) -> None:
             sizes[slot] = max(sizes[slot], count * dtype.itemsize)
@@ -370,15 +371,15 @@ class KeyMerger:
             need("out", numel, src.dtype(job.key))
             if job.kind != MERGE:
                 continue
-            read = self.piece_length(job) or numel
-            need("a", read, src.dtype(job.key))
-            need("fp32", read, torch.float32)
-            need("fp32b", read, torch.float32)
+            piece = self.piece_length(job)  # pieces work in the fp32 buffers; whole keys allocate their own
+            need("a", piece or numel, src.dtype(job.key))
+            for slot in FP32_SLOTS:
+                need(slot, piece, torch.float32)
+            need("mask", piece, torch.bool)
             for slot, other in (("b", self.models.b if self.uses_b else None),
                                 ("c", self.models.c if self.recipe.uses_c else None)):
                 if other is not None:
-                    count = self.piece_length(job) or math.prod(other.shape(job.key))
-                    need(slot, count, other.dtype(job.key))
+                    need(slot, piece or math.prod(other.shape(job.key)), other.dtype(job.key))
         return sizes
 
     def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
@@ -409,18 +410,14 @@ class KeyMerger:
             a = read(self.models.a, "a", start, stop)
             b = read(self.models.b, "b", start, stop) if self.uses_b else None
             c = read(self.models.c, "c", start, stop) if r.uses_c else None
-            if r.calc == "normal":
-                work = kernels.Fp32(scratch.tensor("fp32", torch.float32, piece.shape),
-                                    scratch.tensor("fp32b", torch.float32, piece.shape))
-                kernels.normal(r.mode, a, b, c, job.alpha, job.beta, out=piece, work=work)
-            elif r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
+            if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
                 piece.copy_(a)
                 return True
-            elif r.calc in ROWWISE_CALCS:
-                rows = (-1, *out.shape[1:])
-                piece.copy_(self._compute(job, a.view(rows), b.view(rows), None).view(-1))
-            else:
-                piece.copy_(self._compute(job, a, b, c))
+            shape = (-1, *out.shape[1:]) if r.calc in ROWWISE_CALCS else piece.shape
+            a, b, c = (t.view(shape) if t is not None else None for t in (a, b, c))
+            work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
+                                mask=scratch.tensor("mask", torch.bool, a.shape))
+            self._compute(job, a, b, c, out=piece.view(shape), work=work)
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
@@ -460,26 +457,28 @@ class KeyMerger:
             return out
         return out.copy_(result)
 
-    def _compute(self, job: Job, a, b, c) -> torch.Tensor:
+    def _compute(self, job: Job, a, b, c, out: torch.Tensor | None = None,
+                 work: kernels.Fp32 | None = None) -> torch.Tensor:
+        """The job's formula; the elementwise ones write into `out` and work in `work`'s buffers when given."""
         calc, r = self.recipe.calc, self.recipe
         alpha, beta = job.alpha, job.beta
         if calc == "normal":
-            return kernels.normal(r.mode, a, b, c, alpha, beta)
+            return kernels.normal(r.mode, a, b, c, alpha, beta, out=out, work=work)
         if calc in ("cosineA", "cosineB"):
             comb = self.combs.get(job.key)
             comb = kernels.cosine_similarity(a, b, calc == "cosineA")[1] if comb is None else comb.to(a.device)
             smin, smax = self.plan.similarity
-            return kernels.cosine_merge(a, b, comb, abs(alpha) if calc == "cosineA" else alpha, smin, smax)
+            return kernels.cosine_merge(a, b, comb, abs(alpha) if calc == "cosineA" else alpha, smin, smax, out, work)
         if calc == "trainDifference":
-            return kernels.train_difference(a, b, c, alpha)
+            return kernels.train_difference(a, b, c, alpha, out, work)
+        if calc == "self":
+            return kernels.scale_self(a, alpha, out, work)
         if calc in ("smoothAdd", "smoothAdd MT"):
             return kernels.smooth_add(a, b, c, alpha, self.smoothing)
         if calc == "extract":
             return kernels.extract(a, b, c, alpha, beta, r.gamma)
         if calc in ("tensor", "tensor2"):
             return kernels.tensor_swap(a, b, alpha, beta, by_columns=calc == "tensor2")
-        if calc == "self":
-            return kernels.scale_self(a, alpha)
         return kernels.plus_random(a, alpha, r.seed, job.key)
 
 

@@ -61,22 +61,32 @@ CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
 
 
 class Fp32:
-    """fp32 working copies for one key: in two reusable buffers when given (no fresh memory, and no hidden
+    """fp32 working buffers for one key or piece: reusable ones when given (no fresh memory, and no hidden
     conversion copies, which torch makes when an fp32 tensor meets an fp16 operand), else newly allocated. Both ways
     run the same operations, so the bits are the same."""
 
-    def __init__(self, tmp: torch.Tensor | None = None, tmp2: torch.Tensor | None = None):
-        self.tmp, self.tmp2 = tmp, tmp2
+    def __init__(self, *buffers: torch.Tensor, mask: torch.Tensor | None = None):
+        self.buffers, self._mask = buffers, mask
 
     def acc(self, x: torch.Tensor) -> torch.Tensor:
         """The accumulator: an fp32 copy of x that may be modified."""
-        return x.to(torch.float32, copy=True) if self.tmp is None else self.tmp.copy_(x)
+        return x.to(torch.float32, copy=True) if not self.buffers else self.buffers[0].copy_(x)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
-        """x as fp32 for one operation (reuses the second buffer, so use it before asking for the next)."""
+        """x as fp32 for reading (x itself when it is fp32; else the second buffer, so use it before asking for the
+        next)."""
         if x.dtype == torch.float32:
             return x
-        return x.float() if self.tmp2 is None else self.tmp2.copy_(x)
+        return x.float() if len(self.buffers) < 2 else self.buffers[1].copy_(x)
+
+    def spare(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Another fp32 buffer shaped like `like`, to write into."""
+        if len(self.buffers) > 2 + index:
+            return self.buffers[2 + index]
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+    def nonzero(self, x: torch.Tensor) -> torch.Tensor:
+        return x != 0 if self._mask is None else torch.ne(x, 0, out=self._mask)
 
 
 def _emit(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -158,24 +168,30 @@ def similarity_range(values: np.ndarray) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
-def cosine_merge(a, b, comb: torch.Tensor, alpha: float, smin: float, smax: float) -> torch.Tensor:
+def cosine_merge(a, b, comb: torch.Tensor, alpha: float, smin: float, smax: float, out=None,
+                 work: Fp32 | None = None) -> torch.Tensor:
     """(1-k)B + kA with k = clip(norm(comb) - α); α is |α| for cosineA, as given for cosineB (the caller decides).
 
     A degenerate range (every column equally similar) counts as fully similar instead of dividing by zero.
     """
+    work = work or Fp32()
     scaled = (comb - smin) / (smax - smin) if smax > smin else torch.ones_like(comb)
     k = (scaled - alpha).clip(0, 1)
-    return torch.lerp(b.float(), a.float(), k)
+    acc = work.acc(b)
+    return _finish(torch.lerp(acc, work.operand(a), k, out=acc), out)
 
 
-def train_difference(a, b, c, alpha: float) -> torch.Tensor:
-    """A + 1.8α(B-C)|B-A|/(|B-C|+|B-A|), zero where both distances are zero."""
-    b32 = b.float()
-    diff = b32 - c.float()
-    dist_ab = (b32 - a.float()).abs_()
-    total = diff.abs() + dist_ab
-    scale = torch.where(total != 0, dist_ab / total, total.new_zeros(()))
-    return a.float() + diff * scale * (alpha * 1.8)
+def train_difference(a, b, c, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
+    """A + 1.8α(B-C)|B-A|/(|B-C|+|B-A|), zero where both distances are zero; in fp32, in four buffers."""
+    work = work or Fp32()
+    tb = work.acc(b)
+    diff = torch.sub(tb, work.operand(c), out=work.spare(0, tb))  # B-C
+    ta = work.operand(a)
+    dist = torch.sub(tb, ta, out=tb).abs_()  # |B-A|
+    total = torch.abs(diff, out=work.spare(1, tb)).add_(dist)
+    scale = torch.where(work.nonzero(total), dist.div_(total), total.new_zeros(()), out=total)
+    diff.mul_(scale).mul_(alpha * 1.8)
+    return _finish(torch.add(ta, diff, out=diff), out)
 
 
 def smooth_add(a, b, c, alpha: float, workers: smoothing.Workers | None = None) -> torch.Tensor:
@@ -217,8 +233,8 @@ def tensor_swap(a, b, alpha: float, beta: float, by_columns: bool) -> torch.Tens
     return out
 
 
-def scale_self(a, alpha: float) -> torch.Tensor:
-    return a.float() * alpha
+def scale_self(a, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
+    return _finish((work or Fp32()).acc(a).mul_(alpha), out)
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
