@@ -237,12 +237,17 @@ def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None =
     to_merge = {job.key for job in plan.jobs if job.kind == MERGE}
     keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k]
     collected, combs = [], {}
-    buffers = [torch.empty(max((math.prod(m.shape(k)) * m.dtype(k).itemsize for k in keys), default=0),
-                           dtype=torch.uint8) for m in (a, b)]  # reused for every key: no fresh memory per read
+
+    def largest(model: Source, itemsize: int | None = None) -> int:
+        return max((math.prod(model.shape(k)) * (itemsize or model.dtype(k).itemsize) for k in keys), default=0)
+
+    # Reused for every key (reads, fp32 copies, normalised copies): no fresh memory per key.
+    scratch = Scratch({"a": largest(a), "b": largest(b), **{slot: largest(a, 4) for slot in FP32_SLOTS}})
     for done, key in enumerate(keys, 1):
         _check_cancel(cancel)
-        ta, tb = _narrowed(a.get(key, out=buffers[0]), b.get(key, out=buffers[1]))
-        simab, comb = kernels.cosine_similarity(ta, tb, normalize)
+        ta, tb = _narrowed(a.get(key, out=scratch.raw("a")), b.get(key, out=scratch.raw("b")))
+        work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, ta.shape) for slot in FP32_SLOTS))
+        simab, comb = kernels.cosine_similarity(ta, tb, normalize, work)
         collected.append((simab if normalize else comb).reshape(-1).double().numpy())
         if key in to_merge:
             combs[key] = comb

@@ -147,11 +147,14 @@ def normal(mode: str, a, b, c, alpha: float, beta: float, out=None, work: Fp32 |
     return sum_twice(a, b, c, alpha, beta, out, work)
 
 
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column cosine (dim 0) and its mean with the whole-tensor cosine: (simab, comb) of the seed's cosine modes."""
-    a, b = a.float(), b.float()
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool,
+                      work: Fp32 | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column cosine (dim 0) and its mean with the whole-tensor cosine: (simab, comb) of the seed's cosine modes.
+    `work` (four buffers shaped like `a`) holds the fp32 and normalised copies."""
+    work = work or Fp32()
+    a, b = work.acc(a), work.operand(b)
     if normalize:
-        a, b = F.normalize(a, p=2, dim=0), F.normalize(b, p=2, dim=0)
+        a, b = F.normalize(a, p=2, dim=0, out=work.spare(0, a)), F.normalize(b, p=2, dim=0, out=work.spare(1, b))
     simab = F.cosine_similarity(a, b, dim=0)
     mag = torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
     return simab, (simab + mag) / 2
