@@ -90,6 +90,7 @@ class Fp32:
 
 
 def _emit(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The result, copied (and cast) into `out` when one is given."""
     if out is None or result is out:
         return result
     return out.copy_(result)
@@ -108,16 +109,12 @@ def weight_sum(a, b, alpha: float, out=None) -> torch.Tensor:
     return _emit(torch.lerp(a.float(), b.float(), alpha), out)
 
 
-def _finish(acc: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    return acc if out is None else out.copy_(acc)
-
-
 def add_difference(a, b, c, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
     """A + α(B-C), in fp32, rounded once into the output."""
     work = work or Fp32()
     acc = work.acc(b)
     acc.sub_(work.operand(c)).mul_(alpha)
-    return _finish(acc.add_(work.operand(a)), out)
+    return _emit(acc.add_(work.operand(a)), out)
 
 
 def triple_sum(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
@@ -125,7 +122,7 @@ def triple_sum(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None =
     work = work or Fp32()
     acc = work.acc(a).mul_(1 - alpha - beta)
     acc.add_(work.operand(b), alpha=alpha)
-    return _finish(acc.add_(work.operand(c), alpha=beta), out)
+    return _emit(acc.add_(work.operand(c), alpha=beta), out)
 
 
 def sum_twice(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
@@ -133,7 +130,7 @@ def sum_twice(a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = 
     work = work or Fp32()
     acc = work.acc(a).mul_(1 - alpha)
     acc.add_(work.operand(b), alpha=alpha).mul_(1 - beta)
-    return _finish(acc.add_(work.operand(c), alpha=beta), out)
+    return _emit(acc.add_(work.operand(c), alpha=beta), out)
 
 
 def normal(mode: str, a, b, c, alpha: float, beta: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
@@ -181,7 +178,7 @@ def cosine_merge(a, b, comb: torch.Tensor, alpha: float, smin: float, smax: floa
     scaled = (comb - smin) / (smax - smin) if smax > smin else torch.ones_like(comb)
     k = (scaled - alpha).clip(0, 1)
     acc = work.acc(b)
-    return _finish(torch.lerp(acc, work.operand(a), k, out=acc), out)
+    return _emit(torch.lerp(acc, work.operand(a), k, out=acc), out)
 
 
 def train_difference(a, b, c, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
@@ -194,7 +191,7 @@ def train_difference(a, b, c, alpha: float, out=None, work: Fp32 | None = None) 
     total = torch.abs(diff, out=work.spare(1, tb)).add_(dist)
     scale = torch.where(work.nonzero(total), dist.div_(total), total.new_zeros(()), out=total)
     diff.mul_(scale).mul_(alpha * 1.8)
-    return _finish(torch.add(ta, diff, out=diff), out)
+    return _emit(torch.add(ta, diff, out=diff), out)
 
 
 def smooth_add(a, b, c, alpha: float, workers: smoothing.Workers | None = None) -> torch.Tensor:
@@ -237,7 +234,7 @@ def tensor_swap(a, b, alpha: float, beta: float, by_columns: bool) -> torch.Tens
 
 
 def scale_self(a, alpha: float, out=None, work: Fp32 | None = None) -> torch.Tensor:
-    return _finish((work or Fp32()).acc(a).mul_(alpha), out)
+    return _emit((work or Fp32()).acc(a).mul_(alpha), out)
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
