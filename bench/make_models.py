@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib_merge import synth  # noqa: E402
+from lib_merge.cli import synth  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache"
 NOISE = 0.1

@@ -103,8 +103,8 @@ def _recipe(spec):
 
 @contextlib.contextmanager
 def _open_models(spec):
-    from lib_merge.core.checkpoint import open_checkpoint
     from lib_merge.core.engine import Models
+    from lib_merge.io.checkpoint import open_checkpoint
 
     with contextlib.ExitStack() as stack:
         def load(name):
@@ -127,7 +127,7 @@ def _restrict(plan, subset):
 
 def _preload_live(path):
     """The "loaded model": A's tensors in ordinary (already touched) memory, as the WebUI holds them."""
-    from lib_merge.core.checkpoint import open_checkpoint
+    from lib_merge.io.checkpoint import open_checkpoint
 
     with open_checkpoint(path) as a:
         return {k: a.get(k) for k in a.keys()}
@@ -135,9 +135,9 @@ def _preload_live(path):
 
 def _import_ours():
     """Import everything the timed part uses, so that no import lands inside the clock."""
-    import lib_merge.core.checkpoint  # noqa: F401
     import lib_merge.core.engine  # noqa: F401
     import lib_merge.core.recipe  # noqa: F401
+    import lib_merge.io.checkpoint  # noqa: F401
 
 
 def op_ours_dict(spec):
@@ -175,9 +175,9 @@ def op_ours_live(spec):
 
 
 def op_ours_file(spec):
-    from lib_merge.core.checkpoint import SaveOptions
-    from lib_merge.core.hashes import HashCache
-    from lib_merge.core.pipeline import merge_to_file
+    from lib_merge.io.checkpoint import SaveOptions
+    from lib_merge.io.hashes import HashCache
+    from lib_merge.service.pipeline import merge_to_file
 
     _import_ours()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -188,7 +188,7 @@ def op_ours_file(spec):
 
 def op_ours_cli(spec):
     """Inline only (the subprocess runner starts the CLI itself): `python -m lib_merge merge ...` in-process."""
-    from lib_merge import cli
+    from lib_merge.cli import main as cli
 
     old = os.environ.get("XDG_DATA_HOME")
     os.environ["XDG_DATA_HOME"] = spec["xdg"]
@@ -693,7 +693,7 @@ class Bench:
         return self.paths[family]
 
     def warm_hashes(self, paths) -> None:
-        from lib_merge.core.hashes import HashCache
+        from lib_merge.io.hashes import HashCache
 
         cache = HashCache(self.hash_cache)
         for p in paths:

@@ -11,15 +11,15 @@ from modules import script_callbacks, scripts
 
 import lib_merge  # noqa: F401  (import while the extension root is on sys.path)
 from lib_merge.core.errors import MergeError
-from lib_merge.host_a1111 import INFOTEXT_RECIPE, TAB, Extension
+from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, Extension
 
 EXTENSION = Extension(Path(__file__).resolve().parents[1])
 
 
 def on_ui_tabs():
-    from lib_merge import ui  # the tab's module (loaded on demand; lib_merge is already imported)
+    from lib_merge.ui.tab import build_tab  # loaded on demand (lib_merge is already imported)
 
-    return [(ui.build_tab(EXTENSION.service()), *TAB)]
+    return [(build_tab(EXTENSION.service()), *TAB)]
 
 
 def on_app_started(demo, app):

@@ -170,7 +170,7 @@ def xl_model(seed=0, dtype=torch.float32, base=None, noise=0.3):
 
 def synth_family(folder, family="sd1", factor=16):
     """Tiny checkpoint files a, b, c in `folder`: B and C are fine-tunes of A (A plus noise), as real models are."""
-    from lib_merge import synth
+    from lib_merge.cli import synth
 
     a = synth.make_checkpoint(folder / "a.safetensors", family, factor=factor, seed=1)
     b = synth.make_checkpoint(folder / "b.safetensors", family, factor=factor, seed=2, base=a, noise=0.5)

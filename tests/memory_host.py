@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib_merge.core.checkpoint import open_checkpoint
-from lib_merge.host import GenerationResult, StandaloneHost
+from lib_merge.hosts.base import GenerationResult
+from lib_merge.hosts.standalone import StandaloneHost
+from lib_merge.io.checkpoint import open_checkpoint
 
 PROBE_KEYS = (
     "model.diffusion_model.input_blocks.1.1.proj_in.weight",

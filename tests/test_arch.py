@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_merge import synth
+from lib_merge.cli import synth
 from lib_merge.core.arch import detect_arch
 from lib_merge.core.errors import MergeError
 

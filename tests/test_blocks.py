@@ -23,7 +23,7 @@ from conftest import (
     xl_model,
 )
 
-from lib_merge import synth
+from lib_merge.cli import synth
 from lib_merge.core.arch import Arch
 from lib_merge.core.errors import MergeError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_merge import synth
+from lib_merge.cli import synth
 from lib_merge.core.weights import Presets
 
 ROOT = Path(__file__).resolve().parent.parent

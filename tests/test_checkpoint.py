@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib_merge.core import checkpoint_read
-from lib_merge.core.checkpoint import (
+from lib_merge.core.errors import MergeError
+from lib_merge.io import read as checkpoint_read
+from lib_merge.io.checkpoint import (
     CLIP_POSITION_ID_KEYS,
     Checkpoint,
     CheckpointError,
@@ -35,7 +36,6 @@ from lib_merge.core.checkpoint import (
     save_state_dict,
     validate_custom_name,
 )
-from lib_merge.core.errors import MergeError
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers written independently of the code under test

@@ -14,7 +14,7 @@ from conftest import synth_family
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lib_merge import synth
+from lib_merge.cli import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_merge import synth
-from lib_merge.core.checkpoint import DictCheckpoint
+from lib_merge.cli import synth
 from lib_merge.core.engine import DictSink, Models, plan_merge, run_merge
 from lib_merge.core.recipe import Recipe
+from lib_merge.io.checkpoint import DictCheckpoint
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [

@@ -16,7 +16,7 @@ from fakes.stubs import FakeApp
 from webui_fixture import FAKES, ROOT, webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.recipe import Recipe
-from lib_merge.service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from lib_merge.service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
 RECIPE = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
 UNET = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
@@ -104,7 +104,8 @@ def test_settings_reach_the_service(webui, entry):
 
 def test_entry_script_imports_lib_merge_only_while_the_loader_allows(tmp_path):
     """In a fresh interpreter whose sys.path lacks the extension root (as in the WebUI), the script's top-level
-    import works during loading and the tab callback's lazy `from lib_merge import ui` works afterwards."""
+    import works during loading and the tab callback's lazy `from lib_merge.ui.tab import build_tab` works
+    afterwards."""
     code = f"""
 import sys, types
 sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r}, {os.getcwd()!r})]
@@ -121,8 +122,8 @@ from modules import scripts, script_callbacks
 scripts.load_scripts([({str(ROOT / 'scripts' / 'block_merger.py')!r}, {str(ROOT)!r})])
 assert {str(ROOT)!r} not in sys.path
 import lib_merge.core.recipe  # a submodule resolves through the package after loading
-ui = types.ModuleType('lib_merge.ui'); ui.build_tab = lambda service: 'blocks'
-sys.modules['lib_merge.ui'] = ui
+ui = types.ModuleType('lib_merge.ui.tab'); ui.build_tab = lambda service: 'blocks'
+sys.modules['lib_merge.ui.tab'] = ui
 print(script_callbacks.ui_tabs_callback())
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

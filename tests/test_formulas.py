@@ -27,7 +27,7 @@ from conftest import (
     xl_model,
 )
 
-from lib_merge import synth
+from lib_merge.cli import synth
 from lib_merge.core.errors import MergeError
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_merge.core.checkpoint import CheckpointError
-from lib_merge.core.hashes import HashCache
+from lib_merge.io.checkpoint import CheckpointError
+from lib_merge.io.hashes import HashCache
 
 MIB = 1024 * 1024
 
@@ -184,7 +184,7 @@ def test_unwritable_cache_only_warns(model, tmp_path):
 def test_file_changing_during_hash_is_not_cached(model, monkeypatch):
     path, data = model
     cache = HashCache()
-    from lib_merge.core import hashes
+    from lib_merge.io import hashes
 
     real = hashes._sha256_file
 

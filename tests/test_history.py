@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from lib_merge.core.errors import MergeError
-from lib_merge.core.history import COLUMNS, History, HistoryWarning
+from lib_merge.io.history import COLUMNS, History, HistoryWarning
 
 EXPECTED_COLUMNS = [
     "id",

@@ -13,12 +13,12 @@ import pytest
 import torch
 from webui_fixture import webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
-from lib_merge.core.checkpoint import open_checkpoint
 from lib_merge.core.engine import Models, merge_to_dict
 from lib_merge.core.errors import MergeCancelled, MergeError
 from lib_merge.core.recipe import Recipe
-from lib_merge.host import GenerationRequest
-from lib_merge.service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from lib_merge.hosts.base import GenerationRequest
+from lib_merge.io.checkpoint import open_checkpoint
+from lib_merge.service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
 TEXT = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
 UNET = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
@@ -26,7 +26,7 @@ VAE = "first_stage_model.decoder.conv_in.weight"
 
 
 def host_of(webui):
-    from lib_merge.host_a1111 import A1111Host
+    from lib_merge.hosts.a1111 import A1111Host
 
     return A1111Host(webui.root)
 
@@ -369,7 +369,7 @@ def test_fp8_falls_back_to_load_model_with_a_complete_state(webui):
 
 
 def test_another_architecture_rebuilds_the_model(webui):
-    from lib_merge import synth
+    from lib_merge.cli import synth
 
     xa = synth.make_checkpoint(webui.folder / "xlA.safetensors", "sdxl", factor=16, seed=5)
     synth.make_checkpoint(webui.folder / "xlB.safetensors", "sdxl", factor=16, seed=6, base=xa, noise=1.0)
@@ -465,7 +465,7 @@ def test_models_vaes_folders_and_history_path(webui):
 
 def test_identity_only_loads(webui):
     host = host_of(webui)
-    from lib_merge.host import MergeIdentity
+    from lib_merge.hosts.base import MergeIdentity
 
     identity = MergeIdentity("named", "0123456789", RECIPE.to_json())
     before = webui.live()

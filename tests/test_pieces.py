@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from test_formulas import MODES, cosine_expected, normal_expected, three, train_difference_expected
 
 from lib_merge.core import engine
-from lib_merge.core.checkpoint import open_checkpoint
 from lib_merge.core.engine import DictSink, Models, TensorSink, plan_merge, run_merge
 from lib_merge.core.recipe import Recipe
+from lib_merge.io.checkpoint import open_checkpoint
 
 BIG = UNET + "input_blocks.5.0.in_layers.2.weight"
 

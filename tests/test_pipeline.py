@@ -11,14 +11,14 @@ from conftest import synth_family
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lib_merge import synth
-from lib_merge.core import checkpoint_write
-from lib_merge.core.checkpoint import SaveOptions, open_checkpoint
+from lib_merge.cli import synth
 from lib_merge.core.engine import DictSink, Models, plan_merge, run_merge
 from lib_merge.core.errors import MergeCancelled, MergeError
-from lib_merge.core.history import History
-from lib_merge.core.pipeline import merge_to_file, open_models
 from lib_merge.core.recipe import Recipe
+from lib_merge.io import write as checkpoint_write
+from lib_merge.io.checkpoint import SaveOptions, open_checkpoint
+from lib_merge.io.history import History
+from lib_merge.service.pipeline import merge_to_file, open_models
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_invalid_recipe_is_refused_before_files_are_opened(tmp_path):
 
 def test_dict_sources_are_never_written(sd1):
     with open_checkpoint(sd1[0]) as a, open_checkpoint(sd1[1]) as b:
-        from lib_merge.core.checkpoint import DictCheckpoint
+        from lib_merge.io.checkpoint import DictCheckpoint
 
         da = DictCheckpoint({k: a.get(k) for k in a.keys()}, "A")
         db = DictCheckpoint({k: b.get(k) for k in b.keys()}, "B")

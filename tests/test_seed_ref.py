@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib_merge import synth
+from lib_merge.cli import synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import seed_ref  # noqa: E402

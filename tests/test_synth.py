@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lib_merge import synth
+from lib_merge.cli import synth
 
 DATA = Path(synth.__file__).resolve().parent / "data"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lib_merge import synth
+from lib_merge.cli import synth
 from lib_merge.core.arch import BLOCKS_26, BLOCKS_XL
 from lib_merge.core.errors import MergeError
 from lib_merge.core.kernels import CALC_MODES, MERGE_MODES
 from lib_merge.core.weights import Presets
-from lib_merge.host import GenerationResult, StandaloneHost
-from lib_merge.service import MergeService
-from lib_merge.ui_chart import weights_svg
-from lib_merge.ui_values import (
+from lib_merge.hosts.base import GenerationResult
+from lib_merge.hosts.standalone import StandaloneHost
+from lib_merge.service.merge_service import MergeService
+from lib_merge.ui.chart import weights_svg
+from lib_merge.ui.values import (
     SD1,
     SDXL,
     adjust_to_text,
@@ -307,7 +308,7 @@ def folder(model_dir, tmp_path):
 
 
 def test_blocks_build_under_the_webui_gradio(folder):
-    from lib_merge.ui import build_tab
+    from lib_merge.ui.tab import build_tab
 
     assert gr.__version__ == "3.41.2", "the tab is tested with the WebUI's pinned gradio"
     tab = build_tab(MergeService(StandaloneHost(folder)))
@@ -342,7 +343,7 @@ def test_blocks_build_under_the_webui_gradio(folder):
 
 def test_blocks_render_inside_another_blocks(folder):
     """The WebUI renders each extension's Blocks inside its own."""
-    from lib_merge.app import build_app
+    from lib_merge.ui.app import build_app
 
     app = build_app(MergeService(FakeHost(folder)))
     by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
@@ -350,13 +351,13 @@ def test_blocks_render_inside_another_blocks(folder):
 
 
 def _handlers(host):
-    from lib_merge.ui import Handlers
+    from lib_merge.ui.tab import Handlers
 
     return Handlers(MergeService(host, presets=PRESETS))
 
 
 def test_handlers_merge_generate_save_restore(folder):
-    from lib_merge.ui import handler_values
+    from lib_merge.ui.tab import handler_values
 
     host = FakeHost(folder)
     h = _handlers(host)
@@ -385,7 +386,7 @@ def test_handlers_merge_generate_save_restore(folder):
 
 
 def test_handlers_standalone_and_load_settings(folder):
-    from lib_merge.ui import handler_values
+    from lib_merge.ui.tab import handler_values
 
     h = _handlers(StandaloneHost(folder))
     v = handler_values(model_a="a.safetensors", model_b="b.safetensors", model_c="base.safetensors",
@@ -424,7 +425,7 @@ def test_stop_does_not_take_the_lock(folder):
 
 
 def test_errors_become_messages_not_tracebacks(folder, caplog):
-    from lib_merge.ui import error_message, make_action
+    from lib_merge.ui.tab import error_message, make_action
 
     h = _handlers(StandaloneHost(folder))
 
@@ -432,7 +433,7 @@ def test_errors_become_messages_not_tracebacks(folder, caplog):
         raise ZeroDivisionError("division by zero")
 
     run = make_action(h, boom)
-    from lib_merge.ui import handler_values
+    from lib_merge.ui.tab import handler_values
 
     out = run(*handler_values().values())
     assert out[0].startswith("Unexpected error (ZeroDivisionError: division by zero)")
@@ -509,9 +510,9 @@ def test_xyz_plot_button_runs_the_plot_under_the_lock(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from memory_host import MemoryHost
 
-    from lib_merge import synth
-    from lib_merge.service import MergeService
-    from lib_merge.ui import Handlers, handler_values
+    from lib_merge.cli import synth
+    from lib_merge.service.merge_service import MergeService
+    from lib_merge.ui.tab import Handlers, handler_values
 
     a = synth.make_checkpoint(tmp_path / "a.safetensors", "sd1", factor=16, seed=1)
     synth.make_checkpoint(tmp_path / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)

@@ -21,11 +21,11 @@ def real_ui(webui, monkeypatch):
     gr = pytest.importorskip("gradio")
     if getattr(gr, "__stub__", False):
         pytest.skip("gradio is not installed")
-    import lib_merge
+    import lib_merge.ui
 
-    monkeypatch.delitem(sys.modules, "lib_merge.ui")
-    monkeypatch.delattr(lib_merge, "ui")
-    return importlib.import_module("lib_merge.ui")
+    monkeypatch.delitem(sys.modules, "lib_merge.ui.tab")
+    monkeypatch.delattr(lib_merge.ui, "tab")
+    return importlib.import_module("lib_merge.ui.tab")
 
 
 def values(**kw):

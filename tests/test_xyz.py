@@ -11,15 +11,15 @@ from memory_host import MemoryHost, weights_digest
 from PIL import Image
 
 from lib_merge.core.arch import Arch
-from lib_merge.core.checkpoint import open_checkpoint
 from lib_merge.core.engine import DictSink, plan_merge, run_merge
 from lib_merge.core.errors import MergeError
 from lib_merge.core.recipe import Recipe
 from lib_merge.core.weights import Presets
 from lib_merge.core.xyz import GenParams, check_axes, draw_grid, merge_order, parse_axis, plan_cells
-from lib_merge.host import GenerationRequest
-from lib_merge.plot import run_plot
-from lib_merge.service import MergeService
+from lib_merge.hosts.base import GenerationRequest
+from lib_merge.io.checkpoint import open_checkpoint
+from lib_merge.service.merge_service import MergeService
+from lib_merge.ui.plot import run_plot
 
 SD1 = Arch("sd1")
 XL = Arch("sdxl")

@@ -11,7 +11,7 @@ from lib_merge.core.arch import BLOCKS_26
 from lib_merge.core.errors import MergeError
 from lib_merge.core.recipe import Recipe
 from lib_merge.core.weights import Presets
-from lib_merge.xyz_webui import PREFIX, axis_options, register, requested_recipe
+from lib_merge.hosts.webui_xyz import PREFIX, axis_options, register, requested_recipe
 
 
 class AxisOption:  # the WebUI's signature: AxisOption(label, type, apply, format_value=..., confirm=None, cost=0.0,

@@ -10,7 +10,7 @@ from test_xyz_webui import AxisOption
 from webui_fixture import webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.recipe import Recipe
-from lib_merge.xyz_webui import PREFIX
+from lib_merge.hosts.webui_xyz import PREFIX
 
 USER = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fakes import stubs
 
-from lib_merge import synth
+from lib_merge.cli import synth
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,12 +22,12 @@ ENTRY = ROOT / "scripts" / "block_merger.py"
 
 def purge() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "networks", "lib_merge.host_a1111") or name.startswith("modules."):
+        if name in ("modules", "networks", "lib_merge.hosts.a1111") or name.startswith("modules."):
             del sys.modules[name]
     import lib_merge
 
-    if hasattr(lib_merge, "host_a1111"):
-        del lib_merge.host_a1111
+    if hasattr(lib_merge, "hosts") and hasattr(lib_merge.hosts, "a1111"):
+        del lib_merge.hosts.a1111
 
 
 class WebUI(types.SimpleNamespace):
@@ -96,7 +96,7 @@ def webui_fixture(tmp_path, monkeypatch):
     sd_models.list_models()
     shared.opts.sd_model_checkpoint = "modelA.safetensors"
     assert shared.sd_model is not None  # first access loads model A, as at WebUI start
-    ui = types.ModuleType("lib_merge.ui")
+    ui = types.ModuleType("lib_merge.ui.tab")
     ui.built = []
 
     def build_tab(service):
@@ -104,10 +104,10 @@ def webui_fixture(tmp_path, monkeypatch):
         return stubs.Component(kind="Blocks")
 
     ui.build_tab = build_tab
-    monkeypatch.setitem(sys.modules, "lib_merge.ui", ui)
-    import lib_merge
+    monkeypatch.setitem(sys.modules, "lib_merge.ui.tab", ui)
+    import lib_merge.ui
 
-    monkeypatch.setattr(lib_merge, "ui", ui, raising=False)
+    monkeypatch.setattr(lib_merge.ui, "tab", ui, raising=False)
     runner = scripts.ScriptRunner()
     yield WebUI(
         root=ROOT, tmp=tmp_path, folder=folder, a=a, b=b, c=c, outputs=outputs, ui=ui, runner=runner,

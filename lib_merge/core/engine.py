@@ -52,7 +52,7 @@ Cancel = Callable[[], bool]
 
 
 class Source(Protocol):
-    """What the engine needs from a checkpoint (see core.checkpoint): headers without reading data, then tensors."""
+    """What the engine needs from a checkpoint (see io.checkpoint): headers without reading data, then tensors."""
 
     name: str
 

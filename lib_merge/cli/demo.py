@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.arch import detect_arch
+from ..core.recipe import Recipe
+from ..io.checkpoint import SaveOptions, open_checkpoint
+from ..service.pipeline import merge_to_file
 from . import synth
-from .core.arch import detect_arch
-from .core.checkpoint import SaveOptions, open_checkpoint
-from .core.pipeline import merge_to_file
-from .core.recipe import Recipe
 
 BAR = 30
 

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core.errors import MergeCancelled, MergeError
-from .core.kernels import CALC_MODES, MERGE_MODES
+from ..core.errors import MergeCancelled, MergeError
+from ..core.kernels import CALC_MODES, MERGE_MODES
 
 EXIT_ERROR = 2
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from_args(args):
-    from .core.recipe import Recipe
+    from ..core.recipe import Recipe
 
     split = [t.strip() for t in args.blocks.replace(" ", ",").split(",") if t.strip()]
     elements = [t.strip() for t in args.elements.split(",") if t.strip()]
@@ -120,10 +120,10 @@ def progress_bar(desc: str, quiet: bool = False):
 
 
 def cmd_merge(args) -> int:
-    from .core.checkpoint import SaveOptions
-    from .core.hashes import HashCache
-    from .core.history import History
-    from .core.pipeline import merge_to_file
+    from ..io.checkpoint import SaveOptions
+    from ..io.hashes import HashCache
+    from ..io.history import History
+    from ..service.pipeline import merge_to_file
 
     recipe = _recipe_from_args(args)
     options = SaveOptions(dtype=args.save_dtype, prune=args.prune, bake_vae=args.bake_vae,
@@ -151,7 +151,7 @@ def cmd_merge(args) -> int:
 
 def clip_ids_report(model_a: Path) -> str:
     """What "Reset CLIP ids" fixed: the output's position ids come from model A, so A's are the ones checked."""
-    from .core.checkpoint import CLIP_POSITION_ID_KEYS, clip_id_problems, open_checkpoint
+    from ..io.checkpoint import CLIP_POSITION_ID_KEYS, clip_id_problems, open_checkpoint
 
     with open_checkpoint(model_a) as ckpt:
         keys = [k for k in CLIP_POSITION_ID_KEYS if k in ckpt]
@@ -184,7 +184,7 @@ def cmd_demo(args) -> int:
 
 
 def _serve(models: Path, port: int | None, data: Path, browser: bool) -> int:
-    from .app import DEFAULT_PORT, HOST, serve
+    from ..ui.app import DEFAULT_PORT, HOST, serve
 
     port = port or DEFAULT_PORT
     print(f"Block Merger on http://{HOST}:{port} (Ctrl+C stops it)")

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
-from .core.engine import DictSink, MergePlan, Models, ScratchPool, changed_jobs, plan_merge, run_merge
-from .core.errors import MergeError
-from .core.hashes import HashCache
-from .core.history import History
-from .core.pipeline import SaveResult, check_device, merge_to_file
-from .core.recipe import Recipe
-from .core.weights import Presets
-from .host import GenerationRequest, GenerationResult, Host, MergeIdentity
+from ..core.engine import DictSink, MergePlan, Models, ScratchPool, changed_jobs, plan_merge, run_merge
+from ..core.errors import MergeError
+from ..core.recipe import Recipe
+from ..core.weights import Presets
+from ..hosts.base import GenerationRequest, GenerationResult, Host, MergeIdentity
+from ..io.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
+from ..io.hashes import HashCache
+from ..io.history import History
+from .pipeline import SaveResult, check_device, merge_to_file
 
 INFOTEXT_RECIPE = "Merge recipe"
 INFOTEXT_MERGE = "Merge"

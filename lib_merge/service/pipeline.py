@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import SaveOptions, check_output_path, merge_metadata, open_checkpoint, open_vae
-from .engine import Cancel, MergePlan, Models, Progress, plan_merge, run_merge
-from .errors import MergeError
-from .hashes import HashCache
-from .history import History
-from .output import FileSink
-from .recipe import Recipe
-from .weights import Presets
+from ..core.engine import Cancel, MergePlan, Models, Progress, plan_merge, run_merge
+from ..core.errors import MergeError
+from ..core.recipe import Recipe
+from ..core.weights import Presets
+from ..io.checkpoint import SaveOptions, check_output_path, merge_metadata, open_checkpoint, open_vae
+from ..io.hashes import HashCache
+from ..io.history import History
+from ..io.output import FileSink
 
 Resolve = Callable[[str], Path]
 

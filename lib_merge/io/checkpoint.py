@@ -4,9 +4,9 @@ The work is split by concern into small modules (format, read, write, save optio
 module gathers their public names so callers depend on one stable place.
 """
 
-from .checkpoint_format import ST_TO_TORCH, TORCH_TO_ST, CheckpointError
-from .checkpoint_meta import default_output_name, merge_metadata, validate_custom_name
-from .checkpoint_read import (
+from .format import ST_TO_TORCH, TORCH_TO_ST, CheckpointError
+from .metadata import default_output_name, merge_metadata, validate_custom_name
+from .read import (
     PICKLE_EXTS,
     SAFETENSORS_EXTS,
     Checkpoint,
@@ -15,13 +15,6 @@ from .checkpoint_read import (
     TorchCheckpoint,
     open_checkpoint,
     webui_key_names,
-)
-from .checkpoint_write import (
-    SAVE_EXTS,
-    SafetensorsStreamWriter,
-    atomic_output,
-    check_output_path,
-    save_state_dict,
 )
 from .save_options import (
     CLIP_POSITION_ID_KEYS,
@@ -33,6 +26,13 @@ from .save_options import (
     is_kept,
     open_vae,
     plan_output,
+)
+from .write import (
+    SAVE_EXTS,
+    SafetensorsStreamWriter,
+    atomic_output,
+    check_output_path,
+    save_state_dict,
 )
 
 __all__ = [

@@ -12,10 +12,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .core.errors import MergeError
-from .core.kernels import CALC_MODES, MERGE_MODES
-from .core.recipe import Recipe
-from .core.weights import Presets, parse_number
+from ..core.errors import MergeError
+from ..core.kernels import CALC_MODES, MERGE_MODES
+from ..core.recipe import Recipe
+from ..core.weights import Presets, parse_number
 
 PREFIX = "[Block Merger] "
 REQUEST_ATTR = "block_merger_xyz"

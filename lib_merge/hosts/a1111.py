@@ -36,12 +36,12 @@ from modules import (
     shared,
 )
 
-from . import xyz_webui
-from .core.arch import BLOCKS_26, BLOCKS_XL
-from .core.errors import MergeError
-from .core.recipe import Recipe, json_object
-from .host import GenerationRequest, GenerationResult, MergeIdentity
-from .service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from ..core.arch import BLOCKS_26, BLOCKS_XL
+from ..core.errors import MergeError
+from ..core.recipe import Recipe, json_object
+from ..service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from . import webui_xyz
+from .base import GenerationRequest, GenerationResult, MergeIdentity
 
 SECTION = ("block_merger", "Block Merger")
 OPT_DEVICE = "block_merger_merge_device"
@@ -174,7 +174,7 @@ class _ConsoleBar:
 
 
 class A1111Host:
-    """The Host protocol over the running WebUI (see lib_merge.host.Host for the contract of each method)."""
+    """The Host protocol over the running WebUI (see lib_merge.hosts.base.Host for the contract of each method)."""
 
     generation_unavailable: str | None = None
     live_model_unavailable: str | None = None
@@ -570,7 +570,7 @@ class Extension:
         recipe = None if blank else parse_request(requested)[0]
         blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
         base = recipe or self.service().committed()
-        recipe = xyz_webui.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
+        recipe = webui_xyz.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
         with self.host.progress_kept():
             self.service().reconcile(recipe)
         identity = self.host.loaded_identity()
@@ -587,9 +587,9 @@ class Extension:
                     if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")), None)
         if xyz is None:
             return False
-        options = xyz_webui.axis_options(xyz, self.host.resolve_model, self.host.list_models,
+        options = webui_xyz.axis_options(xyz, self.host.resolve_model, self.host.list_models,
                                          lambda: self.service().presets)
-        return xyz_webui.register(xyz, options)
+        return webui_xyz.register(xyz, options)
 
     # -- API handlers (outside generations: they take the queue lock) -----------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .checkpoint_format import CheckpointError, SafetensorsHeader, TensorEntry, itemsize, parse_header
+from .format import CheckpointError, SafetensorsHeader, TensorEntry, itemsize, parse_header
 
 SAFETENSORS_EXTS = (".safetensors",)
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")

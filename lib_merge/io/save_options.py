@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import CheckpointError
-from .checkpoint_read import Checkpoint, open_checkpoint
-from .errors import MergeError
+from ..core.errors import MergeError
+from .format import CheckpointError
+from .read import Checkpoint, open_checkpoint
 
 SAVE_DTYPES: dict[str, torch.dtype | None] = {
     "keep": None,

@@ -34,7 +34,7 @@ __all__ = [
     "make_checkpoint",
 ]
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -211,7 +211,7 @@ def stream_checkpoint(
     """Write a safetensors file key by key: ``produce(key)`` is called once per key of ``specs`` (key -> (shape,
     dtype)) and its tensor is written and dropped, so only one tensor is held at a time (atomically, through the
     project's own streamed writer)."""
-    from .core.checkpoint import SafetensorsStreamWriter, atomic_output
+    from ..io.checkpoint import SafetensorsStreamWriter, atomic_output
 
     entries = [(key, dt, shape) for key, (shape, dt) in specs.items()]
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -252,7 +252,7 @@ def make_checkpoint(
     """Generate and write a synthetic checkpoint, streaming key by key (peak memory: one tensor plus its fp32
     working copy). ``base`` may be a state dict or the path of a safetensors file to derive from."""
     if isinstance(base, (str, os.PathLike)):
-        from .core.checkpoint import open_checkpoint
+        from ..io.checkpoint import open_checkpoint
 
         with open_checkpoint(base) as source:
             return make_checkpoint(path, family, factor, dtype, seed, _Reader(source), noise, in_channels, metadata)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MergeError
+from ..core.errors import MergeError
 
 
 class CheckpointError(MergeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from .errors import MergeError
+from ..core.errors import MergeError
 
 MAX_STEM = 240  # characters (and UTF-8 bytes) before the extension, as the seed cuts long paths
 _UNSAFE = '/\\:*?"<>|\0'

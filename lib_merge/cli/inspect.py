@@ -7,8 +7,8 @@ from collections import Counter
 from math import prod
 from pathlib import Path
 
-from .core.arch import detect_arch
-from .core.checkpoint import open_checkpoint
+from ..core.arch import detect_arch
+from ..io.checkpoint import open_checkpoint
 
 
 def describe(path: Path) -> str:

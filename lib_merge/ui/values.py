@@ -1,4 +1,4 @@
-"""Widget values <-> merge recipe, for the tab (`ui.py`). Pure functions: no gradio, no files, easy to test.
+"""Widget values <-> merge recipe, for the tab (`tab.py`). Pure functions: no gradio, no files, easy to test.
 
 The tab's text fields are the truth (what a recipe records); sliders are a way to edit them. Block weights are
 shown on 26 sliders in BASE, IN00-IN11, M00, OUT00-OUT11 order; with the SDXL block type, the text holds the 20 SDXL
@@ -11,13 +11,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .core.arch import BLOCKS_26, BLOCKS_XL, Arch
-from .core.checkpoint import SaveOptions
-from .core.errors import MergeError
-from .core.kernels import CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM
-from .core.recipe import NEEDS_C, Recipe
-from .core.weights import ADJUST_NAMES, INEX_EXTRAS, Presets, parse_adjust, parse_block_weights, random_table
-from .host import GenerationRequest
+from ..core.arch import BLOCKS_26, BLOCKS_XL, Arch
+from ..core.errors import MergeError
+from ..core.kernels import CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM
+from ..core.recipe import NEEDS_C, Recipe
+from ..core.weights import ADJUST_NAMES, INEX_EXTRAS, Presets, parse_adjust, parse_block_weights, random_table
+from ..hosts.base import GenerationRequest
+from ..io.checkpoint import SaveOptions
 
 SD1, SDXL = "SD1", "SDXL"
 BLOCK_TYPES = (SD1, SDXL)

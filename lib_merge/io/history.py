@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import MergeError
+from ..core.errors import MergeError
 
 RECIPE_FIELDS = (
     "model_a",

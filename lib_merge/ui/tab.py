@@ -2,7 +2,7 @@
 
 Works inside the WebUI (gradio 3.41.2, registered by scripts/block_merger.py) and in the standalone app
 (`python -m lib_merge ui`). Only plain components, `gr.update` and the click/change/input/release/blur/submit events are
-used, all of which gradio 4 keeps. Logic lives in `ui_values` (widget values <-> recipe) and `ui_chart` (the weight
+used, all of which gradio 4 keeps. Logic lives in `values` (widget values <-> recipe) and `chart` (the weight
 curve); the handlers here take the host's lock around service calls and turn every error into a message in the tab.
 """
 
@@ -15,17 +15,17 @@ from typing import Any
 
 import gradio as gr
 
-from . import ui_values as uv
-from .core.arch import BLOCKS_26
-from .core.errors import MergeError
-from .core.history import History
-from .core.kernels import CALC_MODES, MERGE_MODES, WEIGHT_SUM
-from .core.weights import ADJUST_NAMES, INEX_MODES
-from .core.xyz import AXIS_TYPES
-from .host import model_choices
+from ..core.arch import BLOCKS_26
+from ..core.errors import MergeError
+from ..core.kernels import CALC_MODES, MERGE_MODES, WEIGHT_SUM
+from ..core.weights import ADJUST_NAMES, INEX_MODES
+from ..core.xyz import AXIS_TYPES
+from ..hosts.base import model_choices
+from ..io.history import History
+from ..service.merge_service import MergeService
+from . import values as uv
+from .chart import weights_svg
 from .plot import run_plot
-from .service import MergeService
-from .ui_chart import weights_svg
 
 log = logging.getLogger("block_merger")
 
@@ -182,7 +182,7 @@ class Handlers:
         return uv.values_from_recipe(self.history().recipe(number))
 
     def inspect(self, name: str) -> str:
-        from .inspect import describe
+        from ..cli.inspect import describe
 
         if not name:
             raise MergeError("Choose a model to inspect.")

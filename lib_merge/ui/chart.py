@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from .core.weights import Presets
-from .ui_values import SD1, XL_POSITIONS, block_labels, fmt, number_or_none, weight_tokens
+from ..core.weights import Presets
+from .values import SD1, XL_POSITIONS, block_labels, fmt, number_or_none, weight_tokens
 
 WIDTH, HEIGHT = 640, 200
 LEFT, RIGHT, TOP, BOTTOM = 38, 10, 22, 46

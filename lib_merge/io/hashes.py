@@ -14,8 +14,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from .checkpoint_format import CheckpointError
-from .checkpoint_write import atomic_output
+from .format import CheckpointError
+from .write import atomic_output
 
 BLOCK = 1024 * 1024
 LEGACY_OFFSET = 0x100000

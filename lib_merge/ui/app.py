@@ -20,9 +20,9 @@ CSS = "#bm_inspect_out textarea, #bm_message textarea {font-family: ui-monospace
 
 
 def build_service(models: Path, data_dir: Path | None = None):
-    from .core.hashes import HashCache
-    from .host import StandaloneHost
-    from .service import MergeService
+    from ..hosts.standalone import StandaloneHost
+    from ..io.hashes import HashCache
+    from ..service.merge_service import MergeService
 
     host = StandaloneHost(Path(models), data_dir)
     data = host.data_dir
@@ -33,7 +33,7 @@ def build_app(service):
     """The tab inside a page of its own (rendered into an outer Blocks, as the WebUI does with extension tabs)."""
     import gradio as gr
 
-    from .ui import TITLE, build_tab
+    from .tab import TITLE, build_tab
 
     tab = build_tab(service)
     # System fonts only: the default theme would fetch its web font from the internet.
@@ -49,7 +49,7 @@ def serve(models: Path, port: int = DEFAULT_PORT, data_dir: Path | None = None, 
     """Build and launch the app; with block=False, return the running app (close it with `app.close()`)."""
     models = Path(models)
     if not models.is_dir():
-        from .core.errors import MergeError
+        from ..core.errors import MergeError
 
         raise MergeError(f"Models folder {models} does not exist.")
     data = Path(data_dir) if data_dir else None

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .core.engine import ScratchPool
-from .core.xyz import Axis, Cell, GenParams, axis_label, draw_grid, merge_order, parse_axis, plan_cells
-from .host import GenerationRequest
-from .service import MergeService
+from ..core.engine import ScratchPool
+from ..core.xyz import Axis, Cell, GenParams, axis_label, draw_grid, merge_order, parse_axis, plan_cells
+from ..hosts.base import GenerationRequest
+from ..service.merge_service import MergeService
 
 
 @dataclass

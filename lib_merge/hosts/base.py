@@ -1,22 +1,18 @@
 """The boundary between Block Merger and whatever runs it (the WebUI, or the standalone app).
 
-The tab, the X/Y/Z plot and the API talk only to a `Host`; `host_a1111.A1111Host` implements it over the WebUI's
-`modules`, `StandaloneHost` over a folder of models with no generation. Nothing here imports the WebUI.
+The tab, the X/Y/Z plot and the API talk only to a `Host`; `a1111.A1111Host` implements it over the WebUI's
+`modules`, `standalone.StandaloneHost` over a folder of models with no generation. Nothing here imports the WebUI.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-from .core.errors import MergeError
-
-MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -106,86 +102,6 @@ class Host(Protocol):
 
     def save_grid(self, image: Any, info: str) -> Path | None:
         """Save an X/Y/Z grid where the host saves grids; returns the path (None if grids are not saved)."""
-
-
-class StandaloneHost:
-    """The host of `python -m lib_merge ui`: models from one folder, merges saved there; no model is loaded, so
-    nothing can be generated or swapped in."""
-
-    generation_unavailable = "Generating images needs the Stable Diffusion WebUI; here models can be merged and saved."
-    live_model_unavailable = "No model is loaded outside the WebUI; save the merge to use it."
-
-    def __init__(self, folder: Path, data_dir: Path | None = None):
-        self.folder = Path(folder)
-        self.data_dir = Path(data_dir) if data_dir else self.folder
-        self._stop = False
-
-    def _files(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in MODEL_EXTS and p.is_file())
-
-    def list_models(self) -> list[str]:
-        return [str(p.relative_to(self.folder)) for p in self._files() if "vae" not in p.name.lower()]
-
-    def list_vaes(self) -> list[str]:
-        return [str(p.relative_to(self.folder)) for p in self._files() if "vae" in p.name.lower()]
-
-    def _resolve(self, name: str, kind: str) -> Path:
-        path = (self.folder / name).resolve()
-        if self.folder.resolve() not in path.parents or not path.is_file():
-            raise MergeError(f"Unknown {kind} {name!r}; choose one from {self.folder}.")
-        return path
-
-    def resolve_model(self, name: str) -> Path:
-        return self._resolve(name, "model")
-
-    def resolve_vae(self, name: str) -> Path:
-        return self._resolve(name, "VAE")
-
-    def models_folder(self) -> Path:
-        return self.folder
-
-    def history_path(self) -> Path:
-        return self.data_dir / "mergehistory.csv"
-
-    @contextlib.contextmanager
-    def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
-        raise MergeError(self.live_model_unavailable)
-        yield {}  # pragma: no cover
-
-    def load_weights(self, state, identity) -> None:
-        raise MergeError(self.live_model_unavailable)
-
-    def restore_base(self) -> None:
-        raise MergeError(self.live_model_unavailable)
-
-    def loaded_identity(self) -> MergeIdentity | None:
-        return None
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        raise MergeError(self.generation_unavailable)
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        yield
-
-    @contextlib.contextmanager
-    def job(self, title: str) -> Iterator[None]:
-        self._stop = False
-        yield
-
-    def progress(self, done: int, total: int, text: str) -> None:
-        pass
-
-    def request_stop(self) -> None:
-        self._stop = True
-
-    def interrupted(self) -> bool:
-        return self._stop
-
-    def save_grid(self, image, info: str) -> Path | None:
-        return None
 
 
 def model_choices(host: Host, names: Sequence[str] = ()) -> list[str]:

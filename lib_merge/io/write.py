@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import CheckpointError, encode_header
+from .format import CheckpointError, encode_header
 
 SAVE_EXTS = (".safetensors", ".ckpt")
 
