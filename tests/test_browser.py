@@ -325,3 +325,99 @@ def test_load_settings_and_sdxl_block_type_in_the_browser(app, browser):
     tab.click("#bm_inspect")
     wait_until(lambda: "Architecture: SD1" in tab.text("bm_inspect_out"), 30, "the description")
     assert "sd_merge_recipe" in tab.text("bm_inspect_out")
+
+
+def test_front_end_files_in_the_browser(app, browser):
+    """javascript/block_merger.js and style.css, as a person meets them: a hint on hover, the 26 sliders and the
+    chart on one 1280x800 screen, Ctrl+Enter merging, and a question before "Merge to file" replaces a file."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    tab = Tab(browser)
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 60, "the tab")
+
+    # hover hints: the control under the pointer has its hint (the WebUI's way: the `title` the browser shows)
+    def hint_under_pointer(css: str) -> str:
+        target = tab.el(css)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", target)
+        ActionChains(browser).move_to_element(target).perform()
+        return browser.execute_script(
+            "const r = arguments[0].getBoundingClientRect();"
+            "const e = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
+            "const t = e && e.closest('[title]'); return t ? t.title : '';", target)
+
+    assert "A*(1-alpha)+B*alpha" in wait_until(lambda: hint_under_pointer("#bm_alpha span"), 10, "alpha's hint")
+    assert wait_until(lambda: hint_under_pointer('#bm_mode label[data-testid="Add difference-radio-label"]'), 10,
+                      "the hint of a merge mode").startswith("A+(B-C)*alpha")
+    assert "1.8*alpha*(B-C)" in hint_under_pointer('#bm_calc label[data-testid="trainDifference-radio-label"]')
+    assert "skip from IN00" in hint_under_pointer("#bm_w_OUT11 input[type=range]")
+
+    # the layout at 1280x800: with block weights on, the chart and all 26 sliders on one screen, in a U
+    tab.click("#bm_use_mbw input")
+    wait_until(lambda: len(tab.el("#bm_chart").find_elements("css selector", "circle")) == 26, 10, "the chart")
+    browser.execute_script("document.getElementById('bm_chart').scrollIntoView({block: 'start'})")
+    time.sleep(0.3)
+    assert browser.execute_script("return [window.innerWidth, window.innerHeight]") == [1280, 800]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "tab-layout.png"))
+    rect = browser.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+                                  "return {top: r.top, bottom: r.bottom, left: r.left, right: r.right};", "bm_chart")
+    assert -1 <= rect["top"] and rect["bottom"] <= 800, rect  # (sub-pixel scrolling)
+    boxes = {}
+    for label in ("BASE", *[f"IN{i:02d}" for i in range(12)], "M00", *[f"OUT{i:02d}" for i in range(12)]):
+        r = browser.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+                                   "return {top: r.top, bottom: r.bottom, left: r.left, right: r.right};",
+                                   f"bm_w_{label}")
+        assert r["top"] >= rect["bottom"] - 1 and r["bottom"] <= 800 and 0 <= r["left"] and r["right"] <= 1280, \
+            f"{label} is not on the screen with the chart: {r}"
+        boxes[label] = r
+    for i in range(12):
+        inside, outside = boxes[f"IN{i:02d}"], boxes[f"OUT{11 - i:02d}"]
+        assert abs(inside["top"] - outside["top"]) < 2, "IN and OUT blocks of one level share a row"
+        assert inside["right"] <= outside["left"], "IN on the left, OUT on the right"
+        if i:
+            assert inside["top"] > boxes[f"IN{i - 1:02d}"]["top"], "IN goes down"
+    assert boxes["BASE"]["bottom"] <= boxes["IN00"]["top"] + 1
+    assert boxes["M00"]["top"] >= boxes["IN11"]["bottom"] - 1 and boxes["M00"]["top"] >= boxes["OUT00"]["bottom"] - 1
+    # long decimals stay whole: the weight text is one line that scrolls sideways
+    tab.type_text("bm_weights_alpha", ",".join(["0.123456789"] * 26))
+    area = tab.el("#bm_weights_alpha textarea")
+    assert area.value_of_css_property("white-space") == "pre"
+    assert browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", area)
+    tab.click("#bm_use_mbw input")
+
+    # Ctrl+Enter in the tab merges (here, without a loaded model: to a file)
+    tab.choose("bm_model_a", "model_a.safetensors")
+    tab.choose("bm_model_b", "model_b.safetensors")
+    tab.radio("bm_mode", "Weight sum")
+    tab.radio("bm_calc", "normal")
+    tab.open_accordion("bm_options", "#bm_custom_name")
+    tab.type_text("bm_custom_name", "ctrl_enter")
+    tab.el("#bm_custom_name input").click()
+
+    def ctrl_enter():
+        ActionChains(browser).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+
+    ctrl_enter()
+    out = app["models"] / "ctrl_enter.safetensors"
+    assert str(out) in tab.wait_message("ctrl_enter")
+    assert out.is_file()
+    before = out.stat()
+
+    # "overwrite" ticked and the file there: the page asks; "no" keeps the file, "yes" replaces it
+    overwrite = browser.find_element("xpath", "//*[@id='bm_save_flags']//label[normalize-space(.)='overwrite']")
+    overwrite.click()
+    wait_until(lambda: overwrite.find_element("css selector", "input").is_selected(), 10, "overwrite ticked")
+    tab.click("#bm_save_file")
+    alert = wait_until(lambda: browser.switch_to.alert, 30, "the question before overwriting")
+    assert str(out) in alert.text and "Replace it" in alert.text
+    alert.dismiss()
+    assert f"cancelled: {out} is kept" in tab.wait_message("cancelled")
+    assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    tab.el("#bm_custom_name input").click()
+    ctrl_enter()
+    wait_until(lambda: browser.switch_to.alert, 30, "the question again").accept()
+    tab.wait_message("Saved")
+    assert out.stat().st_ino != before.st_ino, "the file was replaced (atomically, by a new one)"
+    assert "Traceback" not in browser.page_source

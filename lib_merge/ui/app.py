@@ -16,7 +16,10 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 7870
 FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"]
 MONO = ["ui-monospace", "Consolas", "DejaVu Sans Mono", "monospace"]
-CSS = "#bm_inspect_out textarea, #bm_message textarea {font-family: ui-monospace, monospace; font-size: 13px}"
+#: the extension's front-end files, which the WebUI loads from the extension's top level by itself
+EXTENSION_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = EXTENSION_ROOT / "javascript" / "block_merger.js"
+STYLE = EXTENSION_ROOT / "style.css"
 
 
 def build_service(models: Path, data_dir: Path | None = None):
@@ -33,14 +36,17 @@ def build_app(service):
     """The tab inside a page of its own (rendered into an outer Blocks, as the WebUI does with extension tabs)."""
     import gradio as gr
 
-    from .tab import TITLE, build_tab
+    from .tab import ROOT_ID, TITLE, build_tab, js_event
 
     tab = build_tab(service)
     # System fonts only: the default theme would fetch its web font from the internet.
     theme = gr.themes.Default(font=FONTS, font_mono=MONO)
-    with gr.Blocks(title=TITLE, analytics_enabled=False, theme=theme, css=CSS) as app:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, theme=theme, css=STYLE.read_text(encoding="utf-8")) as app:
         gr.Markdown(f"## {TITLE} — models in `{service.host.models_folder()}`", elem_id="bm_app_title")
-        tab.render()
+        with gr.Column(elem_id=ROOT_ID):  # the WebUI's tab container has this id: style.css and the script use it
+            tab.render()
+        # the page script runs once the page has loaded (gradio 3.41 has no `head`; gradio 4 keeps `load` + js)
+        app.load(None, None, None, **js_event("() => {\n" + SCRIPT.read_text(encoding="utf-8") + "\n}"))
     return app
 
 

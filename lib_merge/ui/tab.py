@@ -30,6 +30,14 @@ from .plot import run_plot
 log = logging.getLogger("block_merger")
 
 TITLE = "Block Merger"
+#: the id of the element holding the tab: the WebUI's tab container (`tab_` + the tab's elem_id, see hosts/a1111's
+#: TAB); the standalone app wraps the tab in an element with the same id, so style.css and javascript/ serve both
+ROOT_ID = "tab_block_merger"
+#: what the page runs before "Merge to file" replaces a file: with its inputs (the file, the answer, the widgets),
+#: it puts the user's answer in the second place (javascript/block_merger.js asks; without that script the overwrite
+#: goes ahead, as the ticked "overwrite" option says)
+CONFIRM_OVERWRITE_JS = ("(...args) => { const ask = window.blockMergerConfirmOverwrite; "
+                        "args[1] = ask ? ask(args[0]) : true; return args; }")
 #: the widgets a recipe is made of, in the order handlers receive them
 RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta", "use_mbw", "weights_alpha",
                "weights_beta", "block_type", "elemental", "adjust", "inex", "inex_blocks", "inex_elements", "gamma",
@@ -131,6 +139,18 @@ class Handlers:
             result = self.service.save(recipe, name, options, flags["overwrite"], flags["safetensors"],
                                        flags["metadata"])
         return ActionResult(self._saved(result))
+
+    def overwrite_target(self, values: dict[str, Any]) -> str:
+        """The existing file "Merge to file" would replace, or "" when it would write a new one (or refuse: the
+        merge itself reports why), so that the page can ask before replacing it."""
+        options, flags, name = self._save_args(values)
+        if not flags["overwrite"]:
+            return ""
+        recipe = self.recipe(values)
+        with self.host.lock():
+            plan, _ = self.service.plan(recipe)
+        path = self.service.output_path(plan, name, options, flags["safetensors"])
+        return str(path) if path.exists() else ""
 
     def save_current(self, values: dict[str, Any]) -> ActionResult:
         options, flags, name = self._save_args(values)
@@ -283,13 +303,14 @@ def build_tab(service: MergeService) -> gr.Blocks:
                                                    max_lines=2, elem_id="bm_weights_beta")
                     chart = gr.HTML(weights_svg("", enabled=False), elem_id="bm_chart")
                     sliders: dict[str, gr.Slider] = {}
-                    with gr.Row():
-                        # IN blocks on the left, OUT blocks on the right in reverse, so skip connections face each
-                        # other (IN00 <-> OUT11); BASE and M00 on the top row.
-                        columns = (("BASE", *[f"IN{i:02d}" for i in range(12)]),
-                                   ("M00", *[f"OUT{i:02d}" for i in reversed(range(12))]))
-                        for labels in columns:
-                            with gr.Column(min_width=220):
+                    with gr.Row(elem_id="bm_blocks"):
+                        # A U, as the U-Net is drawn: IN blocks down the left, OUT blocks up the right, so skip
+                        # connections face each other (IN00 <-> OUT11), M00 at the bottom. style.css turns the two
+                        # columns into one grid with BASE above and M00 below both.
+                        columns = (("in", ("BASE", *[f"IN{i:02d}" for i in range(12)])),
+                                   ("out", (*[f"OUT{i:02d}" for i in reversed(range(12))], "M00")))
+                        for side, labels in columns:
+                            with gr.Column(min_width=220, elem_id=f"bm_blocks_{side}"):
                                 for label in labels:
                                     sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
                                                                elem_id=f"bm_w_{label}")
@@ -304,7 +325,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     w["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3 (blank = off)",
                                              max_lines=1, elem_id="bm_adjust")
                     adjust_sliders = []
-                    with gr.Row():
+                    with gr.Row(elem_id="bm_adjust_sliders"):
                         for half in (ADJUST_NAMES[:4], ADJUST_NAMES[4:]):
                             with gr.Column(min_width=220):
                                 for name in half:
@@ -357,6 +378,10 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop", min_width=90)
                 with gr.Row():
                     file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file", min_width=110)
+                    # the file "Merge to file" would replace, and the user's answer to the page's question (set
+                    # by CONFIRM_OVERWRITE_JS in the page; the checkbox itself is never shown)
+                    w["overwrite_target"] = gr.Textbox("", visible=False, elem_id="bm_overwrite_target")
+                    w["overwrite_ok"] = gr.Checkbox(False, visible=False, elem_id="bm_overwrite_ok")
                     save_btn = gr.Button("Save current merge", elem_id="bm_save_current", min_width=110,
                                          interactive=not live_off)
                     restore_btn = gr.Button("Restore base model", elem_id="bm_restore", min_width=110,
@@ -424,9 +449,9 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     action_outputs = [message, gallery, infotext, loaded, history]
 
     for name, method in (("merge", h.merge), ("merge_gen", h.merge_and_generate), ("generate", h.generate),
-                         ("file", h.save_to_file), ("save", h.save_current), ("restore", h.restore),
-                         ("plot", h.plot)):
+                         ("save", h.save_current), ("restore", h.restore), ("plot", h.plot)):
         buttons[name].click(make_action(h, method), action_inputs, action_outputs)
+    _wire_merge_to_file(h, w, action_inputs, action_outputs, buttons["file"])
     buttons["stop"].click(_guard(h.stop, lambda msg: msg), None, message, queue=False)
 
     # models
@@ -556,6 +581,31 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     buttons["inspect"].click(_guard(h.inspect, lambda msg: msg), inspect_model, inspect_out)
 
 
+def js_event(code: str) -> dict[str, str]:
+    """The keyword that gives an event a function to run in the page: `_js` in gradio 3, `js` in gradio 4."""
+    return {"_js" if int(gr.__version__.split(".")[0]) < 4 else "js": code}
+
+
+def _wire_merge_to_file(h: Handlers, w, action_inputs, action_outputs, button) -> None:
+    """"Merge to file" in two steps: find the file it would replace; then ask in the page (CONFIRM_OVERWRITE_JS, run
+    before the second step's function, fills in the answer) and merge unless the user said no. (In gradio 3.41 a
+    page-only step ends a chain: nothing after it runs, hence the question inside the second step.)"""
+    target, ok = w["overwrite_target"], w["overwrite_ok"]
+    save = make_action(h, h.save_to_file)
+
+    def find_target(*values):
+        return h.overwrite_target(dict(zip(ACTION_KEYS, values, strict=True)))
+
+    def save_if_confirmed(path, confirmed, *values):
+        if path and not confirmed:
+            return f"Merge to file cancelled: {path} is kept.", _skip(), _skip(), h.loaded_model(), _skip()
+        return save(*values)
+
+    # a failure to find the target is reported by the merge itself, in the third step
+    button.click(_guard(find_target, lambda msg: ""), action_inputs, target) \
+        .then(save_if_confirmed, [target, ok, *action_inputs], action_outputs, **js_event(CONFIRM_OVERWRITE_JS))
+
+
 def _history_or_skip(h: Handlers):
     try:
         return h.history_rows()
@@ -579,5 +629,5 @@ def handler_values(**values: Any) -> dict[str, Any]:
     return {k: defaults[k] for k in ACTION_KEYS}
 
 
-__all__: Sequence[str] = ("build_tab", "Handlers", "ActionResult", "ACTION_KEYS", "RECIPE_KEYS", "handler_values",
-                          "error_message", "make_action")
+__all__: Sequence[str] = ("build_tab", "Handlers", "ActionResult", "ACTION_KEYS", "RECIPE_KEYS", "ROOT_ID",
+                          "handler_values", "error_message", "make_action", "js_event")

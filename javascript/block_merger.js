@@ -1,0 +1,228 @@
+// Block Merger's page script. The WebUI loads every javascript/*.js of an extension; the standalone app
+// (python -m lib_merge ui) runs this file on page load. Everything here acts only inside the tab's root element
+// (#tab_block_merger), so the rest of the WebUI is untouched.
+//  - hover hints: a titles map keyed by the tab's elem_ids, as the WebUI's own hints.js keys by text; the hint goes
+//    into the element's `title`, which is how the WebUI shows its tooltips;
+//  - Ctrl+Enter (Cmd+Enter) inside the tab runs Merge (where no model can be loaded, as in the standalone app:
+//    Merge to file);
+//  - blockMergerConfirmOverwrite: asked by the tab before "Merge to file" replaces an existing file.
+(function() {
+    "use strict";
+
+    const ROOT_ID = "tab_block_merger";
+
+    // elem_id -> hint (JSON: tests/test_frontend.py reads it to check that every id exists in the tab)
+    const blockMergerTitles = {
+        "bm_model_a": "Model A: the base of the merge; its keys, dtype and extra parts are kept where B and C have none",
+        "bm_model_b": "Model B: the model merged into A",
+        "bm_model_c": "Model C: the third model of Add difference (A+(B-C)*alpha), Triple sum and sum Twice",
+        "bm_refresh": "Read the models folder again (new or renamed checkpoints)",
+        "bm_mode": "How A, B and C are combined; the formula of the chosen mode is shown below the choices",
+        "bm_calc": "How each key's ratio or difference is computed; 'normal' is the merge mode's formula",
+        "bm_alpha": "alpha: the ratio of B. Weight sum: A*(1-alpha)+B*alpha; Add difference: A+(B-C)*alpha. With MBW on, the 26 block weights replace it",
+        "bm_beta": "beta: the ratio of C in Triple sum (A*(1-alpha-beta)+B*alpha+C*beta) and sum Twice ((A*(1-alpha)+B*alpha)*(1-beta)+C*beta); the start row in tensor/tensor2; the threshold of extract",
+        "bm_options": "Save settings, dtype, VAE, the output name, gamma and the weight seed",
+        "bm_save_flags": "save model: also write the merge to a file when merging; overwrite: replace a file of the same name (you are asked first); prune: drop EMA and training-only keys; Reset CLIP ids: restore position_ids to 0..76",
+        "bm_save_dtype": "The dtype written to the file: keep = each key as in model A",
+        "bm_bake_vae": "Write this VAE's weights into the saved file instead of A's",
+        "bm_custom_name": "File name of the merge in the models folder (blank: a name made from the recipe)",
+        "bm_gamma": "gamma (extract): how selective the feature extraction is; larger keeps only the most similar features",
+        "bm_seed": "Seed of the random weights (R/U presets) and of plus random's noise; -1 draws a new one",
+        "bm_mbw": "Block weights: one ratio per U-Net block (MBW) instead of one alpha for the whole model",
+        "bm_use_mbw": "Use the 26 (SDXL: 20) block weights below instead of alpha (and of beta, when beta weights are given)",
+        "bm_block_type": "SD1: 26 weights (BASE, IN00-IN11, M00, OUT00-OUT11); SDXL: 20 (BASE, IN00-IN08, M00, OUT00-OUT08)",
+        "bm_preset": "A named set of block weights (presets file); choosing one fills the alpha weights and turns MBW on",
+        "bm_weights_alpha": "Block weights for alpha, comma separated: BASE, IN00-IN11, M00, OUT00-OUT11 (or a preset name); each block merges as A*(1-w)+B*w in Weight sum",
+        "bm_weights_beta": "Block weights for beta (optional): numbers or a preset name; blank uses beta for every block",
+        "bm_chart": "The block weights as a curve: alpha (and beta) per block, from BASE through IN, M00 and OUT",
+        "bm_blocks": "One slider per block: IN blocks down the left, OUT blocks up the right, M00 at the bottom; moving a slider updates the text above",
+        "bm_w_BASE": "BASE: the text encoder(s), the VAE and every other key outside the U-Net",
+        "bm_w_IN00": "IN00: the U-Net's input convolution and the time embedding",
+        "bm_w_IN01": "IN01: input ResNet + attention, full resolution (composition, fine detail)",
+        "bm_w_IN02": "IN02: input ResNet + attention, full resolution",
+        "bm_w_IN03": "IN03: downsample to 1/2",
+        "bm_w_IN04": "IN04: input ResNet + attention, 1/2 resolution",
+        "bm_w_IN05": "IN05: input ResNet + attention, 1/2 resolution",
+        "bm_w_IN06": "IN06: downsample to 1/4",
+        "bm_w_IN07": "IN07: input ResNet + attention, 1/4 resolution",
+        "bm_w_IN08": "IN08: input ResNet + attention, 1/4 resolution",
+        "bm_w_IN09": "IN09: downsample to 1/8 (SD1 only)",
+        "bm_w_IN10": "IN10: input ResNet, 1/8 resolution (SD1 only)",
+        "bm_w_IN11": "IN11: input ResNet, 1/8 resolution (SD1 only)",
+        "bm_w_M00": "M00: the middle block, lowest resolution (overall structure)",
+        "bm_w_OUT00": "OUT00: output ResNet, lowest resolution; its skip connection comes from IN11",
+        "bm_w_OUT01": "OUT01: output ResNet, lowest resolution (skip from IN10)",
+        "bm_w_OUT02": "OUT02: output ResNet and upsample (skip from IN09)",
+        "bm_w_OUT03": "OUT03: output ResNet + attention, 1/4 resolution (skip from IN08)",
+        "bm_w_OUT04": "OUT04: output ResNet + attention, 1/4 resolution (skip from IN07)",
+        "bm_w_OUT05": "OUT05: output ResNet + attention and upsample (skip from IN06)",
+        "bm_w_OUT06": "OUT06: output ResNet + attention, 1/2 resolution (skip from IN05)",
+        "bm_w_OUT07": "OUT07: output ResNet + attention, 1/2 resolution (skip from IN04)",
+        "bm_w_OUT08": "OUT08: output ResNet + attention and upsample (skip from IN03)",
+        "bm_w_OUT09": "OUT09: output ResNet + attention, full resolution (skip from IN02; SD1 only)",
+        "bm_w_OUT10": "OUT10: output ResNet + attention, full resolution (skip from IN01; SD1 only)",
+        "bm_w_OUT11": "OUT11: output ResNet + attention and the final norm and convolution (skip from IN00; SD1 only)",
+        "bm_elemental_acc": "Elemental: ratios for single elements (key substrings) of chosen blocks",
+        "bm_elemental": "Rules 'Blocks:Elements:Ratio', e.g. OUT06:attn:0.5 merges OUT06's attention keys at 0.5; NOT before a block or element excludes it",
+        "bm_adjust_acc": "Adjust: small offsets to the merged model's input/output layers that change detail, contrast, brightness and colour",
+        "bm_adjust": "Eight numbers: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3 (blank = off); the sliders below set them",
+        "bm_adj_IN": "IN: detail/noise through the input convolution: weight x (1-0.01*IN), bias x (1+0.02*IN)",
+        "bm_adj_OUT": "OUT: detail/noise through the output normalisation: weight x (1-0.01*OUT), bias x (1+0.02*OUT)",
+        "bm_adj_OUT2": "OUT2: detail/noise through the final convolution: weight x (1-0.01*OUT2)",
+        "bm_adj_CONT": "CONT: contrast: adds 0.02*CONT to the final convolution's bias on latent channel 0",
+        "bm_adj_BRI": "BRI: brightness: shifts the final convolution's bias on latent channels 1-3 (0.02 per step)",
+        "bm_adj_COL1": "COL1: cyan (negative) to red (positive)",
+        "bm_adj_COL2": "COL2: magenta (negative) to green (positive)",
+        "bm_adj_COL3": "COL3: yellow (negative) to blue (positive)",
+        "bm_inex_acc": "Include / Exclude: merge only the chosen blocks and elements, or all but them",
+        "bm_inex": "Off: merge every key; Include: only the chosen blocks/elements; Exclude: all but them (the others stay as A)",
+        "bm_inex_blocks": "The blocks Include/Exclude applies to",
+        "bm_inex_elements": "Key substrings Include/Exclude applies to, e.g. attn2, norm",
+        "bm_gen_acc": "Generation after a merge; 0 or blank takes the value from txt2img",
+        "bm_prompt": "Prompt of the test image (blank: txt2img's prompt)",
+        "bm_negative": "Negative prompt of the test image (blank: txt2img's)",
+        "bm_sampler": "Sampler (blank: txt2img's)",
+        "bm_steps": "Sampling steps (0: txt2img's)",
+        "bm_cfg": "CFG scale (0: txt2img's)",
+        "bm_width": "Image width (0: txt2img's)",
+        "bm_height": "Image height (0: txt2img's)",
+        "bm_gen_seed": "Seed of the test image (-1: a new random seed)",
+        "bm_batch": "Images per generation",
+        "bm_xyz_acc": "X/Y/Z plot: a grid of images over merge settings; each distinct merge is made once",
+        "bm_x_type": "What varies along X", "bm_x_values": "X values, separated by commas (see the help below)",
+        "bm_y_type": "What varies along Y", "bm_y_values": "Y values, separated by commas",
+        "bm_z_type": "What varies along Z (one grid per value)", "bm_z_values": "Z values, separated by commas",
+        "bm_xyz_run": "Run the plot: merges, generates and draws the grids (Stop keeps the finished cells)",
+        "bm_merge": "Merge into the loaded model (only the keys that changed since the last merge); Ctrl+Enter in the tab",
+        "bm_merge_gen": "Merge into the loaded model, then generate with the parameters above",
+        "bm_generate": "Generate with the loaded model (no merge)",
+        "bm_stop": "Stop the running merge or plot: the previous weights are kept",
+        "bm_save_file": "Merge straight into a file in the models folder (the loaded model is not touched); asks before replacing a file",
+        "bm_save_current": "Write the merge that is loaded to a file",
+        "bm_restore": "Put the base checkpoint's own weights back into the loaded model",
+        "bm_message": "What the last action did, or why it could not",
+        "bm_loaded": "The model loaded now: a merge (with its recipe hash) or the base checkpoint",
+        "bm_merge_id": "The number of a merge in the history (-1: the last one)",
+        "bm_load_settings": "Fill every control with the settings of that merge",
+        "bm_gallery": "Images of the last generation or plot",
+        "bm_infotext": "Generation parameters of the first image",
+        "bm_inspect_acc": "Inspect a model: architecture, dtypes, size and merge recipe",
+        "bm_inspect_model": "The model to describe",
+        "bm_inspect": "Describe the chosen model",
+        "bm_inspect_out": "The model's description",
+        "bm_history_acc": "Every merge, with its recipe and settings",
+        "bm_search": "Words to find in the history (blank: the latest merges)",
+        "bm_search_mode": "and: rows with every word; or: rows with any word",
+        "bm_search_btn": "Search the history, or reload it",
+        "bm_history": "The merge history (newest first)"
+    };
+
+    // option hints, by the elem_id of the radio or checkbox group that holds them (JSON, checked like the above)
+    const blockMergerOptionTitles = {
+        "bm_mode": {
+            "Weight sum": "A*(1-alpha)+B*alpha",
+            "Add difference": "A+(B-C)*alpha (needs model C)",
+            "Triple sum": "A*(1-alpha-beta)+B*alpha+C*beta (needs model C)",
+            "sum Twice": "(A*(1-alpha)+B*alpha)*(1-beta)+C*beta (needs model C)"
+        },
+        "bm_calc": {
+            "normal": "The merge mode's formula",
+            "cosineA": "Per-column ratio from the cosine similarity of A and B, favouring A's structure",
+            "cosineB": "Per-column ratio from the raw cosine similarity of A and B, favouring B's structure",
+            "trainDifference": "A + 1.8*alpha*(B-C)*|B-A|/(|B-C|+|B-A|) (Add difference)",
+            "smoothAdd": "A + alpha*gaussian(median(B-C)) (Add difference)",
+            "smoothAdd MT": "smoothAdd on all cores (Add difference)",
+            "extract": "Features of B-A and C-A chosen by their cosine similarity (beta, gamma)",
+            "tensor": "Rows [beta, beta+alpha) of dim 0 taken from B",
+            "tensor2": "Like tensor, slicing dim 1",
+            "self": "A*alpha (B unused)",
+            "plus random": "A + alpha*N(0,1) noise, seeded (B unused)"
+        },
+        "bm_save_flags": {
+            "save model": "Merge also writes a file",
+            "overwrite": "Replace a file of the same name (you are asked first)",
+            "safetensors": "Write .safetensors (off: .ckpt)",
+            "prune": "Leave out EMA and training-only keys",
+            "save metadata": "Write the recipe and the models' hashes into the file",
+            "Reset CLIP ids": "Write position_ids as 0..76"
+        },
+        "bm_inex": {
+            "Off": "Merge every key",
+            "Include": "Merge only the chosen blocks and elements",
+            "Exclude": "Merge all but the chosen blocks and elements"
+        }
+    };
+
+    function app() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+
+    function tabRoot() {
+        return app().querySelector("#" + ROOT_ID);
+    }
+
+    function setTitle(element, text) {
+        if (element && element.title !== text) element.title = text;
+    }
+
+    // Put every hint on its element; gradio re-renders parts of the tab, so this runs again after changes.
+    function applyTitles(root) {
+        for (const [id, text] of Object.entries(blockMergerTitles)) {
+            setTitle(root.querySelector("#" + id), text);
+        }
+        for (const [id, options] of Object.entries(blockMergerOptionTitles)) {
+            const group = root.querySelector("#" + id);
+            if (!group) continue;
+            for (const label of group.querySelectorAll("label")) {
+                const input = label.querySelector("input");
+                const value = input && input.value !== "on" ? input.value : label.textContent.trim();
+                if (value in options) setTitle(label, options[value]);
+            }
+        }
+    }
+
+    function watch(root) {
+        applyTitles(root);
+        let timer = null;
+        new MutationObserver(function() {
+            clearTimeout(timer);
+            timer = setTimeout(function() {
+                applyTitles(root);
+            }, 200);
+        }).observe(root, {childList: true, subtree: true});
+    }
+
+    // The tab is rendered after the scripts run: wait for it.
+    const waiting = setInterval(function() {
+        const root = tabRoot();
+        if (root && root.querySelector("#bm_merge")) {
+            clearInterval(waiting);
+            watch(root);
+        }
+    }, 250);
+
+    // Ctrl+Enter inside the tab: Merge, or Merge to file where Merge is not available. Caught before the WebUI's
+    // own Ctrl+Enter (which looks for a generate button and would press the tab's "Generate").
+    window.addEventListener("keydown", function(e) {
+        if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.altKey || e.shiftKey) return;
+        const root = tabRoot();
+        if (!root || !root.offsetParent) return; // the tab is hidden (another WebUI tab is open)
+        const inside = root.contains(e.target) || e.target === document.body || e.target === document.documentElement;
+        if (!inside) return;
+        const merge = root.querySelector("#bm_merge");
+        const button = merge && !merge.disabled ? merge : root.querySelector("#bm_save_file");
+        if (!button || button.disabled) return;
+        e.preventDefault();
+        e.stopImmediatePropagation();
+        if (e.target && e.target.blur) e.target.blur(); // a field being typed in commits its value first
+        setTimeout(function() {
+            button.click();
+        }, 50);
+    }, true);
+
+    // Asked by the tab (tab.CONFIRM_OVERWRITE_JS) with the file "Merge to file" would replace ("" if none).
+    window.blockMergerConfirmOverwrite = function(path) {
+        if (!path) return true;
+        return window.confirm("Block Merger: " + path + " exists.\n\nReplace it with the new merge?");
+    };
+})();
