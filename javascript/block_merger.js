@@ -165,10 +165,14 @@
         if (element && element.title !== text) element.title = text;
     }
 
-    // Put every hint on its element; gradio re-renders parts of the tab, so this runs again after changes.
+    // Put every hint on its element, and on the texts inside it that the WebUI's hints.js titles by their words
+    // (it knows "Seed" or "Add difference" from its own tabs): inside this tab, this tab's hint is the one shown.
     function applyTitles(root) {
         for (const [id, text] of Object.entries(blockMergerTitles)) {
-            setTitle(root.querySelector("#" + id), text);
+            const element = root.querySelector("#" + id);
+            if (!element) continue;
+            setTitle(element, text);
+            setTitle(element.querySelector("[data-testid='block-info']"), text); // the control's name
         }
         for (const [id, options] of Object.entries(blockMergerOptionTitles)) {
             const group = root.querySelector("#" + id);
@@ -176,11 +180,15 @@
             for (const label of group.querySelectorAll("label")) {
                 const input = label.querySelector("input");
                 const value = input && input.value !== "on" ? input.value : label.textContent.trim();
-                if (value in options) setTitle(label, options[value]);
+                if (!(value in options)) continue;
+                setTitle(label, options[value]);
+                label.querySelectorAll("span, input").forEach(e => setTitle(e, options[value]));
             }
         }
     }
 
+    // gradio re-renders parts of the tab and hints.js adds its titles late: apply again after either (this
+    // converges: applying sets only titles that differ).
     function watch(root) {
         applyTitles(root);
         let timer = null;
@@ -189,7 +197,7 @@
             timer = setTimeout(function() {
                 applyTitles(root);
             }, 200);
-        }).observe(root, {childList: true, subtree: true});
+        }).observe(root, {childList: true, subtree: true, attributes: true, attributeFilter: ["title"]});
     }
 
     // The tab is rendered after the scripts run: wait for it.

@@ -124,8 +124,13 @@ def browser(tmp_path_factory):
 def set_viewport(driver, width: int, height: int) -> None:
     """Size the window so that the page itself (the viewport) is width x height."""
     driver.set_window_size(width, height)
-    inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
-    driver.set_window_size(2 * width - inner[0], 2 * height - inner[1])
+    for _ in range(3):  # the window's frame is learnt from what the page gets; a resize can land late, so re-check
+        inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+        if inner == [width, height]:
+            return
+        outer = driver.get_window_size()
+        driver.set_window_size(outer["width"] + width - inner[0], outer["height"] + height - inner[1])
+        time.sleep(0.2)
 
 
 class Tab:
