@@ -42,6 +42,7 @@ class MemoryHost(StandaloneHost):
         self.loads: list[int] = []  # number of tensors handed over per load
         self.generated: list[tuple[str, int, str]] = []  # (weights digest, seed, prompt)
         self._lock = threading.Lock()
+        self._owner: int | None = None
 
     def live_weights(self):
         return contextlib.nullcontext(self.live)
@@ -75,12 +76,14 @@ class MemoryHost(StandaloneHost):
 
     @contextlib.contextmanager
     def lock(self):
-        if not self._lock.acquire(timeout=5):
+        if self._owner == threading.get_ident():
             raise RuntimeError("lock taken twice (the WebUI's queue lock is not re-entrant)")
-        try:
-            yield
-        finally:
-            self._lock.release()
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
 
 def base_digest(folder: Path, name: str) -> str:

@@ -126,7 +126,7 @@ ui = types.ModuleType('lib_merge.ui.tab'); ui.build_tab = lambda service: 'block
 sys.modules['lib_merge.ui.tab'] = ui
 print(script_callbacks.ui_tabs_callback())
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "[('blocks', 'Block Merger', 'block_merger')]" in out.stdout
 
@@ -344,7 +344,7 @@ def run_install(tmp_path, missing=()):
         "atexit.register(lambda: print(json.dumps(calls)))\n")
     env = {**os.environ, "PYTHONPATH": str(fake)}
     out = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

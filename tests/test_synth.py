@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from lib_merge.cli import synth
 
-DATA = Path(synth.__file__).resolve().parent / "data"
+DATA = Path(synth.__file__).resolve().parent.parent / "data"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
