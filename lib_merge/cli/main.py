@@ -1,4 +1,4 @@
-"""Command line: `merge`, `inspect`, `demo` and `ui`.
+"""Command line: `merge`, `inspect`, `analyze`, `demo` and `ui`.
 
 Errors are one line on stderr and exit status 2, never a traceback.
 """
@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint: architecture, dtypes, blocks, metadata")
     inspect.add_argument("file")
+    inspect.add_argument("--keys", action="store_true", help="list every key with its block, shape and dtype")
+    inspect.add_argument("--filter", default="", metavar="TEXT", help="with --keys: only keys containing TEXT")
+
+    analyze = sub.add_parser("analyze", help="how similar two or three models are, per block (and per key)")
+    analyze.add_argument("models", nargs="+", metavar="MODEL", help="two or three checkpoints: A B [C]")
+    analyze.add_argument("--per-key", action="store_true", help="also list every compared key")
 
     demo = sub.add_parser("demo", help="merge small synthetic models and show what changed, per block")
     demo.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and merges here")
@@ -162,9 +168,26 @@ def clip_ids_report(model_a: Path) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.keys:
+        from ..analysis.elements import format_elements, list_elements
+
+        print(format_elements(list_elements(Path(args.file), args.filter)))
+        return 0
+    if args.filter:
+        raise MergeError("--filter lists keys: use it with --keys (see `python -m lib_merge inspect --help`)")
     from .inspect import describe
 
     print(describe(Path(args.file)))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from ..analysis.similarity import compare_models, format_comparison
+
+    if len(args.models) not in (2, 3):
+        raise MergeError(f"analyze takes two or three models, got {len(args.models)} "
+                         "(see `python -m lib_merge analyze --help`)")
+    print(format_comparison(compare_models([Path(m) for m in args.models]), per_key=args.per_key))
     return 0
 
 
@@ -196,7 +219,7 @@ def cmd_ui(args) -> int:
     return _serve(Path(args.models), args.port, Path(args.data) if args.data else default_data_dir(), args.browser)
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "ui": cmd_ui}
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "analyze": cmd_analyze, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
