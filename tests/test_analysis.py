@@ -185,6 +185,8 @@ def test_elements_list_every_key_with_block_shape_and_dtype(sd1_files):
     attn = list_elements(sd1_files["paths"]["c"], "ATTN2")
     assert [e.key for e in attn] == [k for k in order if "attn2" in k]
     assert [e.index for e in attn] == [i for i, k in enumerate(order) if "attn2" in k]
+    out11 = list_elements(sd1_files["paths"]["c"], "out11")
+    assert [e.key for e in out11] == [k for k in order if "model" in k and sd1_block(k) == "OUT11"]
 
 
 def test_elements_give_sdxl_fine_labels(sd1_files):
@@ -192,6 +194,9 @@ def test_elements_give_sdxl_fine_labels(sd1_files):
     for e in list_elements(sd1_files["xl"]):
         labels = sdxl_labels(e.key) if "model" in e.key else None
         assert (e.fine, e.block) == (labels or ("", "")), e.key
+    fine = list_elements(sd1_files["xl"], "IN411")
+    assert [e.key for e in fine] == [k for k in file_order(sd1_files["xl"]) if (sdxl_labels(k) or ("",))[0] == "IN411"]
+    assert fine
     assert len(list_elements(sd1_files["xl"])) == len(state)
 
 

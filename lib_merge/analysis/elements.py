@@ -23,7 +23,8 @@ class Element:
 
 
 def list_elements(path: Path, contains: str = "") -> list[Element]:
-    """Every key of the checkpoint in file order; `contains` keeps keys holding that text (case-insensitive).
+    """Every key of the checkpoint in file order; `contains` keeps keys holding that text, or whose block or fine
+    label is that text (case-insensitive: "attn2", "OUT11", "IN410").
 
     Indices stay those of the whole file, so a filtered list still says where a key sits."""
     needle = contains.lower()
@@ -32,10 +33,10 @@ def list_elements(path: Path, contains: str = "") -> list[Element]:
         keys = ckpt.keys()
         arch = detect_arch(set(keys), ckpt.shape, str(path))
         for index, key in enumerate(keys):
-            if needle not in key.lower():
-                continue
             labels = arch.block_of(key) if "model" in key else None
             fine, block = labels if labels else ("", "")
+            if needle not in key.lower() and needle not in (block.lower(), fine.lower()):
+                continue
             dtype = str(ckpt.dtype(key)).replace("torch.", "")
             out.append(Element(index, key, block, fine, tuple(ckpt.shape(key)), dtype))
     return out
