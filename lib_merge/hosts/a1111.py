@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,7 +40,7 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
-from ..service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
 from .base import GenerationRequest, GenerationResult, MergeIdentity
 
@@ -565,18 +566,28 @@ class Extension:
         """Make the model what this generation asks for: the requested recipe (merged only when it is not loaded
         already; a transient merge), or without a request the user's own choice (their merge or the base). The
         infotext then names whatever merge is loaded."""
+        try:
+            recipe = self._requested_recipe(p, requested)
+            with self.host.progress_kept():
+                self.service().reconcile(recipe)
+        except Exception as e:  # noqa: BLE001 - the WebUI's runner would swallow it and generate anyway
+            # so the caller (an API client, an X/Y/Z cell) sees it in the infotext, not only in the console
+            reason = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+            p.extra_generation_params[INFOTEXT_FAILED] = f"the merge was not applied: {reason}"
+            print(f"Block Merger: the requested merge was not applied: {reason}", file=sys.stderr)
+        identity = self.host.loaded_identity()
+        if identity is not None:
+            p.extra_generation_params[INFOTEXT_MERGE] = identity.name
+            p.extra_generation_params[INFOTEXT_RECIPE] = identity.recipe_json
+
+    def _requested_recipe(self, p, requested) -> Recipe | None:
+        """The recipe a generation asks for (its field, a script's attribute, X/Y/Z cells), or None."""
         requested = getattr(p, REQUEST_ATTR, None) or requested
         blank = requested is None or (isinstance(requested, str) and not requested.strip())
         recipe = None if blank else parse_request(requested)[0]
         blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
         base = recipe or self.service().committed()
-        recipe = webui_xyz.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
-        with self.host.progress_kept():
-            self.service().reconcile(recipe)
-        identity = self.host.loaded_identity()
-        if identity is not None:
-            p.extra_generation_params[INFOTEXT_MERGE] = identity.name
-            p.extra_generation_params[INFOTEXT_RECIPE] = identity.recipe_json
+        return webui_xyz.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
 
     # -- axes in the WebUI's X/Y/Z plot ----------------------------------------------------------------------
 

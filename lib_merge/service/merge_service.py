@@ -28,6 +28,7 @@ from .pipeline import SaveResult, check_device, merge_to_file
 
 INFOTEXT_RECIPE = "Merge recipe"
 INFOTEXT_MERGE = "Merge"
+INFOTEXT_FAILED = "Merge error"  # a generation's requested merge that could not be made, and why
 
 
 @dataclass(frozen=True)
