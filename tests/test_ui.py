@@ -350,6 +350,27 @@ def test_blocks_render_inside_another_blocks(folder):
     assert by_id["bm_merge"].interactive is not False and "bm_unavailable" in by_id
 
 
+def test_a_fresh_page_shows_the_model_loaded_now(folder):
+    """A merge made after the tab was built (through the API, say): a page opened later shows it, not the base."""
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.ui.app import build_app
+
+    service = MergeService(FakeHost(folder), presets=PRESETS)
+    app = build_app(service)  # rendered inside another Blocks, as in the WebUI
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["bm_loaded"].value == "The base checkpoint (no merge)."
+    with service.host.lock():
+        outcome = service.merge_and_load(Recipe("a.safetensors", "b.safetensors", alpha=0.25))
+    on_load = [(i, d) for i, d in enumerate(app.dependencies)
+               if d["trigger"] == "load" and not d["targets"] and by_id["bm_loaded"]._id in d["outputs"]]
+    assert len(on_load) == 1, "nothing recomputes the loaded model when a page opens"
+    index, dep = on_load[0]
+    shown = dict(zip(dep["outputs"], app.fns[index].fn(), strict=True))
+    assert shown[by_id["bm_loaded"]._id] == f"{outcome.identity.name} (recipe {outcome.identity.short_hash})"
+    table = shown[by_id["bm_history"]._id]
+    assert table[0][2] == outcome.identity.name  # the history table is read again too
+
+
 def _handlers(host):
     from lib_merge.ui.tab import Handlers
 

@@ -427,6 +427,13 @@ def build_tab(service: MergeService) -> gr.Blocks:
               dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn, stop=stop_btn,
                    file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn, load=load_btn, search=search_btn,
                    inspect=inspect_btn))
+
+        # values computed when the tab was built go stale (a merge made through the API, another browser tab):
+        # every page load asks again
+        def page_opened():
+            return h.loaded_model(), _history_or_skip(h)
+
+        tab.load(_guard(page_opened, lambda msg: (msg, _skip())), None, [loaded, history], queue=False)
     return tab
 
 
