@@ -50,7 +50,8 @@ OPT_THREADS = "block_merger_threads"
 OPT_KEEP = "block_merger_keep_models"
 OPT_HISTORY = "block_merger_history_file"
 DEFAULTS = {OPT_DEVICE: "cpu", OPT_THREADS: 0, OPT_KEEP: 3, OPT_HISTORY: ""}
-TAB = ("Block Merger", "block_merger")  # title, elem_id
+TITLE = "Block Merger"  # the tab's and the txt2img script's title
+TAB = (TITLE, "block_merger")  # title, elem_id
 
 #: set on the CheckpointInfo objects of merges (never on registered ones)
 IDENTITY_ATTR = "block_merger_identity"
@@ -244,6 +245,11 @@ class A1111Host:
         m = sd_models.model_data.sd_model
         info = getattr(m, "sd_checkpoint_info", None)
         return getattr(info, "title", "") or ""
+
+    def base_title(self) -> str:
+        """The registered checkpoint under the loaded model (under a merge: the checkpoint it was loaded over)."""
+        info = getattr(sd_models.model_data.sd_model, "sd_checkpoint_info", None)
+        return getattr(getattr(info, BASE_ATTR, info), "title", "") or ""
 
     @contextlib.contextmanager
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -582,12 +588,33 @@ class Extension:
 
     def _requested_recipe(self, p, requested) -> Recipe | None:
         """The recipe a generation asks for (its field, a script's attribute, X/Y/Z cells), or None."""
-        requested = getattr(p, REQUEST_ATTR, None) or requested
-        blank = requested is None or (isinstance(requested, str) and not requested.strip())
-        recipe = None if blank else parse_request(requested)[0]
+        recipe = self._field_recipe(p, requested)
         blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
         base = recipe or self.service().committed()
-        return webui_xyz.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
+        return webui_xyz.requested_recipe(p, base, self.host.base_title(), blocks) or recipe
+
+    @staticmethod
+    def _field_recipe(p, requested) -> Recipe | None:
+        requested = getattr(p, REQUEST_ATTR, None) or requested
+        blank = requested is None or (isinstance(requested, str) and not requested.strip())
+        return None if blank else parse_request(requested)[0]
+
+    def check_xyz_plot(self, p, sample: dict) -> None:
+        """Refuse an X/Y/Z plot whose Block Merger cells cannot make a merge (before its first image): with no merge
+        made yet, an Alpha axis alone has no model B, and every cell would quietly show the base model."""
+        ours = next((s for s in getattr(getattr(p, "scripts", None), "alwayson_scripts", ())
+                     if getattr(s, "title", lambda: "")() == TITLE), None)
+        field = p.script_args[ours.args_from] if ours is not None and len(p.script_args) > ours.args_from else None
+        cell = copy.copy(p)
+        setattr(cell, webui_xyz.REQUEST_ATTR, sample)
+        try:
+            self._requested_recipe(cell, field).validate(self.service().presets)
+        except MergeError as e:
+            base = self._field_recipe(p, field) or self.service().committed()
+            hint = (" No merge is made yet for the axes to vary: make one in the Block Merger tab (Merge) first, put "
+                    "a recipe in txt2img's Block Merger field, or add [Block Merger] Model A/Model B axes."
+                    if base is None else "")
+            raise MergeError(f"X/Y/Z plot refused: the Block Merger axes cannot make a merge: {e}{hint}") from e
 
     # -- axes in the WebUI's X/Y/Z plot ----------------------------------------------------------------------
 
@@ -599,7 +626,7 @@ class Extension:
         if xyz is None:
             return False
         options = webui_xyz.axis_options(xyz, self.host.resolve_model, self.host.list_models,
-                                         lambda: self.service().presets)
+                                         lambda: self.service().presets, self.check_xyz_plot)
         return webui_xyz.register(xyz, options)
 
     # -- API handlers (outside generations: they take the queue lock) -----------------------------------------
