@@ -486,8 +486,10 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     w["calc"].change(on_calc, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
 
     # block weights: sliders -> text (user moves a slider), text -> sliders (user types), the chart follows the text
-    def sliders_changed(*values):
-        return uv.sliders_to_text(values[:26], values[26])
+    def slider_moved(position):
+        def moved(text, block_type, *current):
+            return uv.slider_moved(text, block_type, position, current, presets)
+        return moved
 
     def text_typed(text, block_type, *current):
         values = uv.text_to_sliders(text, block_type, current, presets)
@@ -495,8 +497,9 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
 
     # `release` (end of a drag, or leaving the number box) rather than `input`: one request per edit, so responses
     # of a burst cannot arrive out of order and leave the text behind the sliders.
-    for slider in block_sliders:
-        slider.release(sliders_changed, [*block_sliders, w["block_type"]], w["weights_alpha"], queue=False)
+    for position, slider in enumerate(block_sliders):
+        slider.release(slider_moved(position), [w["weights_alpha"], w["block_type"], *block_sliders],
+                       w["weights_alpha"], queue=False)
     # gradio drops an event while the same one is still running, so fast typing can outrun `input`; leaving the
     # field (`blur`) syncs once more with the final text.
     for event in (w["weights_alpha"].input, w["weights_alpha"].blur):
