@@ -57,6 +57,7 @@ def test_every_registration(webui, entry):
     keys = ["block_merger_merge_device", "block_merger_threads", "block_merger_keep_models",
             "block_merger_history_file"]
     assert all(labels[k].section == ("block_merger", "Block Merger") for k in keys)
+    assert all(labels[k].category_id == "sd" for k in keys)  # v1.10.1: not under "Uncategorized"
     assert labels["block_merger_merge_device"].component_args == {"choices": ["cpu", "cuda"]}
 
     script = webui.runner.alwayson_scripts[0]

@@ -141,6 +141,16 @@ def test_other_messages():
         recipe_from_values(**values(calc="extract", alpha=1.5))
 
 
+def test_train_difference_with_weight_sum_says_it_implies_add_difference():
+    with pytest.raises(MergeError) as err:
+        recipe_from_values(**values(mode="Weight sum", calc="trainDifference", model_c=""))
+    assert "Model C is required" in str(err.value)
+    assert "trainDifference always merges as Add difference" in str(err.value)
+    with pytest.raises(MergeError) as plain:  # chosen directly: nothing is implied
+        recipe_from_values(**values(mode="Add difference", model_c=""))
+    assert "always merges" not in str(plain.value)
+
+
 def test_inex_elemental_adjust_pass_through():
     r = recipe_from_values(**values(inex="Exclude", inex_blocks=["IN01", "OUT02", "VAE"], inex_elements="attn, norm",
                                     elemental="OUT06:attn:0.5\nIN04::0.2", adjust="1,0,0,0,0,0,0,2"))
@@ -446,11 +456,31 @@ def test_handlers_merge_generate_save_restore(folder):
     assert host.requests[-1].prompt == "a cat" and host.requests[-1].width == 512
     assert host.requests[-1].extra_params["Merge"] == "tabmerge"
 
-    with pytest.raises(MergeError, match="exists"):
+    with pytest.raises(MergeError, match="exists") as taken:
         h.save_current(dict(v, save_flags=["safetensors"]))
+    assert "Custom name" in str(taken.value) and "overwrite" in str(taken.value)
+    assert "--overwrite" not in str(taken.value)  # the tab's controls, not the CLI's
     assert "Saved" in h.save_current(dict(v, save_flags=["safetensors", "overwrite"])).message
     assert "Restored" in h.restore(v).message and host.identity is None
     assert host.jobs and set(host.jobs) == {"Block Merger"}
+
+
+def test_save_current_then_merge_to_file_get_readable_distinct_names(folder):
+    """No custom name, the same recipe saved twice (Save current merge, then Merge to file), with model names as
+    the WebUI's dropdowns give them (`name [hash]`): both saves succeed, under readable, distinct names."""
+    from lib_merge.ui.tab import handler_values
+
+    host = FakeHost(folder)
+    host.resolve_model = lambda title: folder / title.split(" [")[0]  # as the WebUI resolves its titles
+    h = _handlers(host)
+    v = handler_values(model_a="a.safetensors [0123456789]", model_b="b.safetensors [0123456789]", alpha=0.3)
+    h.merge(v)
+    first = h.save_current(v).message
+    second = h.save_to_file(v).message
+    names = [m.split("Saved ", 1)[1].split(" (", 1)[0] for m in (first, second)]
+    assert names[0] != names[1]
+    assert [Path(n).name for n in names] == ["ax_1-0.3_+bx0.3.safetensors", "ax_1-0.3_+bx0.3-2.safetensors"]
+    assert all(Path(n).is_file() for n in names)
 
 
 def test_handlers_standalone_and_load_settings(folder):
@@ -466,7 +496,8 @@ def test_handlers_standalone_and_load_settings(folder):
     result = h.save_to_file(v)
     assert "Saved" in result.message and "merge ID 1" in result.message
     assert (folder / "filemerge.safetensors").is_file()
-    loaded = h.settings_from_id(-1)
+    merge_id, loaded = h.settings_from_id(-1)
+    assert merge_id == 1  # -1 resolved: the message names the merge itself
     assert (loaded["mode"], loaded["calc"], loaded["alpha"], loaded["model_c"]) == (
         "Add difference", "trainDifference", 0.7, "base.safetensors")
     rows = h.history_rows()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from modules import (
     devices,
     images,
     lowvram,
+    paths,
     processing,
     script_callbacks,
     scripts,
@@ -231,7 +233,7 @@ class A1111Host:
     def history_path(self) -> Path:
         configured = str(option(OPT_HISTORY) or "").strip()
         path = Path(configured).expanduser() if configured else Path("mergehistory.csv")
-        return path if path.is_absolute() else self.root / path
+        return path if path.is_absolute() else Path(paths.data_path) / path  # never inside the extension
 
     # -- the loaded model -------------------------------------------------------------------------------------
 
@@ -552,7 +554,13 @@ class Extension:
     def add_settings(self) -> None:
         import gradio as gr
 
-        opts, info = shared.opts, shared.OptionInfo
+        opts = shared.opts
+        # v1.6+ puts sections under categories (else "Uncategorized"); older OptionInfo has no category_id
+        category = {"category_id": "sd"} if "category_id" in inspect.signature(shared.OptionInfo).parameters else {}
+
+        def info(*args, **kw):
+            return shared.OptionInfo(*args, **kw, **category)
+
         opts.add_option(OPT_DEVICE, info(
             DEFAULTS[OPT_DEVICE], "Merge device", gr.Radio, {"choices": ["cpu", "cuda"]}, section=SECTION,
         ).info("cuda computes each tensor on the GPU (needs one); the merged model is the same either way"))
@@ -564,7 +572,7 @@ class Extension:
             {"minimum": 1, "maximum": 16, "step": 1}, section=SECTION))
         opts.add_option(OPT_HISTORY, info(
             DEFAULTS[OPT_HISTORY], "Merge history file", section=SECTION,
-        ).info("empty: mergehistory.csv in the extension's folder; a relative path is taken from there"))
+        ).info("empty: mergehistory.csv in the WebUI's data folder; a relative path is taken from there"))
 
     # -- the txt2img hook (runs inside a generation: the queue lock is already held) ---------------------------
 

@@ -22,6 +22,7 @@ from ..core.weights import ADJUST_NAMES, INEX_MODES
 from ..core.xyz import AXIS_TYPES
 from ..hosts.base import model_choices
 from ..io.history import History
+from ..io.write import OutputExists
 from ..service.merge_service import MergeService
 from . import values as uv
 from .chart import weights_svg
@@ -93,6 +94,14 @@ class Handlers:
                                                   values.get("bake_vae"))
         return options, flags, (values.get("custom_name") or "").strip()
 
+    def _save(self, save: Callable[[], Any]):
+        """Run a save; a taken file name is explained with the tab's own controls."""
+        try:
+            return save()
+        except OutputExists as e:
+            raise MergeError(f"{e.path.name} already exists in {e.path.parent}; type another name in Options -> "
+                             f"Custom name, or tick \"overwrite\" in Options -> Save settings to replace it.") from e
+
     def _saved(self, result) -> str:
         logged = f", merge ID {result.history_id}" if result.history_id is not None else ""
         return f"Saved {result.path} ({result.plan.arch.describe()}{logged})."
@@ -105,8 +114,8 @@ class Handlers:
         outcome = self.service.merge_and_load(recipe, name=name)
         lines = [outcome.message()]
         if flags["save model"]:
-            result = self.service.save(outcome.plan.recipe, name, options, flags["overwrite"], flags["safetensors"],
-                                       flags["metadata"])
+            result = self._save(lambda: self.service.save(outcome.plan.recipe, name, options, flags["overwrite"],
+                                                          flags["safetensors"], flags["metadata"]))
             lines.append(self._saved(result))
         return lines
 
@@ -136,8 +145,8 @@ class Handlers:
         recipe = self.recipe(values)
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
-            result = self.service.save(recipe, name, options, flags["overwrite"], flags["safetensors"],
-                                       flags["metadata"])
+            result = self._save(lambda: self.service.save(recipe, name, options, flags["overwrite"],
+                                                          flags["safetensors"], flags["metadata"]))
         return ActionResult(self._saved(result))
 
     def overwrite_target(self, values: dict[str, Any]) -> str:
@@ -155,7 +164,8 @@ class Handlers:
     def save_current(self, values: dict[str, Any]) -> ActionResult:
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
-            result = self.service.save_loaded(name, options, flags["overwrite"], flags["safetensors"])
+            result = self._save(lambda: self.service.save_loaded(name, options, flags["overwrite"],
+                                                                 flags["safetensors"]))
         return ActionResult(self._saved(result))
 
     def plot(self, values: dict[str, Any]) -> ActionResult:
@@ -194,12 +204,14 @@ class Handlers:
         rows = history.search(words, mode) if (words or "").strip() else history.rows(HISTORY_LIMIT)
         return uv.history_table(rows, HISTORY_LIMIT)
 
-    def settings_from_id(self, merge_id: Any) -> dict[str, Any]:
+    def settings_from_id(self, merge_id: Any) -> tuple[int, dict[str, Any]]:
+        """(the merge's own ID, -1 resolved to the last one; its widget values)."""
         try:
             number = int(merge_id)
         except (TypeError, ValueError):
             raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r}.") from None
-        return uv.values_from_recipe(self.history().recipe(number))
+        row = self.history().get(number)
+        return row["id"], uv.values_from_recipe(row["recipe"])
 
     def inspect(self, name: str) -> str:
         from ..cli.inspect import describe
@@ -557,7 +569,7 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]
 
     def load_settings(merge_id, *current):
-        values = h.settings_from_id(merge_id)
+        resolved, values = h.settings_from_id(merge_id)
         sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
             if values["use_mbw"] else None
         adjust = uv.text_to_adjust(values["adjust"])
@@ -575,7 +587,7 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
                 updates.append(gr.update(value=values[key]))
         updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
         updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
-        return [*updates, f"Loaded the settings of merge {merge_id}."]
+        return [*updates, f"Loaded the settings of merge {resolved}."]
 
     buttons["load"].click(_guard(load_settings, lambda msg: [*([_skip()] * (len(load_outputs) - 1)), msg]),
                           [merge_id, *block_sliders], load_outputs, queue=False)
