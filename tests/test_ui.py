@@ -622,6 +622,7 @@ def test_xyz_plot_button_runs_the_plot_under_the_lock(tmp_path):
     result = handlers.plot(values)
     assert "4 of 4 cells, 2 merges, 1 grid(s)" in result.message
     assert len(result.images) == 1 and result.images[0].width > 2 * 64
+    assert result.infotext and result.infotext.splitlines()[0] == "a x (1-0.5) + b x 0.5  |  X: alpha, Y: seed"
     bad = handler_values(model_a="a.safetensors", model_b="b.safetensors", x_type="alpha", x_values="0.2",
                          y_type="alpha", y_values="0.3")
     with pytest.raises(MergeError, match="used twice"):

@@ -177,7 +177,7 @@ class Handlers:
         with self.host.lock(), self.host.job(f"{TITLE}: X/Y/Z plot"):
             result = run_plot(self.service, self.recipe(values), request, specs)
         saved = "".join(f"\nSaved {path}" for path in result.saved)
-        return ActionResult(result.message() + saved, list(result.grids), None)
+        return ActionResult(result.message() + saved, list(result.grids), result.info)
 
     def restore(self, values: dict[str, Any]) -> ActionResult:
         with self.host.lock(), self.host.job(TITLE):
