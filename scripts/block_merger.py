@@ -11,7 +11,7 @@ from modules import script_callbacks, scripts
 
 import lib_merge  # noqa: F401  (import while the extension root is on sys.path)
 from lib_merge.core.errors import MergeError
-from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, Extension
+from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, TITLE, Extension
 
 EXTENSION = Extension(Path(__file__).resolve().parents[1])
 
@@ -56,7 +56,7 @@ class BlockMergerScript(scripts.Script):
     own choice back (their merge from the tab or API, or the base). Runs under the generation's lock."""
 
     def title(self):
-        return "Block Merger"
+        return TITLE
 
     def show(self, is_img2img):
         return False if is_img2img else scripts.AlwaysVisible

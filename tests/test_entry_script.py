@@ -16,7 +16,7 @@ from fakes.stubs import FakeApp
 from webui_fixture import FAKES, ROOT, webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.recipe import Recipe
-from lib_merge.service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from lib_merge.service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
 RECIPE = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
 UNET = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
@@ -57,6 +57,7 @@ def test_every_registration(webui, entry):
     keys = ["block_merger_merge_device", "block_merger_threads", "block_merger_keep_models",
             "block_merger_history_file"]
     assert all(labels[k].section == ("block_merger", "Block Merger") for k in keys)
+    assert all(labels[k].category_id == "sd" for k in keys)  # v1.10.1: not under "Uncategorized"
     assert labels["block_merger_merge_device"].component_args == {"choices": ["cpu", "cuda"]}
 
     script = webui.runner.alwayson_scripts[0]
@@ -204,16 +205,22 @@ def test_a_recipe_set_on_p_by_another_script_is_honoured(webui, entry):
     assert entry.EXTENSION.host.loaded_identity().name == RECIPE.title()
 
 
-def test_an_invalid_requested_recipe_stops_the_generation_with_a_message(webui, entry):
-    from lib_merge.core.errors import MergeError
-
+@pytest.mark.parametrize("request_text, reason", [
+    (Recipe("modelA.safetensors", "modelB.safetensors", mode="Add difference").to_json(), "Model C is required"),
+    ("{not json", "not valid JSON"),
+    (Recipe("modelA.safetensors", "nosuch.safetensors").to_json(), "Unknown model 'nosuch.safetensors'"),
+])
+def test_a_bad_requested_recipe_is_reported_in_the_infotext(webui, entry, request_text, reason):
+    """The WebUI's runner swallows a script's exception and generates anyway (the API answers 200): the infotext
+    must say that the merge was not applied, and why; the model stays as it was."""
     before = webui.live()
-    with pytest.raises(MergeError, match="Model C is required"):
-        webui.txt2img(script_args=[Recipe("modelA.safetensors", "modelB.safetensors",
-                                          mode="Add difference").to_json()])
-    with pytest.raises(MergeError, match="not valid JSON"):
-        webui.txt2img(script_args=["{not json"])
+    processed = webui.txt2img(script_args=[request_text])
+    info = processed.infotexts[0]
+    assert f"{INFOTEXT_FAILED}: " in info and reason in info
+    assert INFOTEXT_MERGE + ":" not in info.replace(INFOTEXT_FAILED, "")  # no merge is loaded, none is claimed
+    assert processed.extra_generation_params[INFOTEXT_FAILED].startswith("the merge was not applied")
     assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
+    assert webui.runner.reported == []  # handled, not an error trace in the console
 
 
 def test_the_script_hook_never_takes_the_queue_lock(webui, entry):
@@ -237,12 +244,10 @@ def test_the_script_hook_never_takes_the_queue_lock(webui, entry):
 
 
 def test_a_stop_during_the_hook_merge_cancels_it_and_keeps_the_model(webui, entry):
-    from lib_merge.core.errors import MergeCancelled
-
     before = webui.live()
     webui.shared.state.interrupted = True
-    with pytest.raises(MergeCancelled):
-        webui.txt2img(script_args=[RECIPE.to_json()])
+    processed = webui.txt2img(script_args=[RECIPE.to_json()])
+    assert "cancelled" in processed.extra_generation_params[INFOTEXT_FAILED]
     assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,10 +457,12 @@ def test_models_vaes_folders_and_history_path(webui):
     assert host.models_folder() == webui.folder
     webui.shared.cmd_opts.ckpt_dir = str(webui.tmp)
     assert host.models_folder() == webui.tmp
+    from modules import paths
+
     webui.shared.opts.data["block_merger_history_file"] = ""
-    assert host.history_path() == webui.root / "mergehistory.csv"
+    assert host.history_path() == Path(paths.data_path) / "mergehistory.csv"  # the WebUI's data, not the extension
     webui.shared.opts.data["block_merger_history_file"] = "logs/h.csv"
-    assert host.history_path() == webui.root / "logs" / "h.csv"
+    assert host.history_path() == Path(paths.data_path) / "logs" / "h.csv"
     webui.shared.opts.data["block_merger_history_file"] = str(webui.tmp / "h.csv")
     assert host.history_path() == webui.tmp / "h.csv"
 

@@ -141,6 +141,16 @@ def test_other_messages():
         recipe_from_values(**values(calc="extract", alpha=1.5))
 
 
+def test_train_difference_with_weight_sum_says_it_implies_add_difference():
+    with pytest.raises(MergeError) as err:
+        recipe_from_values(**values(mode="Weight sum", calc="trainDifference", model_c=""))
+    assert "Model C is required" in str(err.value)
+    assert "trainDifference always merges as Add difference" in str(err.value)
+    with pytest.raises(MergeError) as plain:  # chosen directly: nothing is implied
+        recipe_from_values(**values(mode="Add difference", model_c=""))
+    assert "always merges" not in str(plain.value)
+
+
 def test_inex_elemental_adjust_pass_through():
     r = recipe_from_values(**values(inex="Exclude", inex_blocks=["IN01", "OUT02", "VAE"], inex_elements="attn, norm",
                                     elemental="OUT06:attn:0.5\nIN04::0.2", adjust="1,0,0,0,0,0,0,2"))
@@ -350,6 +360,74 @@ def test_blocks_render_inside_another_blocks(folder):
     assert by_id["bm_merge"].interactive is not False and "bm_unavailable" in by_id
 
 
+def test_a_fresh_page_shows_the_model_loaded_now(folder):
+    """A merge made after the tab was built (through the API, say): a page opened later shows it, not the base."""
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.ui.app import build_app
+
+    service = MergeService(FakeHost(folder), presets=PRESETS)
+    app = build_app(service)  # rendered inside another Blocks, as in the WebUI
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["bm_loaded"].value == "The base checkpoint (no merge)."
+    with service.host.lock():
+        outcome = service.merge_and_load(Recipe("a.safetensors", "b.safetensors", alpha=0.25))
+    on_load = [(i, d) for i, d in enumerate(app.dependencies)
+               if d["trigger"] == "load" and not d["targets"] and by_id["bm_loaded"]._id in d["outputs"]]
+    assert len(on_load) == 1, "nothing recomputes the loaded model when a page opens"
+    index, dep = on_load[0]
+    shown = dict(zip(dep["outputs"], app.fns[index].fn(), strict=True))
+    assert shown[by_id["bm_loaded"]._id] == f"{outcome.identity.name} (recipe {outcome.identity.short_hash})"
+    table = shown[by_id["bm_history"]._id]
+    assert table[0][2] == outcome.identity.name  # the history table is read again too
+
+
+def test_moving_one_slider_changes_only_its_value_in_the_text(folder):
+    """GRAD_V chosen, then OUT05's slider moved: the text is GRAD_V's own text with one value replaced, and the
+    recipe differs from GRAD_V's in that block only (so an incremental merge recomputes that block)."""
+    from lib_merge.ui.tab import build_tab
+
+    tab = build_tab(MergeService(StandaloneHost(folder), presets=PRESETS))
+    by_id = {b.elem_id: b for b in tab.blocks.values() if getattr(b, "elem_id", None)}
+    grad_v = PRESETS.get("GRAD_V")
+    out05 = BLOCKS_26.index("OUT05")
+
+    def release(label, text, sliders, block_type=SD1):
+        slider = by_id[f"bm_w_{label}"]
+        index, dep = next((i, d) for i, d in enumerate(tab.dependencies)
+                          if d["trigger"] == "release" and d["targets"] == [slider._id])
+        inputs = {by_id["bm_weights_alpha"]._id: text, by_id["bm_block_type"]._id: block_type,
+                  **{by_id[f"bm_w_{b}"]._id: v for b, v in zip(BLOCKS_26, sliders, strict=True)}}
+        return tab.fns[index].fn(*(inputs[i] for i in dep["inputs"]))
+
+    sliders = [round(float(v), 3) for v in grad_v.split(",")]  # what the sliders show for GRAD_V
+    sliders[out05] = 0.2
+    expected = grad_v.split(",")
+    expected[out05] = "0.2"
+    assert release("OUT05", grad_v, sliders) == ",".join(expected)
+    assert release("OUT05", "GRAD_V", sliders) == ",".join(expected)  # the preset's name in the field
+    sliders[out05] = 0.12345  # typed into the number box: shown with 4 decimals at most
+    expected[out05] = "0.1235"
+    assert release("OUT05", grad_v, sliders) == ",".join(expected)
+    sliders[out05] = round(float(grad_v.split(",")[out05]), 3)  # released where it was: the text keeps its digits
+    assert release("OUT05", grad_v, sliders) == grad_v
+    a, b = (recipe_from_values(**values(use_mbw=True, weights_alpha=t)) for t in (grad_v, release(
+        "OUT05", grad_v, [*sliders[:out05], 0.2, *sliders[out05 + 1:]])))
+    changed = [i for i, (x, y) in enumerate(zip(a.weights_alpha.split(","), b.weights_alpha.split(","), strict=True))
+               if x != y]
+    assert changed == [out05]
+    # SDXL: 20 values in the text, OUT05 is the 17th of them
+    xl = ",".join(grad_v.split(",")[i] for i in XL_IDX)
+    moved = release("OUT05", xl, sliders, SDXL).split(",")
+    assert moved[XL_IDX.index(out05)] == fmt_expected(sliders[out05]) and len(moved) == 20
+    assert [t for i, t in enumerate(moved) if i != XL_IDX.index(out05)] == [
+        t for i, t in enumerate(xl.split(",")) if i != XL_IDX.index(out05)]
+
+
+def fmt_expected(value):
+    text = f"{round(value, 4):.4f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
 def _handlers(host):
     from lib_merge.ui.tab import Handlers
 
@@ -378,11 +456,31 @@ def test_handlers_merge_generate_save_restore(folder):
     assert host.requests[-1].prompt == "a cat" and host.requests[-1].width == 512
     assert host.requests[-1].extra_params["Merge"] == "tabmerge"
 
-    with pytest.raises(MergeError, match="exists"):
+    with pytest.raises(MergeError, match="exists") as taken:
         h.save_current(dict(v, save_flags=["safetensors"]))
+    assert "Custom name" in str(taken.value) and "overwrite" in str(taken.value)
+    assert "--overwrite" not in str(taken.value)  # the tab's controls, not the CLI's
     assert "Saved" in h.save_current(dict(v, save_flags=["safetensors", "overwrite"])).message
     assert "Restored" in h.restore(v).message and host.identity is None
     assert host.jobs and set(host.jobs) == {"Block Merger"}
+
+
+def test_save_current_then_merge_to_file_get_readable_distinct_names(folder):
+    """No custom name, the same recipe saved twice (Save current merge, then Merge to file), with model names as
+    the WebUI's dropdowns give them (`name [hash]`): both saves succeed, under readable, distinct names."""
+    from lib_merge.ui.tab import handler_values
+
+    host = FakeHost(folder)
+    host.resolve_model = lambda title: folder / title.split(" [")[0]  # as the WebUI resolves its titles
+    h = _handlers(host)
+    v = handler_values(model_a="a.safetensors [0123456789]", model_b="b.safetensors [0123456789]", alpha=0.3)
+    h.merge(v)
+    first = h.save_current(v).message
+    second = h.save_to_file(v).message
+    names = [m.split("Saved ", 1)[1].split(" (", 1)[0] for m in (first, second)]
+    assert names[0] != names[1]
+    assert [Path(n).name for n in names] == ["ax_1-0.3_+bx0.3.safetensors", "ax_1-0.3_+bx0.3-2.safetensors"]
+    assert all(Path(n).is_file() for n in names)
 
 
 def test_handlers_standalone_and_load_settings(folder):
@@ -398,7 +496,8 @@ def test_handlers_standalone_and_load_settings(folder):
     result = h.save_to_file(v)
     assert "Saved" in result.message and "merge ID 1" in result.message
     assert (folder / "filemerge.safetensors").is_file()
-    loaded = h.settings_from_id(-1)
+    merge_id, loaded = h.settings_from_id(-1)
+    assert merge_id == 1  # -1 resolved: the message names the merge itself
     assert (loaded["mode"], loaded["calc"], loaded["alpha"], loaded["model_c"]) == (
         "Add difference", "trainDifference", 0.7, "base.safetensors")
     rows = h.history_rows()
@@ -523,6 +622,7 @@ def test_xyz_plot_button_runs_the_plot_under_the_lock(tmp_path):
     result = handlers.plot(values)
     assert "4 of 4 cells, 2 merges, 1 grid(s)" in result.message
     assert len(result.images) == 1 and result.images[0].width > 2 * 64
+    assert result.infotext and result.infotext.splitlines()[0] == "a x (1-0.5) + b x 0.5  |  X: alpha, Y: seed"
     bad = handler_values(model_a="a.safetensors", model_b="b.safetensors", x_type="alpha", x_values="0.2",
                          y_type="alpha", y_values="0.3")
     with pytest.raises(MergeError, match="used twice"):

@@ -31,8 +31,8 @@ def resolve(name):
     return name
 
 
-def options(xyz):
-    return axis_options(xyz, resolve, lambda: ["a", "b", "c"], Presets.load)
+def options(xyz, check=lambda p, sample: None):
+    return axis_options(xyz, resolve, lambda: ["a", "b", "c"], Presets.load, check)
 
 
 def by_label(xyz, suffix):
@@ -59,6 +59,32 @@ def test_apply_records_a_new_request_dict_per_cell():
     by_label(xyz, "Alpha").apply(cell, 0.25, [0.25])
     assert p.block_merger_xyz == {"model_b": "b"}
     assert cell.block_merger_xyz == {"model_b": "b", "alpha": 0.25}
+
+
+def test_the_first_cell_checks_a_sample_of_every_axis_once():
+    """confirm runs for X, Y and Z before any cell: each records a sample, and the first cell's first apply hands
+    all of them to the check (which refuses by raising, ending the plot before an image)."""
+    checked = []
+    xyz = fake_xyz()
+    register(xyz, options(xyz, lambda p, sample: checked.append(sample)))
+    p = types.SimpleNamespace()
+    by_label(xyz, "Alpha").confirm(p, [0.2, 0.8])
+    by_label(xyz, "Model B").confirm(p, ["b", "c"])
+    for x in (0.2, 0.8):
+        cell = copy.copy(p)
+        by_label(xyz, "Alpha").apply(cell, x, [0.2, 0.8])
+        by_label(xyz, "Model B").apply(cell, "b", ["b", "c"])
+    assert checked == [{"alpha": 0.2, "model_b": "b"}]
+
+    def refuse(p, sample):
+        raise MergeError("no model B")
+
+    xyz = fake_xyz()
+    register(xyz, options(xyz, refuse))
+    p = types.SimpleNamespace()
+    by_label(xyz, "Alpha").confirm(p, [0.2])
+    with pytest.raises(MergeError, match="no model B"):
+        by_label(xyz, "Alpha").apply(copy.copy(p), 0.2, [0.2])
 
 
 def test_confirm_and_prepare_refuse_bad_values():

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import MergeError
@@ -81,7 +82,10 @@ class Recipe:
         if calc.uses_b and not self.model_b:
             raise MergeError(f"Model B is required for {mode} with calc mode {calc.name}.")
         if mode in NEEDS_C and not self.model_c:
-            raise MergeError(f"Model C is required for {mode} ({MODE_FORMULAS[mode]}); choose model C.")
+            implied = (f"calc mode {calc.name} always merges as {mode}, so " if calc.implies and self.mode != mode
+                       else "")
+            raise MergeError(f"Model C is required: {implied}{mode} ({MODE_FORMULAS[mode]}) needs it; choose model "
+                             f"C.")
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -156,7 +160,8 @@ class Recipe:
 
 
 def _stem(path: str) -> str:
-    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    """`sub/sdA.safetensors [6357d68e0f]` (a WebUI checkpoint title) and `sdA` both name the model `sdA`."""
+    name = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", path.strip()).replace("\\", "/").rsplit("/", 1)[-1]
     for ext in (".safetensors", ".ckpt", ".pt", ".pth"):
         if name.endswith(ext):
             return name[: -len(ext)]

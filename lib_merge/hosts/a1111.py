@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ from modules import (
     devices,
     images,
     lowvram,
+    paths,
     processing,
     script_callbacks,
     scripts,
@@ -39,7 +42,7 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
-from ..service.merge_service import INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
+from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
 from .base import GenerationRequest, GenerationResult, MergeIdentity
 
@@ -49,7 +52,8 @@ OPT_THREADS = "block_merger_threads"
 OPT_KEEP = "block_merger_keep_models"
 OPT_HISTORY = "block_merger_history_file"
 DEFAULTS = {OPT_DEVICE: "cpu", OPT_THREADS: 0, OPT_KEEP: 3, OPT_HISTORY: ""}
-TAB = ("Block Merger", "block_merger")  # title, elem_id
+TITLE = "Block Merger"  # the tab's and the txt2img script's title
+TAB = (TITLE, "block_merger")  # title, elem_id
 
 #: set on the CheckpointInfo objects of merges (never on registered ones)
 IDENTITY_ATTR = "block_merger_identity"
@@ -229,7 +233,7 @@ class A1111Host:
     def history_path(self) -> Path:
         configured = str(option(OPT_HISTORY) or "").strip()
         path = Path(configured).expanduser() if configured else Path("mergehistory.csv")
-        return path if path.is_absolute() else self.root / path
+        return path if path.is_absolute() else Path(paths.data_path) / path  # never inside the extension
 
     # -- the loaded model -------------------------------------------------------------------------------------
 
@@ -243,6 +247,11 @@ class A1111Host:
         m = sd_models.model_data.sd_model
         info = getattr(m, "sd_checkpoint_info", None)
         return getattr(info, "title", "") or ""
+
+    def base_title(self) -> str:
+        """The registered checkpoint under the loaded model (under a merge: the checkpoint it was loaded over)."""
+        info = getattr(sd_models.model_data.sd_model, "sd_checkpoint_info", None)
+        return getattr(getattr(info, BASE_ATTR, info), "title", "") or ""
 
     @contextlib.contextmanager
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -545,7 +554,13 @@ class Extension:
     def add_settings(self) -> None:
         import gradio as gr
 
-        opts, info = shared.opts, shared.OptionInfo
+        opts = shared.opts
+        # v1.6+ puts sections under categories (else "Uncategorized"); older OptionInfo has no category_id
+        category = {"category_id": "sd"} if "category_id" in inspect.signature(shared.OptionInfo).parameters else {}
+
+        def info(*args, **kw):
+            return shared.OptionInfo(*args, **kw, **category)
+
         opts.add_option(OPT_DEVICE, info(
             DEFAULTS[OPT_DEVICE], "Merge device", gr.Radio, {"choices": ["cpu", "cuda"]}, section=SECTION,
         ).info("cuda computes each tensor on the GPU (needs one); the merged model is the same either way"))
@@ -557,7 +572,7 @@ class Extension:
             {"minimum": 1, "maximum": 16, "step": 1}, section=SECTION))
         opts.add_option(OPT_HISTORY, info(
             DEFAULTS[OPT_HISTORY], "Merge history file", section=SECTION,
-        ).info("empty: mergehistory.csv in the extension's folder; a relative path is taken from there"))
+        ).info("empty: mergehistory.csv in the WebUI's data folder; a relative path is taken from there"))
 
     # -- the txt2img hook (runs inside a generation: the queue lock is already held) ---------------------------
 
@@ -565,18 +580,49 @@ class Extension:
         """Make the model what this generation asks for: the requested recipe (merged only when it is not loaded
         already; a transient merge), or without a request the user's own choice (their merge or the base). The
         infotext then names whatever merge is loaded."""
-        requested = getattr(p, REQUEST_ATTR, None) or requested
-        blank = requested is None or (isinstance(requested, str) and not requested.strip())
-        recipe = None if blank else parse_request(requested)[0]
-        blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
-        base = recipe or self.service().committed()
-        recipe = webui_xyz.requested_recipe(p, base, self.host.model_title(), blocks) or recipe
-        with self.host.progress_kept():
-            self.service().reconcile(recipe)
+        try:
+            recipe = self._requested_recipe(p, requested)
+            with self.host.progress_kept():
+                self.service().reconcile(recipe)
+        except Exception as e:  # noqa: BLE001 - the WebUI's runner would swallow it and generate anyway
+            # so the caller (an API client, an X/Y/Z cell) sees it in the infotext, not only in the console
+            reason = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+            p.extra_generation_params[INFOTEXT_FAILED] = f"the merge was not applied: {reason}"
+            print(f"Block Merger: the requested merge was not applied: {reason}", file=sys.stderr)
         identity = self.host.loaded_identity()
         if identity is not None:
             p.extra_generation_params[INFOTEXT_MERGE] = identity.name
             p.extra_generation_params[INFOTEXT_RECIPE] = identity.recipe_json
+
+    def _requested_recipe(self, p, requested) -> Recipe | None:
+        """The recipe a generation asks for (its field, a script's attribute, X/Y/Z cells), or None."""
+        recipe = self._field_recipe(p, requested)
+        blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
+        base = recipe or self.service().committed()
+        return webui_xyz.requested_recipe(p, base, self.host.base_title(), blocks) or recipe
+
+    @staticmethod
+    def _field_recipe(p, requested) -> Recipe | None:
+        requested = getattr(p, REQUEST_ATTR, None) or requested
+        blank = requested is None or (isinstance(requested, str) and not requested.strip())
+        return None if blank else parse_request(requested)[0]
+
+    def check_xyz_plot(self, p, sample: dict) -> None:
+        """Refuse an X/Y/Z plot whose Block Merger cells cannot make a merge (before its first image): with no merge
+        made yet, an Alpha axis alone has no model B, and every cell would quietly show the base model."""
+        ours = next((s for s in getattr(getattr(p, "scripts", None), "alwayson_scripts", ())
+                     if getattr(s, "title", lambda: "")() == TITLE), None)
+        field = p.script_args[ours.args_from] if ours is not None and len(p.script_args) > ours.args_from else None
+        cell = copy.copy(p)
+        setattr(cell, webui_xyz.REQUEST_ATTR, sample)
+        try:
+            self._requested_recipe(cell, field).validate(self.service().presets)
+        except MergeError as e:
+            base = self._field_recipe(p, field) or self.service().committed()
+            hint = (" No merge is made yet for the axes to vary: make one in the Block Merger tab (Merge) first, put "
+                    "a recipe in txt2img's Block Merger field, or add [Block Merger] Model A/Model B axes."
+                    if base is None else "")
+            raise MergeError(f"X/Y/Z plot refused: the Block Merger axes cannot make a merge: {e}{hint}") from e
 
     # -- axes in the WebUI's X/Y/Z plot ----------------------------------------------------------------------
 
@@ -588,7 +634,7 @@ class Extension:
         if xyz is None:
             return False
         options = webui_xyz.axis_options(xyz, self.host.resolve_model, self.host.list_models,
-                                         lambda: self.service().presets)
+                                         lambda: self.service().presets, self.check_xyz_plot)
         return webui_xyz.register(xyz, options)
 
     # -- API handlers (outside generations: they take the queue lock) -----------------------------------------

@@ -19,10 +19,42 @@ from ..core.weights import Presets, parse_number
 
 PREFIX = "[Block Merger] "
 REQUEST_ATTR = "block_merger_xyz"
+AXES_ATTR = "block_merger_xyz_axes"
+
+#: checks a sample request of the whole plot (every axis of ours, its first value); raises MergeError
+CheckPlot = Callable[[Any, dict], None]
 
 
-def _set(field: str) -> Callable[[Any, Any, Any], None]:
+@dataclasses.dataclass
+class PlotAxes:
+    """What our axes' confirm steps saw for one plot, kept on the plot's `p` (shared by the cells' shallow copies):
+    a sample value per field, so the first cell can check that the cells make a complete merge before any image."""
+
+    sample: dict = dataclasses.field(default_factory=dict)
+    checked: bool = False
+
+
+def _confirm(field: str, check_values: Callable[[list], None] | None = None) -> Callable[[Any, list], None]:
+    def confirm(p, values) -> None:
+        if check_values is not None:
+            check_values(values)
+        if p is not None and values:
+            axes = getattr(p, AXES_ATTR, None)
+            if axes is None:
+                axes = PlotAxes()
+                setattr(p, AXES_ATTR, axes)
+            axes.sample[field] = values[0]
+    return confirm
+
+
+def _set(field: str, check: CheckPlot) -> Callable[[Any, Any, Any], None]:
     def apply(p, value, values) -> None:
+        axes = getattr(p, AXES_ATTR, None)
+        if axes is not None and not axes.checked:
+            # the X/Y/Z script calls every confirm before the first cell and lets an exception from `apply` end the
+            # plot (one from the generation itself only leaves a cell empty): refuse here, before any image
+            axes.checked = True
+            check(p, dict(axes.sample))
         setattr(p, REQUEST_ATTR, {**getattr(p, REQUEST_ATTR, {}), field: value})
     return apply
 
@@ -46,33 +78,36 @@ def _pinpoint(text: str) -> list[str]:
 
 
 def axis_options(xyz: Any, resolve_model: Callable[[str], object], list_models: Callable[[], list[str]],
-                 presets: Callable[[], Presets]) -> list[Any]:
-    """The AxisOption objects to add; `resolve_model` raises MergeError for an unknown model (used in confirm)."""
+                 presets: Callable[[], Presets], check: CheckPlot) -> list[Any]:
+    """The AxisOption objects to add; `resolve_model` raises MergeError for an unknown model (used in confirm);
+    `check(p, sample)` refuses a plot whose cells cannot make a merge (e.g. no model B anywhere)."""
     AxisOption = xyz.AxisOption
 
-    def confirm_models(p, values) -> None:
+    def models(values) -> None:
         for name in values:
             resolve_model(name)
 
-    def confirm_weights(p, values) -> None:
+    def weights(values) -> None:
         for text in values:
             presets().resolve(text)
 
     def choices(options):
         return lambda: list(options)
 
+    def axis(label, type_, field, check_values=None, **kw):
+        return AxisOption(PREFIX + label, type_, _set(field, check), confirm=_confirm(field, check_values), **kw)
+
     return [
-        AxisOption(PREFIX + "Model A", str, _set("model_a"), confirm=confirm_models, cost=1.5, choices=list_models),
-        AxisOption(PREFIX + "Model B", str, _set("model_b"), confirm=confirm_models, cost=1.5, choices=list_models),
-        AxisOption(PREFIX + "Model C", str, _set("model_c"), confirm=confirm_models, cost=1.5, choices=list_models),
-        AxisOption(PREFIX + "Merge mode", str, _set("mode"), cost=1.2, choices=choices(MERGE_MODES)),
-        AxisOption(PREFIX + "Calc mode", str, _set("calc"), cost=1.2, choices=choices(CALC_MODES)),
-        AxisOption(PREFIX + "Alpha", float, _set("alpha"), cost=1.1),
-        AxisOption(PREFIX + "Beta", float, _set("beta"), cost=1.1),
-        AxisOption(PREFIX + "Block weights (| separated)", str, _set("weights_alpha"), confirm=confirm_weights,
-                   cost=1.1, prepare=_split("|")),
-        AxisOption(PREFIX + "Pinpoint block (BLOCK=value)", str, _set("pinpoint"), cost=1.1, prepare=_pinpoint),
-        AxisOption(PREFIX + "Elemental (| separated)", str, _set("elemental"), cost=1.1, prepare=_split("|")),
+        axis("Model A", str, "model_a", models, cost=1.5, choices=list_models),
+        axis("Model B", str, "model_b", models, cost=1.5, choices=list_models),
+        axis("Model C", str, "model_c", models, cost=1.5, choices=list_models),
+        axis("Merge mode", str, "mode", cost=1.2, choices=choices(MERGE_MODES)),
+        axis("Calc mode", str, "calc", cost=1.2, choices=choices(CALC_MODES)),
+        axis("Alpha", float, "alpha", cost=1.1),
+        axis("Beta", float, "beta", cost=1.1),
+        axis("Block weights (| separated)", str, "weights_alpha", weights, cost=1.1, prepare=_split("|")),
+        axis("Pinpoint block (BLOCK=value)", str, "pinpoint", cost=1.1, prepare=_pinpoint),
+        axis("Elemental (| separated)", str, "elemental", cost=1.1, prepare=_split("|")),
     ]
 
 

@@ -34,6 +34,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+class OutputExists(CheckpointError):
+    """The output file exists and overwriting was not asked for (the CLI's wording; the tab words it its own way)."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def _check_target(path: Path, overwrite: bool) -> None:
     parent = path.parent
     if not parent.is_dir():
@@ -41,7 +49,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise CheckpointError(f"Output {path} is a folder; choose a file name.")
     if path.exists() and not overwrite:
-        raise CheckpointError(f"Output file {path} exists; pass --overwrite or choose another name.")
+        raise OutputExists(path, f"Output file {path} exists; pass --overwrite or choose another name.")
 
 
 def check_output_path(
@@ -94,7 +102,8 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
             raise CheckpointError(f"Nothing was written for {path}; the output was not created.")
         _fsync_file(tmp)
         if not overwrite and path.exists():
-            raise CheckpointError(f"Output file {path} appeared while saving; pass --overwrite or choose another name.")
+            raise OutputExists(path, f"Output file {path} appeared while saving; pass --overwrite or choose another "
+                                     f"name.")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -28,6 +28,7 @@ from .pipeline import SaveResult, check_device, merge_to_file
 
 INFOTEXT_RECIPE = "Merge recipe"
 INFOTEXT_MERGE = "Merge"
+INFOTEXT_FAILED = "Merge error"  # a generation's requested merge that could not be made, and why
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ def _same_merge(a: Recipe, b: Recipe) -> bool:
     """Equal math (a drawn seed counts: -1 in a request means "any", so it matches a loaded random draw only when
     the recipe uses no randomness)."""
     return a.fingerprint() == b.fingerprint() or (b.seed == -1 and a.fingerprint() == b.with_seed(a.seed).fingerprint())
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of `name-2.ext`, `name-3.ext`, ... that does not exist: a default name (not chosen by
+    the user) is never refused for being taken, e.g. by "Save current merge" of the same recipe a moment ago."""
+    stem, ext = path.name[:-len(path.suffix)], path.suffix
+    number = 1
+    while path.exists():
+        number += 1
+        path = path.with_name(f"{stem}-{number}{ext}")
+    return path
 
 
 def identity_of(plan: MergePlan, name: str = "") -> MergeIdentity:
@@ -180,6 +192,7 @@ class MergeService:
             recipe = plan_or_recipe.recipe if isinstance(plan_or_recipe, MergePlan) else plan_or_recipe
             channels = plan_or_recipe.arch.in_channels if isinstance(plan_or_recipe, MergePlan) else 4
             filename = default_output_name(recipe.title(), options.dtype, channels, ext)
+            return free_path(self.host.models_folder() / filename)
         return self.host.models_folder() / filename
 
     def save(self, recipe: Recipe, custom_name: str = "", options: SaveOptions | None = None,

@@ -28,6 +28,7 @@ class PlotResult:
     cells_total: int
     merges: int
     stopped: bool
+    info: str = ""  # for the tab's "Generation info": what the grid shows, and the first cell's infotext
 
     def message(self) -> str:
         state = "stopped after" if self.stopped else "finished:"
@@ -56,6 +57,7 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
     gen = GenParams(seed=request.seed if request.seed != -1 else random.randrange(2**32), prompt=request.prompt)
     cells = plan_cells(base_recipe, gen, axes, arch, service.presets)
     images: dict[tuple[int, int, int], Image.Image] = {}
+    first_info = ""
     merges, done, stopped = 0, 0, False
     scratch = ScratchPool()  # buffers kept from cell to cell: a small re-merge touches no fresh memory
     try:
@@ -74,6 +76,7 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
                     stopped = True
                     break
                 images[(cell.x, cell.y, cell.z)] = result.images[0]
+                first_info = first_info or (result.infotexts[0] if result.infotexts else "")
                 done += 1
                 host.progress(done, len(cells), f"X/Y/Z plot: {outcome.identity.name}")
             if stopped:
@@ -81,7 +84,8 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
     finally:
         service.reconcile(None)  # back to the user's own choice: their merge, or the base checkpoint
     grids, saved = _grids(cells, images, axes, base_recipe, host)
-    return PlotResult(grids, saved, done, len(cells), merges, stopped)
+    info = "\n".join(t for t in (caption_for(base_recipe, axes), first_info and f"First cell: {first_info}") if t)
+    return PlotResult(grids, saved, done, len(cells), merges, stopped, info)
 
 
 def _request(request: GenerationRequest, cell: Cell) -> GenerationRequest:

@@ -22,6 +22,7 @@ from ..core.weights import ADJUST_NAMES, INEX_MODES
 from ..core.xyz import AXIS_TYPES
 from ..hosts.base import model_choices
 from ..io.history import History
+from ..io.write import OutputExists
 from ..service.merge_service import MergeService
 from . import values as uv
 from .chart import weights_svg
@@ -93,6 +94,14 @@ class Handlers:
                                                   values.get("bake_vae"))
         return options, flags, (values.get("custom_name") or "").strip()
 
+    def _save(self, save: Callable[[], Any]):
+        """Run a save; a taken file name is explained with the tab's own controls."""
+        try:
+            return save()
+        except OutputExists as e:
+            raise MergeError(f"{e.path.name} already exists in {e.path.parent}; type another name in Options -> "
+                             f"Custom name, or tick \"overwrite\" in Options -> Save settings to replace it.") from e
+
     def _saved(self, result) -> str:
         logged = f", merge ID {result.history_id}" if result.history_id is not None else ""
         return f"Saved {result.path} ({result.plan.arch.describe()}{logged})."
@@ -105,8 +114,8 @@ class Handlers:
         outcome = self.service.merge_and_load(recipe, name=name)
         lines = [outcome.message()]
         if flags["save model"]:
-            result = self.service.save(outcome.plan.recipe, name, options, flags["overwrite"], flags["safetensors"],
-                                       flags["metadata"])
+            result = self._save(lambda: self.service.save(outcome.plan.recipe, name, options, flags["overwrite"],
+                                                          flags["safetensors"], flags["metadata"]))
             lines.append(self._saved(result))
         return lines
 
@@ -136,8 +145,8 @@ class Handlers:
         recipe = self.recipe(values)
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
-            result = self.service.save(recipe, name, options, flags["overwrite"], flags["safetensors"],
-                                       flags["metadata"])
+            result = self._save(lambda: self.service.save(recipe, name, options, flags["overwrite"],
+                                                          flags["safetensors"], flags["metadata"]))
         return ActionResult(self._saved(result))
 
     def overwrite_target(self, values: dict[str, Any]) -> str:
@@ -155,7 +164,8 @@ class Handlers:
     def save_current(self, values: dict[str, Any]) -> ActionResult:
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
-            result = self.service.save_loaded(name, options, flags["overwrite"], flags["safetensors"])
+            result = self._save(lambda: self.service.save_loaded(name, options, flags["overwrite"],
+                                                                 flags["safetensors"]))
         return ActionResult(self._saved(result))
 
     def plot(self, values: dict[str, Any]) -> ActionResult:
@@ -167,7 +177,7 @@ class Handlers:
         with self.host.lock(), self.host.job(f"{TITLE}: X/Y/Z plot"):
             result = run_plot(self.service, self.recipe(values), request, specs)
         saved = "".join(f"\nSaved {path}" for path in result.saved)
-        return ActionResult(result.message() + saved, list(result.grids), None)
+        return ActionResult(result.message() + saved, list(result.grids), result.info)
 
     def restore(self, values: dict[str, Any]) -> ActionResult:
         with self.host.lock(), self.host.job(TITLE):
@@ -194,12 +204,14 @@ class Handlers:
         rows = history.search(words, mode) if (words or "").strip() else history.rows(HISTORY_LIMIT)
         return uv.history_table(rows, HISTORY_LIMIT)
 
-    def settings_from_id(self, merge_id: Any) -> dict[str, Any]:
+    def settings_from_id(self, merge_id: Any) -> tuple[int, dict[str, Any]]:
+        """(the merge's own ID, -1 resolved to the last one; its widget values)."""
         try:
             number = int(merge_id)
         except (TypeError, ValueError):
             raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r}.") from None
-        return uv.values_from_recipe(self.history().recipe(number))
+        row = self.history().get(number)
+        return row["id"], uv.values_from_recipe(row["recipe"])
 
     def inspect(self, name: str) -> str:
         from ..cli.inspect import describe
@@ -427,6 +439,13 @@ def build_tab(service: MergeService) -> gr.Blocks:
               dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn, stop=stop_btn,
                    file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn, load=load_btn, search=search_btn,
                    inspect=inspect_btn))
+
+        # values computed when the tab was built go stale (a merge made through the API, another browser tab):
+        # every page load asks again
+        def page_opened():
+            return h.loaded_model(), _history_or_skip(h)
+
+        tab.load(_guard(page_opened, lambda msg: (msg, _skip())), None, [loaded, history], queue=False)
     return tab
 
 
@@ -479,8 +498,10 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     w["calc"].change(on_calc, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
 
     # block weights: sliders -> text (user moves a slider), text -> sliders (user types), the chart follows the text
-    def sliders_changed(*values):
-        return uv.sliders_to_text(values[:26], values[26])
+    def slider_moved(position):
+        def moved(text, block_type, *current):
+            return uv.slider_moved(text, block_type, position, current, presets)
+        return moved
 
     def text_typed(text, block_type, *current):
         values = uv.text_to_sliders(text, block_type, current, presets)
@@ -488,8 +509,9 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
 
     # `release` (end of a drag, or leaving the number box) rather than `input`: one request per edit, so responses
     # of a burst cannot arrive out of order and leave the text behind the sliders.
-    for slider in block_sliders:
-        slider.release(sliders_changed, [*block_sliders, w["block_type"]], w["weights_alpha"], queue=False)
+    for position, slider in enumerate(block_sliders):
+        slider.release(slider_moved(position), [w["weights_alpha"], w["block_type"], *block_sliders],
+                       w["weights_alpha"], queue=False)
     # gradio drops an event while the same one is still running, so fast typing can outrun `input`; leaving the
     # field (`blur`) syncs once more with the final text.
     for event in (w["weights_alpha"].input, w["weights_alpha"].blur):
@@ -547,7 +569,7 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]
 
     def load_settings(merge_id, *current):
-        values = h.settings_from_id(merge_id)
+        resolved, values = h.settings_from_id(merge_id)
         sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
             if values["use_mbw"] else None
         adjust = uv.text_to_adjust(values["adjust"])
@@ -565,7 +587,7 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
                 updates.append(gr.update(value=values[key]))
         updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
         updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
-        return [*updates, f"Loaded the settings of merge {merge_id}."]
+        return [*updates, f"Loaded the settings of merge {resolved}."]
 
     buttons["load"].click(_guard(load_settings, lambda msg: [*([_skip()] * (len(load_outputs) - 1)), msg]),
                           [merge_id, *block_sliders], load_outputs, queue=False)

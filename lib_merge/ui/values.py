@@ -48,8 +48,9 @@ DEFAULT_WEIGHT = 0.5
 
 
 def fmt(value: float) -> str:
-    """A slider value as the weights text shows it: at most 3 decimals (the slider step), no trailing zeros."""
-    value = round(float(value), 3)
+    """A slider value as the weights text shows it: at most 4 decimals (a typed 0.12345 shows as 0.1235; the
+    slider's step is 0.001), no trailing zeros."""
+    value = round(float(value), 4)
     if value == 0:
         value = 0.0  # no "-0"
     return f"{value:g}" if abs(value) < 1e6 else repr(value)
@@ -84,6 +85,26 @@ def sliders_to_text(values: Sequence[float], block_type: str = SD1) -> str:
     if len(values) != 26:
         raise ValueError(f"expected 26 slider values, got {len(values)}")
     return ",".join(fmt(values[i]) for i in visible_positions(block_type))
+
+
+def slider_moved(text: str, block_type: str, position: int, current: Sequence[float],
+                 presets: Presets | None = None) -> str:
+    """The weights text after the slider at `position` (of 26) moved to `current[position]`: only that block's
+    value changes, every other value keeps its exact text (GRAD_V's 0.9166666667 stays). A preset name becomes its
+    values first; a text that is not a complete list is rebuilt from all the sliders."""
+    text = (text or "").strip()
+    if presets is not None and text and "," not in text:
+        text = presets.get(text) or text
+    tokens = weight_tokens(text)
+    visible = visible_positions(block_type)
+    if len(tokens) != len(visible) or position not in visible:
+        return sliders_to_text(current, block_type)
+    value = float(current[position])
+    index = visible.index(position)
+    old = number_or_none(tokens[index])
+    if old is None or round(old, 3) != round(value, 3):  # same slider position: keep the text's own precision
+        tokens[index] = fmt(value)
+    return ",".join(tokens)
 
 
 def text_to_sliders(text: str, block_type: str, current: Sequence[float],

@@ -103,6 +103,7 @@ class ScriptRunner:
         self.alwayson_scripts = []
         self.selectable_scripts = []
         self.inputs = [None]
+        self.reported = []  # exceptions the real runner would print with errors.report
 
     def initialize_scripts(self, is_img2img):
         self.scripts.clear()
@@ -130,9 +131,15 @@ class ScriptRunner:
             script.args_to = len(self.inputs)
 
     def _run(self, name, p, *extra):
+        """As the real runner: an always-on script's exception is reported on the console and the generation goes
+        on (v1.10.1 `ScriptRunner.before_process` etc. catch `Exception` around each script)."""
         for script in self.alwayson_scripts:
             args = p.script_args[script.args_from:script.args_to]
-            getattr(script, name)(p, *extra, *args)
+            try:
+                getattr(script, name)(p, *extra, *args)
+            except Exception as e:  # noqa: BLE001 - the WebUI's errors.report
+                self.reported.append(e)
+                print(f"*** Error running {name}: {script.filename}: {type(e).__name__}: {e}", file=sys.stderr)
 
     def before_process(self, p):
         self._run("before_process", p)
