@@ -3,11 +3,14 @@ the default CPU path. Here the device is the CPU itself; on a machine with CUDA 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from lib_merge.cli import synth
-from lib_merge.core.engine import DictSink, Models, plan_merge, run_merge
+from lib_merge.core.device import DeviceLink
+from lib_merge.core.engine import DictSink, Models, TensorSink, plan_merge, run_merge
 from lib_merge.core.recipe import Recipe
 from lib_merge.io.checkpoint import DictCheckpoint
 
@@ -45,3 +48,71 @@ def test_device_path_matches_the_cpu_path(models, case, device):
             assert torch.equal(on_device[key], value), key
         else:  # GPU kernels may round differently in the last place
             torch.testing.assert_close(on_device[key].float(), value.float(), rtol=2e-3, atol=1e-4)
+
+
+class GuardedLink(DeviceLink):
+    """A device link on the CPU that behaves like an asynchronous one for the rules that matter: an upload's host
+    buffer stays "in flight" until `wait` is called on the mark taken after it; reading into such a buffer (reusing it
+    too early, which on a GPU corrupts the copy) is recorded as a violation."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.local = threading.local()
+        self.in_flight: set[int] = set()
+        self.violations: list[str] = []
+        self.uploads = 0
+        self.lock = threading.Lock()
+
+    def upload(self, tensor):
+        with self.lock:
+            self.uploads += 1
+            pending = getattr(self.local, "pending", None)
+            if pending is None:
+                pending = self.local.pending = []
+            pending.append(tensor.untyped_storage().data_ptr())
+        return tensor.clone()  # the "device" copy: other memory than the host buffer
+
+    def mark(self):
+        with self.lock:
+            pending, self.local.pending = getattr(self.local, "pending", []), []
+            self.in_flight.update(pending)
+            return tuple(pending)
+
+    def wait(self, mark):
+        with self.lock:
+            self.in_flight.difference_update(mark or ())
+
+
+class GuardedSource:
+    """A source that reports reads into buffers whose upload has not been waited for."""
+
+    def __init__(self, inner, link: GuardedLink):
+        self.inner, self.link, self.name = inner, link, inner.name
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __contains__(self, key):
+        return key in self.inner
+
+    def get(self, key, out=None):
+        if out is not None and out.untyped_storage().data_ptr() in self.link.in_flight:
+            self.link.violations.append(key)
+        return self.inner.get(key, out=out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_device_path_waits_for_its_copies_and_writes_the_destination_tensors(models, threads):
+    """The GPU path without a GPU (unmeasured on one): inputs go through `upload`, buffers are reused only after
+    their copies are done, and the result written into destination tensors equals the CPU path's bit for bit."""
+    link = GuardedLink()
+    guarded = Models(*(GuardedSource(m, link) for m in (models.a, models.b, models.c)))
+    plan = plan_merge(Recipe("A", "B", "C", mode="Add difference", alpha=0.7), models)
+    reference = run_merge(plan, models, DictSink())
+    targets = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in reference.items()}
+    sink = TensorSink(targets)
+    run_merge(plan, guarded, sink, threads=threads, device=link)
+    assert link.violations == [] and link.uploads >= len(plan.jobs)
+    assert sink.touched == set(reference)
+    for key, value in reference.items():  # rounded to the source's dtype first, then widened: as a file load
+        assert torch.equal(targets[key], value.float()), key

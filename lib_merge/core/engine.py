@@ -13,7 +13,7 @@ import math
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +23,7 @@ import torch
 
 from . import kernels, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch
+from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
 from .recipe import Recipe, check_extract_ratios
 from .weights import (
@@ -92,7 +93,7 @@ class Job:
 @dataclass(frozen=True)
 class MergePlan:
     recipe: Recipe  # validated, presets resolved, seed fixed if randomness is used
-    arch: Arch
+    arch: Arch | None  # None for a plan that only copies (copy_plan)
     jobs: tuple[Job, ...]
     adjust: Adjust | None
     similarity: tuple[float, float] | None = None  # set by the cosine pre-pass
@@ -275,22 +276,28 @@ def _check_cancel(cancel: Cancel | None) -> None:
 
 class Scratch:
     """One worker's reusable buffers. Touching fresh memory (page faults) costs more than the merge arithmetic,
-    so each key is read and computed in buffers that are allocated once and reused for every key."""
+    so each key is read and computed in buffers that are allocated once and reused for every key. For a device merge
+    they are pinned, and `mark` holds the device's mark of the last copies out of them (see core.device)."""
 
-    def __init__(self, sizes: dict[str, int] | None = None):
+    def __init__(self, sizes: dict[str, int] | None = None, pinned: bool = False):
         self._sizes = dict(sizes or {})
         self._buffers: dict[str, torch.Tensor] = {}
+        self.pinned = pinned
+        self.mark: object | None = None
 
-    def resize(self, sizes: dict[str, int]) -> None:
-        """Prepare for a run whose largest keys need `sizes`; buffers big enough are kept."""
+    def resize(self, sizes: dict[str, int], pinned: bool = False) -> None:
+        """Prepare for a run whose largest keys need `sizes`; buffers big enough (and pinned as asked) are kept."""
         self._sizes = dict(sizes)
+        if pinned != self.pinned:
+            self._buffers.clear()
+            self.pinned = pinned
 
     def raw(self, slot: str) -> torch.Tensor:
         buf = self._buffers.get(slot)
         need = max(self._sizes.get(slot, 0), 1)
         if buf is None or buf.numel() < need:
             self._buffers.pop(slot, None)  # free the small one before touching the new one
-            buf = self._buffers[slot] = torch.empty(need, dtype=torch.uint8)
+            buf = self._buffers[slot] = torch.empty(need, dtype=torch.uint8, pin_memory=self.pinned)
         return buf
 
     def tensor(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -306,10 +313,10 @@ class ScratchPool:
         self._idle: list[Scratch] = []
         self._lock = threading.Lock()
 
-    def acquire(self, sizes: dict[str, int]) -> Scratch:
+    def acquire(self, sizes: dict[str, int], pinned: bool = False) -> Scratch:
         with self._lock:
             scratch = self._idle.pop() if self._idle else Scratch()
-        scratch.resize(sizes)
+        scratch.resize(sizes, pinned)
         return scratch
 
     def release(self, scratch: Scratch) -> None:
@@ -329,11 +336,11 @@ class KeyMerger:
     (each with its own Scratch)."""
 
     def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None,
-                 device: torch.device | None = None):
+                 device: DeviceLink | torch.device | str | None = None):
         self.plan, self.models, self.combs = plan, models, combs or {}
         self.recipe = plan.recipe
         self.uses_b = plan.recipe.calc_mode.uses_b
-        self.device = device  # None: compute on the CPU in reusable buffers; else move each key's inputs there
+        self.link = device_link(device)  # None: compute on the CPU in reusable buffers; else on that device
         self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
 
     def source(self, job: Job) -> Source:
@@ -349,7 +356,7 @@ class KeyMerger:
         """Elements per piece when the job can stream through cache-sized pieces, else 0 (whole key). Pieces work
         for elementwise formulas: each input is read a piece at a time and every fp32 temporary stays in the CPU
         cache, instead of several key-sized passes through memory. Same operations per element, same bits."""
-        if job.kind != MERGE or self.device is not None or job.channels or self._adjusted(job):
+        if job.kind != MERGE or self.link is not None or job.channels or self._adjusted(job):
             return 0
         shape = self.models.a.shape(job.key)
         numel = math.prod(shape)
@@ -390,6 +397,10 @@ class KeyMerger:
     def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
         """The job's tensor, written into `dest` when given (else into scratch or a source's own tensor); the
         result must be consumed before this thread's next call."""
+        if self.link is not None:
+            return self._on_device(job, dest, scratch, self.link)
+        if dest is not None and dest.device.type != "cpu":  # a device tensor to write: go there, unpinned
+            return self._on_device(job, dest, scratch, DeviceLink(dest.device))
         src = self.source(job)
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
@@ -447,8 +458,6 @@ class KeyMerger:
         if job.channels:
             a, b, c = (t[:, : job.channels] if t is not None else None for t in (full, b, c))
         adjusted = self._adjusted(job)
-        if self.device is not None:
-            a, b, c = (t.to(self.device) if t is not None else None for t in (a, b, c))
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
@@ -461,6 +470,44 @@ class KeyMerger:
             out[:, : job.channels] = result
             return out
         return out.copy_(result)
+
+    def _on_device(self, job: Job, dest: torch.Tensor | None, scratch: Scratch, link: DeviceLink) -> torch.Tensor:
+        """The device path: inputs read into the worker's (pinned) buffers once their previous copies are done,
+        copied asynchronously, computed in fp32 on the device, rounded once to the source's dtype (as on the CPU
+        path) and written into `dest` wherever it lives (else into a CPU buffer)."""
+        src = self.source(job)
+        dtype, shape = src.dtype(job.key), src.shape(job.key)
+        link.wait(scratch.mark)
+        if job.kind != MERGE:
+            tensor = src.get(job.key, out=scratch.raw("out"))
+            if dest is None:
+                return tensor
+            moved = link.upload(tensor) if dest.device != tensor.device else tensor
+            scratch.mark = link.mark()
+            return dest.copy_(moved)
+        inputs = [self.models.a.get(job.key, out=scratch.raw("a")),
+                  self.models.b.get(job.key, out=scratch.raw("b")) if self.uses_b else None,
+                  self.models.c.get(job.key, out=scratch.raw("c")) if self.recipe.uses_c else None]
+        full, b, c = (link.upload(t) if t is not None else None for t in inputs)
+        scratch.mark = link.mark()
+        if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
+            result = full
+        else:
+            a = full[:, : job.channels] if job.channels else full
+            if job.channels:
+                b, c = (t[:, : job.channels] if t is not None else None for t in (b, c))
+            a, b, c = (t.float() if t is not None else None for t in (a, b, c))
+            result = self._compute(job, a, b, c)
+            if self._adjusted(job):
+                result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
+            if job.channels:
+                merged = full.to(torch.float32, copy=True)
+                merged[:, : job.channels] = result
+                result = merged
+        result = result.to(dtype)
+        if dest is None:
+            dest = scratch.tensor("out", dtype, shape)
+        return dest.copy_(result)
 
     def _compute(self, job: Job, a, b, c, out: torch.Tensor | None = None,
                  work: kernels.Fp32 | None = None) -> torch.Tensor:
@@ -494,23 +541,25 @@ def default_threads(plan: MergePlan) -> int:
 
 
 def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
-              cancel: Cancel | None = None, threads: int | None = None, device: str | None = None,
-              scratch: ScratchPool | None = None) -> object:
+              cancel: Cancel | None = None, threads: int | None = None,
+              device: DeviceLink | torch.device | str | None = None, scratch: ScratchPool | None = None) -> object:
     """Run every job of `plan` into `sink`; on cancel or error the sink is aborted and nothing is kept.
 
     Workers take jobs in order, each with its own scratch buffers, and hand every finished tensor to the sink
     at once (sinks accept keys in any order); progress is reported after every key. With a `device` ("cuda"),
-    each merged key's inputs are moved there, computed, and the result copied back into the CPU destination.
-    `scratch` keeps the workers' buffers for the next run (default: they are freed with this run).
+    each key's inputs are moved there (core.device), computed, and the result written into the sink's tensor,
+    on the device or on the CPU. `scratch` keeps the workers' buffers for the next run (default: they are freed
+    with this run).
     """
     threads = max(1, threads or default_threads(plan))
     buffers = scratch or ScratchPool()
     taken: list[Scratch] = []
+    link = device_link(device)
     try:
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
             plan, combs = similarity_pass(plan, models, None, cancel)
-        merger = KeyMerger(plan, models, combs, torch.device(device) if device else None)
+        merger = KeyMerger(plan, models, combs, link)
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
         local = threading.local()
@@ -519,7 +568,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
             _check_cancel(cancel)
             mine = getattr(local, "scratch", None)
             if mine is None:
-                mine = local.scratch = buffers.acquire(sizes)
+                mine = local.scratch = buffers.acquire(sizes, link is not None and link.pinned)
                 taken.append(mine)
             sink.put(job.key, merger(job, sink.target(job.key), mine))
 
@@ -545,6 +594,8 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         sink.abort()
         raise
     finally:
+        if link is not None:
+            link.finish()  # no copy may still read a buffer handed back
         for mine in taken:
             buffers.release(mine)
 
@@ -582,42 +633,56 @@ class DictSink:
 
 
 class TensorSink:
-    """Writes the merge into existing tensors (the loaded model's weights, a cache), cast to their dtype.
+    """Writes the merge into existing tensors (the loaded model's weights, on the CPU or a device), cast to their
+    dtype. A key whose source is narrower than its tensor (an fp16 file into an fp32 model) is rounded to the source's
+    dtype first, so the tensor holds what loading the merged file would give.
 
-    Keys with no matching tensor (other name, shape) are collected in `extra` for the caller to decide. Note that
-    an aborted run leaves the keys already written changed: a caller that must keep the old weights on failure
-    merges into a DictSink first, or restores from its own copy.
+    Keys with no matching tensor (other name, shape) are collected in `extra` for the caller to decide. An aborted run
+    leaves the keys already written changed: `touched` names every tensor written to (or being written when the run
+    stopped), so that a caller can put exactly those back.
     """
 
-    def __init__(self, targets: dict[str, torch.Tensor]):
+    def __init__(self, targets: Mapping[str, torch.Tensor]):
         self.targets = targets
         self.extra: dict[str, torch.Tensor] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.touched: set[str] = set()
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
     def begin(self, entries) -> None:
         self.extra = {}
-        self._shapes = {key: tuple(shape) for key, _, shape in entries}
+        self._entries = {key: (dtype, tuple(shape)) for key, dtype, shape in entries}
 
     def target(self, key: str) -> torch.Tensor | None:
         t = self.targets.get(key)
-        if t is None or tuple(t.shape) != self._shapes[key] or _byte_view(t) is None:
+        dtype, shape = self._entries[key]
+        if t is None or tuple(t.shape) != shape:
             return None
+        if t.device.type == "cpu" and (_byte_view(t) is None or not _rounds_once(dtype, t.dtype)):
+            return None  # computed in a buffer of the source's dtype, then cast by put
+        self.touched.add(key)
         return t
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         t = self.targets.get(key)
         if t is not None and tuple(t.shape) == tuple(tensor.shape):
+            self.touched.add(key)
             if t.data_ptr() != tensor.data_ptr():
                 with torch.no_grad():
                     t.copy_(tensor)
         else:
             self.extra[key] = tensor.clone()
 
-    def finish(self) -> dict[str, torch.Tensor]:
+    def finish(self) -> Mapping[str, torch.Tensor]:
         return self.targets
 
     def abort(self) -> None:
         self.extra = {}
+
+
+def _rounds_once(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether computing straight into a `target` tensor gives the same bits as computing into the source's dtype
+    and casting: yes when they are equal, or when the source is fp32 (the fp32 result is then rounded once anyway)."""
+    return source == target or source == torch.float32
 
 
 def changed_jobs(old: MergePlan, new: MergePlan) -> MergePlan:
@@ -637,6 +702,16 @@ def changed_jobs(old: MergePlan, new: MergePlan) -> MergePlan:
     jobs = tuple(job for job in new.jobs
                  if before.get(job.key) != job or (adjust_changed and job.key in ADJUST_KEYS))
     return dataclasses.replace(new, jobs=jobs)
+
+
+def copy_plan(keys: Iterable[str], name: str = "") -> MergePlan:
+    """A plan that copies `keys` from model A as they are: putting a model's weights back from a checkpoint file."""
+    return MergePlan(Recipe(name), None, tuple(Job(key, COPY_A) for key in keys), None)
+
+
+def output_shapes(plan: MergePlan, models: Models) -> dict[str, tuple[int, ...]]:
+    """Each output key's shape, from the headers (what a destination must hold)."""
+    return {job.key: tuple((models.b if job.kind == COPY_B else models.a).shape(job.key)) for job in plan.jobs}
 
 
 def merge_to_dict(recipe: Recipe, models: Models, presets: Presets | None = None, progress: Progress | None = None,

@@ -3,11 +3,13 @@
 the txt2img hook and the API handlers).
 
 This is the only module that imports `modules.*`; only the entry script (inside the WebUI) and the tests (against
-the fake under tests/fakes) import it. The live swap follows the integration reference §3.5: the merge is loaded
-into the existing model with `load_state_dict` between `undo_hijack` and `hijack` (so the text encoder is reached
-and the Lora extension's backups are reset, after the last generation's LoRA is taken out of the weights), and the
-model gets a new, unregistered CheckpointInfo that keeps the base file name, so the WebUI's
-`reload_model_weights()` calls leave the merge in place.
+the fake under tests/fakes) import it. The live swap follows the integration reference §3.5, without its state dict:
+between `undo_hijack` and `hijack` (so the text encoder's own tensors are reached), after the last generation's LoRA
+is taken out of the weights and the Lora extension's backups are dropped, the engine writes the merge straight into
+the model's parameters, on the device they live on (medvram/lowvram models are first gathered on the CPU). The model
+then gets a new, unregistered CheckpointInfo that keeps the base file name, so the WebUI's `reload_model_weights()`
+calls leave the merge in place. fp8 weight storage and merges of another architecture are loaded by rebuilding the
+model with `load_model` instead (see `IN_PLACE_REFUSED`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
 from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
-from .base import GenerationRequest, GenerationResult, MergeIdentity
+from .base import GenerationRequest, GenerationResult, LiveWeights, MergeIdentity
 
 SECTION = ("block_merger", "Block Merger")
 OPT_DEVICE = "block_merger_merge_device"
@@ -71,6 +73,14 @@ TEXT_MARKERS = (
     "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
     "conditioner.embedders.1.model.ln_final.weight",
 )
+#: why a merge is not written into the model's tensors (it is then loaded whole, rebuilding the model)
+IN_PLACE_REFUSED = {
+    "fp8": "(fp8 weight storage is on: the model was rebuilt from the merge with the WebUI's own loader, which casts "
+           "the weights to fp8 and keeps its fp16 cache right; this needs a second copy of the weights in RAM while "
+           "loading.)",
+    "architecture": "(The merge has another architecture than the loaded model ({key} differs): the model was "
+                    "rebuilt for it.)",
+}
 UI_DEFAULTS = {  # ui-config.json keys (v1.8+ first, older second) and the WebUI's own defaults
     "steps": (("customscript/sampler.py/txt2img/Sampling steps/value", "txt2img/Sampling steps/value"), 20),
     "sampler": (("customscript/sampler.py/txt2img/Sampling method/value", "txt2img/Sampling method/value"),
@@ -88,23 +98,25 @@ def option(key: str):
 
 
 def take_out_networks(m) -> None:
-    """Put back the weights the built-in Lora extension patched (from its own backups) and forget the patch.
+    """Put back the weights the built-in Lora extension patched (from its own backups) and drop every backup.
 
-    `load_state_dict` resets the extension's backups of every module, also of those a partial load (a re-merge of
-    the changed keys) does not write: without this, the LoRA of the last generation would stay baked into them and
-    be applied twice later. The next generation applies its LoRAs afresh, as after a checkpoint change.
+    A merge writes the parameters directly, so the extension's backups (copies of the pre-merge weights, kept also
+    after a LoRA is removed) would otherwise bring old weights back at the next LoRA change; and a LoRA of the last
+    generation left in the weights would be merged in, then applied again. The next generation applies its LoRAs
+    afresh, as after a checkpoint change.
     """
     try:
         import networks  # extensions-builtin/Lora, on sys.path when that extension is enabled
     except ImportError:
         return
     restore = getattr(networks, "network_restore_weights_from_backup", None)
-    if restore is None:
-        return
     with torch.no_grad():
         for module in m.modules():
-            if getattr(module, "network_current_names", ()):
+            if restore is not None and getattr(module, "network_current_names", ()):
                 restore(module)
+            if getattr(module, "network_weights_backup", None) is not None or \
+                    getattr(module, "network_bias_backup", None) is not None or \
+                    getattr(module, "network_current_names", ()):
                 # set here, not through network_reset_cached_weight: some WebUI versions' one keeps the bias backup
                 module.network_current_names = ()
                 module.network_weights_backup = None
@@ -269,6 +281,61 @@ class A1111Host:
             return None
         return getattr(info, IDENTITY_ATTR, None)
 
+    @contextlib.contextmanager
+    def writable_weights(self, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Iterator[LiveWeights]:
+        """The model's parameters by checkpoint key (loadable keys only), with UNet replacements, the hijack and
+        LoRA patches off; a medvram/lowvram model is gathered on the CPU first (its hooks move parts back as
+        needed). Refused under fp8 storage or when a planned key has no tensor of its shape."""
+        m = self._model()
+        if getattr(devices, "fp8", False):
+            yield LiveWeights({}, refused=IN_PLACE_REFUSED["fp8"])
+            return
+        self.busy += 1
+        sd_unet.apply_unet("None")
+        sd_hijack.model_hijack.undo_hijack(m)
+        try:
+            take_out_networks(m)
+            if getattr(m, "lowvram", False):
+                lowvram.send_everything_to_cpu()
+            external_vae = sd_vae.loaded_vae_file is not None
+            live = {k: v for k, v in m.state_dict(keep_vars=True).items() if loadable(k, external_vae)}
+            misfit = next((k for k, shape in (shapes or {}).items() if loadable(k, external_vae) and
+                           (k not in live or tuple(live[k].shape) != tuple(shape))), None)
+            if misfit is not None:
+                yield LiveWeights({}, refused=IN_PLACE_REFUSED["architecture"].format(key=misfit))
+                return
+            info = m.sd_checkpoint_info
+            base = getattr(info, BASE_ATTR, info)
+            on_device = {t.device for t in live.values() if t.device.type != "cpu"}
+            yield LiveWeights({k: v.detach() for k, v in live.items()},
+                              Path(base.filename) if base is not None else None,
+                              next(iter(on_device)) if len(on_device) == 1 else None)
+        finally:
+            try:
+                self._rehijack(m)
+            finally:
+                self.busy -= 1
+
+    def weights_written(self, identity: MergeIdentity | None, keys) -> None:
+        self.busy += 1
+        try:
+            m = self._model()
+            current = m.sd_checkpoint_info
+            base = getattr(current, BASE_ATTR, current)
+            info = merged_info(base, identity) if identity is not None else self._registered(base)
+            self._adopt(m, info, base)
+            if any(k.startswith(TEXT_PARTS) for k in keys):
+                self._refresh_empty_prompt(m)
+            script_callbacks.model_loaded_callback(m)
+            devices.torch_gc()
+        finally:
+            self.busy -= 1
+
+    def _registered(self, base):
+        """The base's CheckpointInfo as the WebUI has it registered now (a model-list refresh makes new objects)."""
+        selected = sd_models.get_closet_checkpoint_match(base.title)
+        return selected if selected is not None and selected.filename == base.filename else base
+
     def load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
         self.busy += 1
         try:
@@ -277,6 +344,7 @@ class A1111Host:
             self.busy -= 1
 
     def _load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
+        """Where `writable_weights` refuses: rebuild the model with `load_model` (identity only for an empty state)."""
         m = self._model()
         current = m.sd_checkpoint_info
         base = getattr(current, BASE_ATTR, current)
@@ -284,50 +352,22 @@ class A1111Host:
         if not state:
             self._adopt(m, info, base)
             return
-        external_vae = sd_vae.loaded_vae_file is not None
-        wanted = {k: v for k, v in state.items() if loadable(k, external_vae)}
         sd_unet.apply_unet("None")
         sd_hijack.model_hijack.undo_hijack(m)
         try:
             take_out_networks(m)
             live = m.state_dict()
-            changed = [k for k, v in wanted.items() if k not in live or tuple(live[k].shape) != tuple(v.shape)]
+            changed = [k for k, v in state.items() if loadable(k, False) and
+                       (k not in live or tuple(live[k].shape) != tuple(v.shape))]
             if changed and not is_complete(state):
                 raise MergeError(f"The merge does not fit the loaded model ({changed[0]} differs) and is not a "
                                  f"complete checkpoint; nothing was loaded.")
-            rebuild = bool(changed) or bool(getattr(devices, "fp8", False))
         except BaseException:
             self._rehijack(m)
             raise
-        if rebuild:
-            m = self._rebuild(m, state, live, info, base, architecture_changed=bool(changed))
-        else:
-            try:
-                self._load_in_place(m, wanted, live)
-            finally:
-                self._rehijack(m)
+        m = self._rebuild(m, state, live, info, base, architecture_changed=bool(changed))
         self._adopt(m, info, base)
-        if not rebuild:  # load_model did both already
-            if any(k.startswith(TEXT_PARTS) for k in wanted):
-                self._refresh_empty_prompt(m)
-            script_callbacks.model_loaded_callback(m)
         devices.torch_gc()
-
-    def _load_in_place(self, m, wanted: dict, live: dict) -> None:
-        """Module `load_state_dict` (never a raw copy: the Lora extension resets its backups there); on failure the
-        overwritten keys get their previous values back, so the model is as before."""
-        previous = {k: live[k].detach().to("cpu", copy=True) for k in wanted}
-        if getattr(m, "lowvram", False):
-            lowvram.send_everything_to_cpu()
-        try:
-            with torch.no_grad():
-                m.load_state_dict(wanted, strict=False)
-        except BaseException as e:
-            with torch.no_grad():
-                m.load_state_dict(previous, strict=False)
-            if isinstance(e, Exception):
-                raise MergeError(f"Loading the merge failed ({e}); the previous weights were put back.") from e
-            raise
 
     def _rehijack(self, m) -> None:
         sd_hijack.model_hijack.hijack(m)

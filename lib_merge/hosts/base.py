@@ -7,7 +7,7 @@ The tab, the X/Y/Z plot and the API talk only to a `Host`; `a1111.A1111Host` imp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,19 @@ class MergeIdentity:
     name: str
     short_hash: str
     recipe_json: str
+
+
+@dataclass(frozen=True)
+class LiveWeights:
+    """The loaded model's own tensors, opened for a merge to be written straight into them (no second copy).
+
+    `refused` says why this host cannot take a merge that way (then `tensors` is empty and the merge goes through
+    `load_weights`, which builds the whole state)."""
+
+    tensors: Mapping[str, torch.Tensor]  # checkpoint key -> the model's tensor, for every key a merge may write
+    base: Path | None = None  # the checkpoint file the model was loaded from: weights are put back from there
+    device: torch.device | None = None  # where the tensors live when not on the CPU (the merge computes there)
+    refused: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,9 +86,18 @@ class Host(Protocol):
     def live_weights(self) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:
         """The loaded model's tensors by checkpoint key, for reading (the base of a comparison)."""
 
+    def writable_weights(self, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                         ) -> contextlib.AbstractContextManager[LiveWeights]:
+        """The loaded model's tensors to write a merge into (refused when they do not have `shapes`, or the host
+        cannot); whatever wraps or patches them is taken off for the duration and put back after."""
+
+    def weights_written(self, identity: MergeIdentity | None, keys: Collection[str]) -> None:
+        """`keys` were written into the tensors of `writable_weights`: give the model `identity` (None: the base
+        checkpoint's own) and refresh what depends on those weights."""
+
     def load_weights(self, state: Mapping[str, torch.Tensor], identity: MergeIdentity | None) -> None:
-        """Put `state` (all keys, or only the changed ones) into the loaded model in place, and give the model
-        `identity` (None: the base checkpoint's own). Raises MergeError and leaves the old weights on failure."""
+        """Load `state` (all keys, or only the changed ones) where `writable_weights` refuses (e.g. by rebuilding the
+        model), and give the model `identity`. Raises MergeError and leaves the old weights on failure."""
 
     def restore_base(self) -> None:
         """Put the selected checkpoint's own weights back."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import MergeError
-from .base import GenerationRequest, GenerationResult, MergeIdentity
+from .base import GenerationRequest, GenerationResult, LiveWeights, MergeIdentity
 
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -59,6 +59,13 @@ class StandaloneHost:
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
         raise MergeError(self.live_model_unavailable)
         yield {}  # pragma: no cover
+
+    @contextlib.contextmanager
+    def writable_weights(self, shapes=None) -> Iterator[LiveWeights]:
+        yield LiveWeights({}, refused=self.live_model_unavailable)
+
+    def weights_written(self, identity, keys) -> None:
+        raise MergeError(self.live_model_unavailable)
 
     def load_weights(self, state, identity) -> None:
         raise MergeError(self.live_model_unavailable)

@@ -2,13 +2,18 @@
 
 One `MergeService` per host. It keeps the source checkpoints open between merges (bounded by `keep_models`) and
 remembers the plan of the merge that is loaded, so the next merge recomputes only the keys whose inputs or ratios
-changed. A merge that fails or is cancelled leaves the previously loaded weights in place: the new weights are
-collected first and handed to the host in one go.
+changed.
+
+A merge is written straight into the loaded model's own tensors (no state dict is built, no copy of the model is
+kept). The sources are on disk, so a merge that fails or is cancelled is undone by recomputing the tensors it touched
+with the previous recipe (or copying them from the base checkpoint file), and "Restore base model" copies from that
+file. Hosts that cannot be written in place (fp8 storage, another architecture) get the whole merge to load instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -16,11 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.engine import DictSink, MergePlan, Models, ScratchPool, changed_jobs, plan_merge, run_merge
+from ..core.engine import (
+    DictSink,
+    MergePlan,
+    Models,
+    ScratchPool,
+    TensorSink,
+    changed_jobs,
+    copy_plan,
+    output_shapes,
+    plan_merge,
+    run_merge,
+)
 from ..core.errors import MergeError
 from ..core.recipe import Recipe
 from ..core.weights import Presets
-from ..hosts.base import GenerationRequest, GenerationResult, Host, MergeIdentity
+from ..hosts.base import GenerationRequest, GenerationResult, Host, LiveWeights, MergeIdentity
 from ..io.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
 from ..io.hashes import HashCache
 from ..io.history import History
@@ -38,12 +54,14 @@ class MergeOutcome:
     recomputed: int  # keys computed for this merge (all of them, or only those that changed)
     seconds: float
     history_id: int | None = None
+    note: str = ""  # why the merge was not written into the model's tensors (the host loaded it whole)
 
     def message(self) -> str:
         part = "all" if self.recomputed == len(self.plan.jobs) else f"{self.recomputed} changed"
         logged = f", merge ID {self.history_id}" if self.history_id is not None else ""
+        note = f" {self.note}" if self.note else ""
         return (f"Loaded {self.identity.name} ({self.plan.arch.describe()}; {part} of {len(self.plan.jobs)} tensors "
-                f"computed in {self.seconds:.1f} s{logged}).")
+                f"computed in {self.seconds:.1f} s{logged}).{note}")
 
 
 def _same_merge(a: Recipe, b: Recipe) -> bool:
@@ -123,22 +141,83 @@ class MergeService:
         start = time.perf_counter()
         with self._mutex:
             plan, models = self.plan(recipe)
+            previous = self.loaded_plan()
             todo = plan
-            if self._loaded is not None and self.host.loaded_identity() is not None:
+            if previous is not None:
                 with contextlib.suppress(ValueError):
-                    todo = changed_jobs(self._loaded, plan)
+                    todo = changed_jobs(previous, plan)
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Merging"))
-            device = check_device(self.device)
-            state = (run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch)
-                     if todo.jobs else {})
             identity = identity_of(plan, name)
-            self.host.load_weights(state, identity)
+            note = self._write(todo, models, previous, identity, report, cancel, scratch)
             self._loaded = plan
             if commit:
                 self._committed = plan.recipe
         history_id = self._log(plan, identity) if self.log_merges and log else None
-        return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id)
+        return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id, note)
+
+    def _write(self, todo: MergePlan, models: Models, previous: MergePlan | None, identity: MergeIdentity,
+               report, cancel, scratch: ScratchPool | None) -> str:
+        """Merge `todo` into the loaded model's tensors; on any failure (cancel included) put back every tensor it
+        touched. Returns a note when the host refused in-place writing and loaded the whole merge instead."""
+        before = self.host.loaded_identity()
+        touched: set[str] = set()
+        try:
+            with self.host.writable_weights(output_shapes(todo, models)) as live:
+                if not live.refused:
+                    jobs = tuple(job for job in todo.jobs if job.key in live.tensors)
+                    sink = TensorSink(live.tensors)
+                    touched = sink.touched
+                    if jobs:
+                        run_merge(dataclasses.replace(todo, jobs=jobs), models, sink, report, cancel, self.threads,
+                                  self._device(live), scratch)
+            if not live.refused:
+                self.host.weights_written(identity, touched)
+                return ""
+        except BaseException:
+            if touched:
+                self._put_back(touched, previous, before)
+            raise
+        device = check_device(self.device)
+        state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
+        self.host.load_weights(state, identity)
+        return live.refused
+
+    def _device(self, live: LiveWeights):
+        """Compute where the model's tensors are (a GPU), else where the merge device setting says."""
+        return live.device if live.device is not None else check_device(self.device)
+
+    def _put_back(self, keys: set[str], previous: MergePlan | None, identity: MergeIdentity | None) -> None:
+        """Give `keys` their values from before a failed merge: recomputed with the previous merge's recipe, or
+        copied from the base checkpoint file (nothing is kept in memory for this). Never cancelled."""
+        try:
+            with self.host.writable_weights() as live:
+                rest = set(keys)
+                if previous is not None:
+                    jobs = tuple(job for job in previous.jobs if job.key in rest)
+                    run_merge(dataclasses.replace(previous, jobs=jobs), self.models(previous.recipe),
+                              TensorSink(live.tensors), threads=self.threads, device=self._device(live))
+                    rest -= {job.key for job in jobs}
+                if rest:
+                    self._copy_from_base(live, rest)
+            self.host.weights_written(identity, keys)
+        except Exception as e:
+            self._loaded = None
+            raise MergeError(f"The merge failed, and putting the previous weights back failed too ({e}); press "
+                             f"'Restore base model' before generating.") from e
+
+    def _copy_from_base(self, live: LiveWeights, keys) -> list[str]:
+        """Copy `keys` of the loaded model from its checkpoint file; returns the keys copied."""
+        if live.base is None:
+            raise MergeError("the loaded model has no checkpoint file to copy its weights from")
+        base = open_checkpoint(live.base)
+        try:
+            keys = [k for k in keys if k in base]
+            run_merge(copy_plan(keys, base.name), Models(base), TensorSink(live.tensors), threads=self.threads,
+                      device=self._device(live))
+        finally:
+            base.close()
+        return keys
 
     def _log(self, plan: MergePlan, identity: MergeIdentity) -> int:
         return self.history().append(identity.name, plan.recipe.to_dict())
@@ -147,11 +226,25 @@ class MergeService:
         return self._loaded if self.host.loaded_identity() is not None else None
 
     def restore_base(self, commit: bool = True) -> None:
+        """Put the base checkpoint's weights back: copied from its file into the model's tensors, or (where the
+        model cannot take them in place, e.g. after a merge of another architecture) reloaded by the host."""
         with self._mutex:
-            self.host.restore_base()
+            if not self._restore_in_place():
+                self.host.restore_base()
             self._loaded = None
             if commit:
                 self._committed = None
+
+    def _restore_in_place(self) -> bool:
+        with self.host.writable_weights() as live:
+            if live.refused or live.base is None:
+                return False
+            with open_checkpoint(live.base) as base:
+                if any(key not in base or tuple(base.shape(key)) != tuple(t.shape) for key, t in live.tensors.items()):
+                    return False
+            keys = self._copy_from_base(live, live.tensors)
+        self.host.weights_written(None, keys)
+        return True
 
     def reconcile(self, requested: Recipe | None) -> MergeOutcome | None:
         """Make the loaded model match a generation's request: the requested recipe (a transient merge), or, with

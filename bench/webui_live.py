@@ -1,0 +1,220 @@
+"""The WebUI path, measured against the fake WebUI host (tests/fakes/modules): merge -> ready to generate, with the
+model's memory, as a user of the tab sees it (issue 12's table, without the WebUI itself).
+
+    python bench/webui_live.py                     # SD1.5, full size; writes bench/WEBUI_LIVE.md
+    python bench/webui_live.py --family sdxl       # SDXL (needs ~16 GB free: the fake loads a 6.9 GB model)
+    python bench/webui_live.py --factor 16 --merges 4 --output /tmp/w.md   # a quick, small run
+
+Everything runs in one fresh child process (no other heap in it): the fake WebUI loads model A as the WebUI does
+(fp16), then `MergeService.merge_and_load` runs through `A1111Host` exactly as the tab's Merge button: a full
+Weight sum with 26 block weights (the first, then later ones), one block changed, Add difference with C, more merges
+up to `--merges`, and "Restore base model". Times are wall times around each call. Memory is read from
+/proc/self/status: the peak (VmHWM, reset before each action through /proc/self/clear_refs) over the resident size
+before the action, and the anonymous resident size (RssAnon: the heap, without the source files' page cache) after
+the merges and the restore. The engine's own floor (`run_merge` into the same tensors with `TensorSink`, no host)
+is measured in the same process for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+FAKES = ROOT / "tests" / "fakes"
+MARK = "@@WEBUI_LIVE@@ "
+GB = 1e9
+W26 = [0.5] + [round(0.15 + 0.03 * i, 2) for i in range(25)]  # as bench/run.py
+CHANGED_BLOCK = 20  # OUT07, 40 tensors in SD1.5 (the issue's "one block changed")
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _weights(change: float = 0.0, block: int | None = None) -> str:
+    values = list(W26)
+    if block is not None:
+        values[block] = round(values[block] + change, 4)
+    elif change:
+        values = [round(min(0.95, v + change), 4) for v in values]
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _fake_webui(folder: Path, names: dict[str, Path]):
+    """The fake `modules` package, with the benchmark models linked into its models folder and A loaded."""
+    sys.path.insert(0, str(FAKES))
+    sys.path.insert(0, str(ROOT))
+    from fakes import stubs
+
+    sys.modules.setdefault("gradio", stubs.make_gradio())
+    sys.modules.setdefault("fastapi", stubs.make_fastapi())
+    from modules import sd_models, shared
+
+    for which, path in names.items():
+        (folder / f"{which}.safetensors").symlink_to(path)
+    sd_models.model_path = str(folder)
+    shared.opts.data["block_merger_history_file"] = str(folder / "mergehistory.csv")
+    sd_models.list_models()
+    shared.opts.sd_model_checkpoint = "A.safetensors"
+    return shared
+
+
+def child(spec: dict) -> dict:
+    from modules import sd_hijack  # noqa: F401  (imports the fake before the host)
+
+    folder = Path(spec["folder"])
+    shared = _fake_webui(folder, {k: Path(v) for k, v in spec["models"].items()})
+    t0 = time.perf_counter()
+    model = shared.sd_model  # loads A as at the WebUI's start
+    load_s = time.perf_counter() - t0
+    from lib_merge.core.engine import TensorSink, plan_merge, run_merge
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.hosts.a1111 import A1111Host
+    from lib_merge.service.merge_service import MergeService
+
+    service = MergeService(A1111Host(ROOT), log_merges=False)
+    gc.collect()
+    start = _status()
+    model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    rows = []
+
+    def act(label: str, call) -> None:
+        gc.collect()
+        before = _status()
+        _reset_peak()
+        t = time.perf_counter()
+        outcome = call()
+        dt = time.perf_counter() - t
+        after = _status()
+        rows.append({"action": label, "seconds": dt, "rss_before": before["VmRSS"], "peak": after["VmHWM"],
+                     "extra_peak": after["VmHWM"] - before["VmRSS"], "anon_after": after["RssAnon"],
+                     "recomputed": getattr(outcome, "recomputed", None),
+                     "note": getattr(outcome, "note", "")})
+
+    def ws(weights: str):
+        return Recipe("A.safetensors", "B.safetensors", weights_alpha=weights)
+
+    act("Merge -> ready, first full Weight sum (26 block weights)", lambda: service.merge_and_load(ws(_weights())))
+    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(_weights(0.02))))
+    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(_weights(0.04))))
+    act("one block changed (OUT07)", lambda: service.merge_and_load(ws(_weights(0.05, CHANGED_BLOCK))))
+    act("Add difference with C", lambda: service.merge_and_load(
+        Recipe("A.safetensors", "B.safetensors", "C.safetensors", mode="Add difference", alpha=0.5)))
+    count = 5
+    while count < spec["merges"]:
+        step = count % 3
+        recipe = (ws(_weights(0.01 * count)) if step == 0 else
+                  ws(_weights(0.01 * count, CHANGED_BLOCK)) if step == 1 else
+                  Recipe("A.safetensors", "B.safetensors", "C.safetensors", mode="Add difference", alpha=0.1 * step))
+        act(f"merge {count + 1}", lambda r=recipe: service.merge_and_load(r))
+        count += 1
+    act("Restore base model", service.restore_base)
+    gc.collect()
+    settled = _status()
+
+    # the engine's floor: the same full merge straight into the model's tensors, no host around it
+    with service.host.writable_weights() as live:
+        models = service.models(ws(_weights()).validate(service.presets))
+        plan = plan_merge(ws(_weights()), models, service.presets)
+        t = time.perf_counter()
+        run_merge(plan, models, TensorSink(live.tensors))
+        floor = time.perf_counter() - t
+    service.restore_base()
+    service.close()
+    return {"rows": rows, "load_s": load_s, "start": start, "settled": settled, "model_bytes": model_bytes,
+            "engine_floor_s": floor, "merges": count}
+
+
+def render(result: dict, spec: dict, machine: str) -> str:
+    start, settled = result["start"], result["settled"]
+    lines = [
+        f"# The WebUI path against the fake WebUI host ({spec['family']}, factor {spec['factor']})",
+        "",
+        f"Generated by `python bench/webui_live.py {' '.join(spec['argv'])}` on {machine}.",
+        f"Model in RAM: {result['model_bytes'] / GB:.2f} GB (fp16, as the WebUI loads it); fake WebUI start "
+        f"(load of A) {result['load_s']:.1f} s; resident at start {start['VmRSS'] / GB:.2f} GB "
+        f"(anonymous {start['RssAnon'] / GB:.2f} GB).",
+        "",
+        "| Action | Time | Tensors computed | Peak RSS over the RSS before | Anonymous RSS after |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        computed = "" if row["recomputed"] is None else str(row["recomputed"])
+        lines.append(f"| {row['action']} | {row['seconds']:.2f} s | {computed} | "
+                     f"+{row['extra_peak'] / GB:.2f} GB | {row['anon_after'] / GB:.2f} GB |")
+    first = result["rows"][0]
+    lines += [
+        "",
+        f"- Engine floor (the same full Weight sum, `run_merge` into the same tensors, no host): "
+        f"{result['engine_floor_s']:.2f} s; the WebUI path's first full merge is "
+        f"{first['seconds'] / result['engine_floor_s']:.2f}x that.",
+        f"- Resident after {result['merges']} merges and a restore: {settled['VmRSS'] / GB:.2f} GB, anonymous "
+        f"{settled['RssAnon'] / GB:.2f} GB: {(settled['RssAnon'] - start['RssAnon']) / GB:+.2f} GB over the start "
+        f"(the source files' page cache is not in the process: they are read with pread, not mapped).",
+    ]
+    notes = sorted({row["note"] for row in result["rows"] if row["note"]})
+    lines += [f"- Note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    load = os.getloadavg()[0]
+    cores = os.cpu_count()
+    return f"{cores} cores, load average {load:.1f} when the run started (a shared machine)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
+    ap.add_argument("--factor", type=int, default=1, help="model size divisor (1 = full size)")
+    ap.add_argument("--merges", type=int, default=20, help="merges before the restore (at least 5)")
+    ap.add_argument("--cache", default=str(BENCH / "cache"), help="where the synthetic models are (made if missing)")
+    ap.add_argument("--output", default=str(BENCH / "WEBUI_LIVE.md"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(MARK + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    sys.path.insert(0, str(BENCH))
+    from make_models import make_models
+
+    models = {k: str(v) for k, v in make_models(args.family, args.factor, Path(args.cache), verbose=False).items()}
+    machine = _machine()
+    with tempfile.TemporaryDirectory(prefix="webui-live-") as tmp:
+        spec = {"folder": tmp, "models": models, "merges": max(5, args.merges), "family": args.family,
+                "factor": args.factor, "argv": list(argv if argv is not None else sys.argv[1:])}
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        print(f"the measuring process failed (exit {proc.returncode})", file=sys.stderr)
+        return 1
+    result = json.loads(lines[-1][len(MARK):])
+    report = render(result, spec, machine)
+    Path(args.output).write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
