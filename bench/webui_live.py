@@ -18,6 +18,7 @@ is measured in the same process for the ratio.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
 import os
@@ -51,19 +52,15 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _weights(change: float = 0.0, block: int | None = None) -> str:
-    values = list(W26)
-    if block is not None:
-        values[block] = round(values[block] + change, 4)
-    elif change:
-        values = [round(min(0.95, v + change), 4) for v in values]
-    return ",".join(f"{v:g}" for v in values)
+def _weights(change: float = 0.0) -> str:
+    """The 26 block weights, each moved by `change`."""
+    return ",".join(f"{round(min(0.95, v + change), 4):g}" for v in W26)
 
 
 def _fake_webui(folder: Path, names: dict[str, Path]):
     """The fake `modules` package, with the benchmark models linked into its models folder and A loaded."""
-    sys.path.insert(0, str(FAKES))
-    sys.path.insert(0, str(ROOT))
+    for path in (FAKES, FAKES.parent, ROOT):  # the fake `modules`, `fakes.stubs`, lib_merge
+        sys.path.insert(0, str(path))
     from fakes import stubs
 
     sys.modules.setdefault("gradio", stubs.make_gradio())
@@ -80,8 +77,6 @@ def _fake_webui(folder: Path, names: dict[str, Path]):
 
 
 def child(spec: dict) -> dict:
-    from modules import sd_hijack  # noqa: F401  (imports the fake before the host)
-
     folder = Path(spec["folder"])
     shared = _fake_webui(folder, {k: Path(v) for k, v in spec["models"].items()})
     t0 = time.perf_counter()
@@ -114,17 +109,20 @@ def child(spec: dict) -> dict:
     def ws(weights: str):
         return Recipe("A.safetensors", "B.safetensors", weights_alpha=weights)
 
-    act("Merge -> ready, first full Weight sum (26 block weights)", lambda: service.merge_and_load(ws(_weights())))
-    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(_weights(0.02))))
-    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(_weights(0.04))))
-    act("one block changed (OUT07)", lambda: service.merge_and_load(ws(_weights(0.05, CHANGED_BLOCK))))
+    first, later, again = _weights(), _weights(0.02), _weights(0.04)
+    act("Merge -> ready, first full Weight sum (26 block weights)", lambda: service.merge_and_load(ws(first)))
+    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(later)))
+    act("the same, a later merge (every block changed)", lambda: service.merge_and_load(ws(again)))
+    one = again.split(",")
+    one[CHANGED_BLOCK] = f"{float(one[CHANGED_BLOCK]) + 0.05:g}"
+    act("one block changed (OUT07)", lambda: service.merge_and_load(ws(",".join(one))))
     act("Add difference with C", lambda: service.merge_and_load(
         Recipe("A.safetensors", "B.safetensors", "C.safetensors", mode="Add difference", alpha=0.5)))
     count = 5
     while count < spec["merges"]:
         step = count % 3
         recipe = (ws(_weights(0.01 * count)) if step == 0 else
-                  ws(_weights(0.01 * count, CHANGED_BLOCK)) if step == 1 else
+                  ws(",".join(one)) if step == 1 else
                   Recipe("A.safetensors", "B.safetensors", "C.safetensors", mode="Add difference", alpha=0.1 * step))
         act(f"merge {count + 1}", lambda r=recipe: service.merge_and_load(r))
         count += 1
@@ -198,7 +196,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(BENCH))
     from make_models import make_models
 
-    models = {k: str(v) for k, v in make_models(args.family, args.factor, Path(args.cache), verbose=False).items()}
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as lock:  # the cache may be shared: one writer at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        models = {k: str(v) for k, v in make_models(args.family, args.factor, cache, verbose=False).items()}
     machine = _machine()
     with tempfile.TemporaryDirectory(prefix="webui-live-") as tmp:
         spec = {"folder": tmp, "models": models, "merges": max(5, args.merges), "family": args.family,

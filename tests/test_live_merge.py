@@ -48,6 +48,11 @@ def foreign_bytes(model) -> int:
     return total
 
 
+def assert_same(after, before) -> None:
+    assert after.keys() == before.keys()
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+
+
 def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -137,7 +142,7 @@ def test_a_fault_puts_back_the_exact_previous_weights(webui, monkeypatch, where,
     with pytest.raises(Fault):
         service.merge_and_load(BC, progress=progress)
     after = webui.live()
-    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    assert_same(after, weights)
     assert service.host.loaded_identity() == identity
     assert webui.sd_hijack.model_hijack.is_hijacked(webui.shared.sd_model)
     # the service still knows what is loaded: the next merge (incremental or full) is right
@@ -163,7 +168,7 @@ def test_a_fault_halfway_through_an_incremental_remerge_puts_back_the_first_merg
         service.merge_and_load(second, progress=progress)
     assert 0 < totals[0] < 1000  # it was the incremental re-merge that failed
     after = webui.live()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_same(after, before)
     assert service.merge_and_load(second).recomputed == totals[0]  # still incremental from the first merge
     assert_live_is(webui, expected(webui, second))
 
@@ -180,7 +185,7 @@ def test_stop_and_a_truncated_file_mid_merge_put_back_the_base(webui):
     with pytest.raises(MergeError):
         service.merge_and_load(Recipe("modelA.safetensors", "broken.safetensors", alpha=0.8))
     after = webui.live()
-    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert_same(after, base)
     assert service.host.loaded_identity() is None
 
 
@@ -200,7 +205,7 @@ def test_when_putting_back_fails_too_the_message_says_to_restore(webui):
     webui.a.write_bytes(data)
     service.restore_base()  # what the message asks for gives the base back
     after = webui.live()
-    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert_same(after, base)
 
 
 def test_a_failed_merge_with_a_lora_applied_leaves_consistent_weights(webui):
@@ -218,11 +223,11 @@ def test_a_failed_merge_with_a_lora_applied_leaves_consistent_weights(webui):
 
     with pytest.raises(Fault):
         service.merge_and_load(OTHER, progress=progress)
-    assert all(torch.equal(webui.live()[k], v) for k, v in clean.items())
+    assert_same(webui.live(), clean)
     assert webui.extra_networks.backups(model) == []
     webui.extra_networks.activate(model, ("style",))
     webui.extra_networks.activate(model, ())
-    assert all(torch.equal(webui.live()[k], v) for k, v in clean.items())
+    assert_same(webui.live(), clean)
 
 
 # -- restore copies from the base file ----------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def test_restore_copies_from_the_base_file_in_place(webui):
     assert webui.sd_models.events[events:] == []  # no reload_model_weights, no load_model
     assert webui.shared.sd_model is model and model_storages(model) == storages_before
     restored = webui.live()
-    assert all(torch.equal(restored[k], v) for k, v in base.items())
+    assert_same(restored, base)
     assert webui.extra_networks.backups(model) == []
     assert model.sd_checkpoint_info is webui.sd_models.select_checkpoint()
     assert service.host.loaded_identity() is None
