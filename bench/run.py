@@ -5,6 +5,8 @@
     python bench/run.py --tasks ws_mem,remerge --runs 5
     python bench/run.py --output /tmp/R.md --workdir /tmp/bench --cache /tmp/models --factor 16 --inline --no-mecha
 
+The WebUI path (merge -> ready through the A1111 host, against the fake WebUI) is measured by bench/webui_live.py.
+
 How it measures (see the notes in RESULTS.md):
 
 - Every measurement runs in its own fresh process (``python bench/run.py --child SPEC``), so no contender inherits
