@@ -33,7 +33,7 @@ from ..core.engine import (
     plan_merge,
     run_merge,
 )
-from ..core.errors import MergeError
+from ..core.errors import MergeCancelled, MergeError
 from ..core.recipe import Recipe
 from ..core.weights import Presets
 from ..hosts.base import GenerationRequest, GenerationResult, Host, LiveWeights, MergeIdentity
@@ -174,9 +174,12 @@ class MergeService:
             if not live.refused:
                 self.host.weights_written(identity, touched)
                 return ""
-        except BaseException:
-            if touched:
-                self._put_back(touched, previous, before)
+        except BaseException as e:
+            if not touched:
+                raise
+            self._put_back(touched, previous, before)
+            if isinstance(e, MergeCancelled):
+                raise MergeCancelled("Merge cancelled; the model's previous weights were put back.") from e
             raise
         device = check_device(self.device)
         state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
