@@ -62,7 +62,8 @@ class StandaloneHost:
 
     @contextlib.contextmanager
     def writable_weights(self, shapes=None) -> Iterator[LiveWeights]:
-        yield LiveWeights({}, refused=self.live_model_unavailable)
+        yield LiveWeights({}, refused=self.live_model_unavailable or "(This host does not expose its model's tensors: "
+                                                                       "the merge was handed over whole.)")
 
     def weights_written(self, identity, keys) -> None:
         raise MergeError(self.live_model_unavailable)
