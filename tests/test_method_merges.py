@@ -3,6 +3,7 @@ and streaming, per-block parameters, the CLI and the MergeService. Expectations 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -18,6 +19,8 @@ from test_methods import draws, ref_elect_mean, ref_trim
 from lib_merge.core.engine import DictSink, KeyMerger, Models, ScratchPool, merge_to_dict, plan_merge, run_merge
 from lib_merge.core.errors import MergeError
 from lib_merge.core.recipe import Recipe
+from lib_merge.core.weights import Presets
+from lib_merge.core.xyz import GenParams, parse_axis, plan_cells
 from lib_merge.io.checkpoint import open_checkpoint
 from lib_merge.io.history import History
 from lib_merge.service.merge_service import MergeService
@@ -304,3 +307,30 @@ def test_merge_service_loads_a_method_recipe_from_json(files):
     live = service.host.live
     assert all(torch.equal(live[k], expected[k]) for k in expected)
     service.close()
+
+
+# -- X/Y/Z plots ---------------------------------------------------------------------------------------------------
+
+
+def test_plot_axes_for_method_parameters():
+    import random
+
+    from lib_merge.core.arch import Arch
+
+    arch, presets = Arch("sd1"), Presets.load()
+    density = parse_axis("density", "0.1, 0.5", arch, presets, random.Random(0))
+    methods = parse_axis("method", "ties, della", arch, presets, random.Random(0))
+    base = Recipe("base", method="ties", models=("m1", "m2"))
+    cells = plan_cells(base, GenParams(), [density, methods], arch, presets)
+    assert [(c.recipe.method, c.recipe.density) for c in cells] == [
+        ("ties", 0.1), ("ties", 0.5), ("della", 0.1), ("della", 0.5)]
+    mbw = parse_axis("mbw drop", "FLAT_25", arch, presets, random.Random(0))
+    cells = plan_cells(dataclasses.replace(base, method="dare"), GenParams(), [mbw], arch, presets)
+    assert cells[0].recipe.weights_drop == presets.get("FLAT_25")
+    with pytest.raises(MergeError, match="unknown merge method"):
+        parse_axis("method", "ties, average", arch, presets, random.Random(0))
+    with pytest.raises(MergeError, match="belong to the merge methods"):
+        plan_cells(Recipe("a", "b"), GenParams(), [density], arch, presets)
+    with pytest.raises(MergeError, match=r"density=0: ties needs density in \(0, 1\]"):
+        plan_cells(base, GenParams(), [parse_axis("density", "0.1, 0", arch, presets, random.Random(0))],
+                   arch, presets)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import MergeError
 from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
-from .methods import get_method
+from .methods import check_params, get_method
 from .weights import INEX_MODES, Presets, parse_adjust
 
 RECIPE_TYPE = "block-merger"
@@ -161,6 +161,8 @@ class Recipe:
         if self.inex not in INEX_MODES:
             raise MergeError(f"Include/Exclude mode {self.inex!r} is not one of {', '.join(INEX_MODES)}.")
         parse_adjust(self.adjust)
+        if not any(getattr(self, f"weights_{n}").strip() for n in METHOD_PARAMS):  # else checked per block
+            check_params(method, self.alpha, self.density, self.drop, self.epsilon, "given")
         presets = presets or Presets.load()
         resolved = {f"weights_{n}": presets.resolve(getattr(self, f"weights_{n}")) for n in ("alpha", *METHOD_PARAMS)}
         return dataclasses.replace(
