@@ -153,6 +153,73 @@ def add_difference_sdxl(path_a, path_b, path_c, alpha=0.5, output=None, **kw):
     return add_difference(path_a, path_b, path_c, alpha=alpha, output=output, **kw)
 
 
+def _deltas(base, models):
+    return [sd_mecha.subtract(m, base) for m in models]
+
+
+def _add(base, delta, alpha):
+    """base + α·delta (sd-mecha's node for a weight plus a delta; the public wrapper wants three models)."""
+    from sd_mecha.extensions.builtin.merge_methods import linear
+
+    return linear.add_difference(base, delta, alpha=alpha)
+
+
+def task_arithmetic(path_base, *paths, alpha=1.0, output=None, **kw):
+    """base + α·Σ(Mᵢ − base), as chained add_difference nodes (fp32 inside, one rounding)."""
+    base, *models = _models(path_base, *paths)
+    recipe = base
+    for delta in _deltas(base, models):
+        recipe = _add(recipe, delta, alpha)
+    return run(recipe, output, **kw)
+
+
+def ties(path_base, *paths, alpha=1.0, k=0.2, output=None, **kw):
+    """TIES with the paper's election by mass (vote_sgn=True; sd-mecha's default elects by count of signs). sd-mecha
+    trims to the entries >= the int((1 − k)·n)-th smallest magnitude: one more entry than round(k·n) when k·n is whole,
+    where Block Merger keeps exactly round(k·n)."""
+    base, *models = _models(path_base, *paths)
+    delta = sd_mecha.ties_sum(*_deltas(base, models), k=k, vote_sgn=True)
+    return run(_add(base, delta, alpha), output, **kw)
+
+
+def dare(path_base, *paths, alpha=1.0, probability=0.9, seed=0, output=None, **kw):
+    """sd-mecha's dropout ("n-supermario"): each model's delta dropped with probability p (numpy draws) and the kept
+    deltas averaged over the models that kept an entry, rescaled by 1/(1 − p). With one model this is DARE; with N it
+    is a mean where DARE's paper sums (task arithmetic)."""
+    base, *models = _models(path_base, *paths)
+    return run(sd_mecha.dropout(base, *models, probability=probability, alpha=alpha, seed=seed), output, **kw)
+
+
+def dare_ties(path_base, *paths, alpha=1.0, probability=0.9, seed=0, output=None, **kw):
+    """sd-mecha's add_ties_with_dare: dropout masks, TIES (k = 1, sign by mass), then one global 1/(1 − p)."""
+    base, *models = _models(path_base, *paths)
+    return run(sd_mecha.add_ties_with_dare(base, *models, probability=probability, alpha=alpha, seed=seed, k=1.0,
+                                           vote_sgn=True), output, **kw)
+
+
+def geometric_median(*paths, output=None, **kw):
+    """Weiszfeld over the models themselves (eps 1e-6, at most 100 iterations, objective tolerance 1e-20)."""
+    return run(sd_mecha.geometric_median(*_models(*paths)), output, **kw)
+
+
+def model_stock(path_base, *paths, output=None, **kw):
+    """sd-mecha's n_model_stock (after mergekit): cos θ per row (last dim) between consecutive models only."""
+    base, *models = _models(path_base, *paths)
+    return run(sd_mecha.n_model_stock(base, *models), output, **kw)
+
+
+def slerp(path_a, path_b, alpha=0.5, output=None, **kw):
+    """SLERP of the normalised tensors, scaled by lerp(‖A‖, ‖B‖, t) (Block Merger interpolates the raw tensors)."""
+    a, b = _models(path_a, path_b)
+    return run(sd_mecha.slerp(a, b, alpha=alpha), output, **kw)
+
+
+def perpendicular(path_base, path_1, path_2, alpha=1.0, output=None, **kw):
+    """add_perpendicular(A=M₁, B=M₂, C=base): M₁ + α·perp(M₂ − base wrt M₁ − base)."""
+    base, m1, m2 = _models(path_base, path_1, path_2)
+    return run(sd_mecha.add_perpendicular(m1, m2, base, alpha=alpha), output, **kw)
+
+
 OPS = {
     "weight_sum": weight_sum,
     "add_difference": add_difference,

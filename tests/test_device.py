@@ -116,3 +116,21 @@ def test_device_path_waits_for_its_copies_and_writes_the_destination_tensors(mod
     assert sink.touched == set(reference)
     for key, value in reference.items():  # rounded to the source's dtype first, then widened: as a file load
         assert torch.equal(targets[key], value.float()), key
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_a_merge_method_on_the_device_path_and_into_live_tensors_equals_the_cpu_path(models, method):
+    """Merge methods go through their own path on a device too: the device path and a live destination give the
+    method's result (on the CPU stand-in, exactly the CPU path's), never the classic formula."""
+    m = Models(models.a, others=(models.b,) if method == "slerp" else (models.b, models.c))
+    recipe = Recipe("A", method=method, models=tuple(s.name for s in m.others), alpha=0.6, density=0.5)
+    plan = plan_merge(recipe, m)
+    reference = run_merge(plan, m, DictSink())
+    on_device = run_merge(plan, m, DictSink(), device="cpu")
+    live = {k: torch.zeros_like(v) for k, v in reference.items()}
+    run_merge(plan, m, TensorSink(live))
+    changed = 0
+    for key, value in reference.items():
+        assert torch.equal(on_device[key], value) and torch.equal(live[key], value), key
+        changed += not torch.equal(value, models.a.get(key))
+    assert changed > 0  # the method really merged

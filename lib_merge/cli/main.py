@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.errors import MergeCancelled, MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES
+from ..core.methods import METHODS
 
 EXIT_ERROR = 2
 
@@ -32,19 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lib_merge", description="Block Merger: merge Stable Diffusion checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    merge = sub.add_parser("merge", help="merge two or three checkpoints into a file")
-    merge.add_argument("--model-a", required=True, help="model A (.safetensors or .ckpt)")
+    merge = sub.add_parser("merge", help="merge checkpoints into a file: a merge mode over models A, B, C, or a "
+                                         "merge method over a base and N models")
+    merge.add_argument("--model-a", default="", help="model A (.safetensors or .ckpt)")
     merge.add_argument("--model-b", default="", help="model B")
     merge.add_argument("--model-c", default="", help="model C (Add difference, Triple sum, sum Twice)")
     merge.add_argument("--mode", default="Weight sum", help=f"merge mode: {', '.join(MERGE_MODES)}")
     merge.add_argument("--calc", default="normal", help=f"calc mode: {', '.join(CALC_MODES)}")
-    merge.add_argument("--alpha", type=float, default=0.5)
+    merge.add_argument("--method", default="", help=f"merge method instead of a mode: {', '.join(METHODS)}")
+    merge.add_argument("--base", default="", help="the method's base model")
+    merge.add_argument("--model", action="append", default=[], metavar="FILE",
+                       help="a model for the method (repeat for each)")
+    merge.add_argument("--model-weights", default="", metavar="W1,W2",
+                       help="per-model weights of the method's task vectors (default 1 each)")
+    merge.add_argument("--alpha", type=float, default=None,
+                       help="alpha (default 0.5); for a method its scale λ (default 1) or slerp's t (default 0.5)")
+    merge.add_argument("--t", type=float, default=None, help="slerp's interpolation t (the same as --alpha)")
+    merge.add_argument("--density", type=float, default=0.2, help="fraction kept (ties, della)")
+    merge.add_argument("--drop", type=float, default=0.9, help="drop probability (dare, dare_ties)")
+    merge.add_argument("--epsilon", type=float, default=0.1, help="della's spread of drop probabilities")
     merge.add_argument("--beta", type=float, default=0.25)
     merge.add_argument("--mbw", default="", metavar="W",
                        help="block weights for alpha: 26 (SD1/SD2) or 20 (SDXL) numbers, or a preset name; "
                             "the first value (BASE) replaces --alpha")
     merge.add_argument("--mbw-beta", default="", metavar="W", help="block weights for beta")
+    for name in ("density", "drop", "epsilon"):
+        merge.add_argument(f"--mbw-{name}", default="", metavar="W", help=f"block weights for {name}")
     merge.add_argument("--elemental", default="", metavar="TEXT", help="Blocks:Elements:Ratio entries")
+    for name in ("density", "drop", "epsilon"):
+        merge.add_argument(f"--elemental-{name}", default="", metavar="TEXT",
+                           help=f"Blocks:Elements:Value entries for {name}")
     merge.add_argument("--adjust", default="", metavar="NUMBERS",
                        help="8 numbers: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3")
     merge.add_argument("--inex", default="Off", choices=("Off", "Include", "Exclude"))
@@ -95,12 +113,45 @@ def _recipe_from_args(args):
 
     split = [t.strip() for t in args.blocks.replace(" ", ",").split(",") if t.strip()]
     elements = [t.strip() for t in args.elements.split(",") if t.strip()]
-    return Recipe(
-        model_a=args.model_a, model_b=args.model_b, model_c=args.model_c, mode=args.mode, calc=args.calc,
-        alpha=args.alpha, beta=args.beta, weights_alpha=args.mbw, weights_beta=args.mbw_beta,
-        elemental=args.elemental, adjust=args.adjust, inex=args.inex, inex_blocks=tuple(split),
-        inex_elements=tuple(elements), gamma=args.gamma, seed=args.seed,
-    )
+    common = dict(weights_alpha=args.mbw, elemental=args.elemental, adjust=args.adjust, inex=args.inex,
+                  inex_blocks=tuple(split), inex_elements=tuple(elements), seed=args.seed)
+    if not args.method:
+        if args.base or args.model or args.t is not None:
+            raise MergeError("--base, --model and --t go with --method; a merge mode takes --model-a/-b/-c.")
+        if not args.model_a:
+            raise MergeError("--model-a is required (or give --method with --base and --model).")
+        return Recipe(
+            model_a=args.model_a, model_b=args.model_b, model_c=args.model_c, mode=args.mode, calc=args.calc,
+            alpha=0.5 if args.alpha is None else args.alpha, beta=args.beta, weights_beta=args.mbw_beta,
+            gamma=args.gamma, **common,
+        )
+    if args.model_a or args.model_b or args.model_c or args.mode != "Weight sum" or args.mbw_beta:
+        raise MergeError("--method takes --base and --model; --model-a/-b/-c, --mode and --mbw-beta belong to the "
+                         "merge modes.")
+    return Recipe(model_a=args.base, calc=args.calc,
+                  method=args.method, models=tuple(args.model), model_weights=_model_weights(args.model_weights),
+                  alpha=_method_alpha(args), density=args.density, drop=args.drop, epsilon=args.epsilon,
+                  **{f"{kind}_{n}": getattr(args, f"{flag}_{n}") for kind, flag in (("weights", "mbw"),
+                     ("elemental", "elemental")) for n in ("density", "drop", "epsilon")}, **common)
+
+
+def _model_weights(text: str) -> tuple[float, ...]:
+    from ..core.weights import parse_number
+
+    return tuple(parse_number(t, "--model-weights") for t in text.split(",")) if text.strip() else ()
+
+
+def _method_alpha(args) -> float:
+    """--alpha, or slerp's --t (the same number), or the method's default."""
+    if args.t is not None and args.method != "slerp":
+        raise MergeError(f"--t is slerp's interpolation; {args.method} takes --alpha (its scale λ).")
+    if args.t is not None and args.alpha is not None and args.t != args.alpha:
+        raise MergeError(f"--t {args.t} and --alpha {args.alpha} disagree; slerp's t is one number, give one.")
+    given = args.t if args.t is not None else args.alpha
+    if given is not None:
+        return given
+    method = METHODS.get(args.method)
+    return method.default_alpha if method else 1.0
 
 
 def progress_bar(desc: str, quiet: bool = False):
@@ -151,7 +202,7 @@ def cmd_merge(args) -> int:
           f"{time.perf_counter() - start:.1f} s{logged})")
     print(f"Recipe: {plan.recipe.title()}")
     if args.reset_clip_ids:
-        print(clip_ids_report(Path(args.model_a)))
+        print(clip_ids_report(Path(plan.recipe.model_a)))
     return 0
 
 

@@ -21,11 +21,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import kernels, smoothing
+from . import kernels, methods, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch
 from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
-from .recipe import Recipe, check_extract_ratios
+from .recipe import METHOD_PARAMS, Recipe, check_extract_ratios
 from .weights import (
     Adjust,
     ElementalRule,
@@ -33,6 +33,7 @@ from .weights import (
     Presets,
     has_random,
     parse_adjust,
+    parse_block_values,
     parse_block_weights,
     parse_elemental,
     parse_inex,
@@ -88,6 +89,9 @@ class Job:
     beta: float = 0.0
     channels: int = 0  # >0: merge only the first `channels` of dim 1 (inpainting / pix2pix A), keep A's others
     index: int = 0  # position in A's key order (the seed's random draws use it)
+    density: float = 0.0  # a merge method's other per-block parameters (see core.methods.Params)
+    drop: float = 0.0
+    epsilon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,10 @@ class MergePlan:
 
 @dataclass
 class Models:
-    a: Source
+    a: Source  # model A, the base of a merge method
     b: Source | None = None
     c: Source | None = None
+    others: tuple[Source, ...] = ()  # a merge method's N models, in the recipe's order
 
 
 def _arch_of(source: Source, label: str) -> Arch:
@@ -154,6 +159,8 @@ def _channels(key: str, a: Source, others: Iterable[tuple[str, Source]]) -> int:
 def plan_merge(recipe: Recipe, models: Models, presets: Presets | None = None) -> MergePlan:
     """Validate the recipe against the models' headers and decide every key's job; reads no tensor data."""
     recipe = recipe.validate(presets)
+    if recipe.method:
+        return _plan_method(recipe, models)
     calc = recipe.calc_mode
     a, b, c = models.a, models.b if calc.uses_b else None, models.c if recipe.uses_c else None
     if calc.uses_b and b is None:
@@ -226,6 +233,45 @@ def _plan_key(key, index, recipe: Recipe, arch: Arch, a, b, c, weights_a, weight
     others = [(label, src) for label, src in (("B", b), ("C", c)) if src is not None]
     channels = _channels(key, a, others)
     return Job(key, MERGE, block, alpha, beta, channels, index)
+
+
+def _plan_method(recipe: Recipe, models: Models) -> MergePlan:
+    """A merge method's plan: every key of the base that all N models share (same shape, or the inpainting case) is
+    merged with its per-block parameters; the others keep the base's tensor."""
+    method = methods.get_method(recipe.method)
+    a, others = models.a, tuple(models.others)
+    if len(others) != len(recipe.models):
+        raise MergeError(f"Method {method.name} needs its {len(recipe.models)} model(s) opened; got {len(others)}.")
+    arch = _arch_of(a, "base")
+    labels = [f"{i + 1}" for i in range(len(others))]
+    for label, src in zip(labels, others, strict=True):
+        _check_family(arch, _arch_of(src, label), label, src)
+    needs_seed = method.random or any(has_random(getattr(recipe, f)) for f in (
+        "weights_alpha", "elemental", *(f"{k}_{n}" for k in ("weights", "elemental") for n in METHOD_PARAMS)))
+    if needs_seed and recipe.seed == -1:
+        recipe = recipe.with_seed(secrets.randbelow(2**32))
+    keys = a.keys()
+    randoms = random_table(recipe.seed, len(keys)) if needs_seed else None
+    fine_labels = frozenset(bl[0] for k in keys if (bl := arch.block_of(k))) if arch.is_sdxl else frozenset()
+    values = {"alpha": parse_block_values(recipe.alpha, recipe.weights_alpha, recipe.elemental, arch, "alpha",
+                                          randoms, fine_labels)}
+    for name in METHOD_PARAMS:
+        values[name] = parse_block_values(getattr(recipe, name), getattr(recipe, f"weights_{name}"),
+                                          getattr(recipe, f"elemental_{name}"), arch, name, randoms, fine_labels, 50)
+    inex = parse_inex(recipe.inex, recipe.inex_blocks, recipe.inex_elements, arch, fine_labels)
+    jobs = []
+    for index, key in enumerate(keys):
+        labels_of = arch.block_of(key)
+        if ("model" not in key or any(key not in src for src in others) or labels_of is None
+                or ("weight" not in key and "bias" not in key) or inex.skips(key, *labels_of)):
+            jobs.append(Job(key, COPY_A, index=index))
+            continue
+        fine, block = labels_of
+        v = {name: bv.at(arch.blocks, key, fine, block, index, randoms) for name, bv in values.items()}
+        methods.check_params(method, v["alpha"], v["density"], v["drop"], v["epsilon"], f"block {block}")
+        channels = _channels(key, a, zip(labels, others, strict=True))
+        jobs.append(Job(key, MERGE, block, v["alpha"], 0.0, channels, index, v["density"], v["drop"], v["epsilon"]))
+    return MergePlan(recipe, arch, tuple(jobs), parse_adjust(recipe.adjust))
 
 
 def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None = None,
@@ -356,7 +402,7 @@ class KeyMerger:
         """Elements per piece when the job can stream through cache-sized pieces, else 0 (whole key). Pieces work
         for elementwise formulas: each input is read a piece at a time and every fp32 temporary stays in the CPU
         cache, instead of several key-sized passes through memory. Same operations per element, same bits."""
-        if job.kind != MERGE or self.link is not None or job.channels or self._adjusted(job):
+        if job.kind != MERGE or self.link is not None or job.channels or self._adjusted(job) or self.recipe.method:
             return 0
         shape = self.models.a.shape(job.key)
         numel = math.prod(shape)
@@ -389,14 +435,22 @@ class KeyMerger:
                 need(slot, piece, torch.float32)
             need("mask", piece, torch.bool)
             for slot, other in (("b", self.models.b if self.uses_b else None),
-                                ("c", self.models.c if self.recipe.uses_c else None)):
+                                ("c", self.models.c if self.recipe.uses_c else None),
+                                *((f"m{i}", m) for i, m in enumerate(self.models.others))):
                 if other is not None:
+                    sizes.setdefault(slot, 0)
                     need(slot, piece or math.prod(other.shape(job.key)), other.dtype(job.key))
         return sizes
 
     def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
         """The job's tensor, written into `dest` when given (else into scratch or a source's own tensor); the
         result must be consumed before this thread's next call."""
+        if self.recipe.method and job.kind == MERGE and (self.link is not None or dest is not None):
+            # a merge method reads N models into this worker's buffers and computes where the link says (or on the
+            # CPU), then hands the result to the destination, wherever it lives
+            src = self.source(job)
+            result = self._merge_whole(job, scratch.tensor("out", src.dtype(job.key), src.shape(job.key)), scratch)
+            return result if dest is None else dest.copy_(result)
         if self.link is not None:
             return self._on_device(job, dest, scratch, self.link)
         if dest is not None and dest.device.type != "cpu":  # a device tensor to write: go there, unpinned
@@ -452,6 +506,8 @@ class KeyMerger:
 
     def _merge_whole(self, job: Job, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         full = self.models.a.get(job.key, out=scratch.raw("a"))
+        if self.recipe.method:
+            return self._merge_method(job, full, out, scratch)
         b = self.models.b.get(job.key, out=scratch.raw("b")) if self.uses_b else None
         c = self.models.c.get(job.key, out=scratch.raw("c")) if self.recipe.uses_c else None
         a = full
@@ -462,7 +518,24 @@ class KeyMerger:
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
             return out.copy_(full)
-        result = self._compute(job, a, b, c)
+        return self._finish(job, full, self._compute(job, a, b, c), out)
+
+    def _merge_method(self, job: Job, full: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        """A merge method on one key: the base and every model read into this worker's buffers, computed in fp32."""
+        tensors = [full, *(m.get(job.key, out=scratch.raw(f"m{i}")) for i, m in enumerate(self.models.others))]
+        if job.channels:
+            tensors = [t[:, : job.channels] for t in tensors]
+        if self.link is not None:  # blocking copies: the worker's buffers are reused for the next key
+            tensors = [t.to(self.link.device) for t in tensors]
+        r = self.recipe
+        params = methods.Params(job.alpha, job.density, job.drop, job.epsilon, r.model_weights, r.seed, job.key)
+        result = methods.merge_key(methods.get_method(r.method), tensors[0], tensors[1:], params)
+        return self._finish(job, full, result, out)
+
+    def _finish(self, job: Job, full: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The computed tensor adjusted (when the job's key is one of Adjust's) and rounded once into `out`; with
+        narrowed channels, A's other channels are kept."""
+        adjusted = self._adjusted(job)
         if adjusted:
             result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
         if job.channels:
@@ -692,7 +765,7 @@ def changed_jobs(old: MergePlan, new: MergePlan) -> MergePlan:
     modes, seed and adjust are the same; changing one block's weight therefore re-merges only that block's keys.
     Raises ValueError when the plans cannot be compared (other models, calc or architecture): merge fully then.
     """
-    same = ("model_a", "model_b", "model_c", "mode", "calc", "gamma", "seed")
+    same = ("model_a", "model_b", "model_c", "mode", "calc", "gamma", "seed", "method", "models", "model_weights")
     if old.arch != new.arch or any(getattr(old.recipe, f) != getattr(new.recipe, f) for f in same):
         raise ValueError("plans differ in models, modes or seed; a full merge is needed")
     if new.recipe.calc in ("cosineA", "cosineB") and old.similarity != new.similarity:

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 
 from .errors import MergeError
 from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
+from .methods import check_params, get_method
 from .weights import INEX_MODES, Presets, parse_adjust
 
 RECIPE_TYPE = "block-merger"
 NEEDS_C = (ADD_DIFF, "Triple sum", "sum Twice")
+#: the parameters of the merge methods that can be given per block, beside alpha
+METHOD_PARAMS = ("density", "drop", "epsilon")
+#: fields of a method recipe (base plus N models); left out of a classic recipe's JSON, which therefore stays as it was
+METHOD_FIELDS = ("method", "models", "model_weights", *METHOD_PARAMS,
+                 *(f"weights_{n}" for n in METHOD_PARAMS), *(f"elemental_{n}" for n in METHOD_PARAMS))
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,19 @@ class Recipe:
     inex_elements: tuple[str, ...] = ()
     gamma: float = 0.3
     seed: int = -1  # weight seed for R/U ratios and plus random; -1 draws one when the recipe is resolved
+    # A merge method over a base (model_a) and N models (see core.methods); "" is a merge mode with models A/B/C.
+    method: str = ""
+    models: tuple[str, ...] = ()
+    model_weights: tuple[float, ...] = ()  # wᵢ per model; () = all 1
+    density: float = 0.2  # fraction kept (TIES, DELLA)
+    drop: float = 0.9  # drop probability (DARE)
+    epsilon: float = 0.1  # DELLA's spread of drop probabilities
+    weights_density: str = ""  # block weights, as weights_alpha (alpha's apply to methods too)
+    weights_drop: str = ""
+    weights_epsilon: str = ""
+    elemental_density: str = ""  # Blocks:Elements:Value rules, as elemental (alpha's apply to methods too)
+    elemental_drop: str = ""
+    elemental_epsilon: str = ""
     extra: dict = field(default_factory=dict, compare=False)  # informational, e.g. save options
 
     @property
@@ -50,11 +69,15 @@ class Recipe:
 
     @property
     def uses_c(self) -> bool:
-        return self.mode in NEEDS_C
+        return not self.method and self.mode in NEEDS_C
 
     @property
     def uses_beta(self) -> bool:
-        return self.mode in ("Triple sum", "sum Twice") or self.calc_mode.uses_beta
+        return not self.method and (self.mode in ("Triple sum", "sum Twice") or self.calc_mode.uses_beta)
+
+    def model_names(self) -> list[str]:
+        """Every model the recipe reads, A (the base of a method) first."""
+        return [m for m in (self.model_a, self.model_b, self.model_c, *self.models) if m]
 
     @property
     def mbw(self) -> bool:
@@ -66,6 +89,10 @@ class Recipe:
         Presets named in weight fields are replaced by their values, so the returned recipe reproduces the merge
         even where the preset file differs.
         """
+        if self.method:
+            return self._validate_method(presets)
+        if self.models:
+            raise MergeError("A list of models needs a merge method (e.g. ties); the merge modes take A, B and C.")
         if self.mode not in MERGE_MODES:
             raise MergeError(f"Unknown merge mode {self.mode!r}; use one of: {', '.join(MERGE_MODES)}.")
         calc = CALC_MODES.get(self.calc)
@@ -108,13 +135,51 @@ class Recipe:
             inex_blocks=tuple(self.inex_blocks), inex_elements=tuple(self.inex_elements),
         )
 
+    def _validate_method(self, presets: Presets | None) -> Recipe:
+        method = get_method(self.method)
+        if self.calc != "normal":
+            raise MergeError(f"Calc mode {self.calc!r} belongs to the merge modes; method {method.name} takes none.")
+        if self.model_b or self.model_c:
+            raise MergeError(f"Method {method.name} takes a base and a list of models, not models B and C.")
+        if not self.model_a:
+            raise MergeError(f"Method {method.name} needs a base model.")
+        if not method.takes(len(self.models)):
+            raise MergeError(f"Method {method.name} takes {method.count_text()} model(s) beside the base; "
+                             f"got {len(self.models)}.")
+        weights = tuple(self.model_weights)
+        if weights and len(weights) != len(self.models):
+            raise MergeError(f"Give one model weight per model: {len(weights)} weights for {len(self.models)} models.")
+        if weights and not method.weighted and any(w != 1 for w in weights):
+            raise MergeError(f"Method {method.name} takes no per-model weights.")
+        for name in ("alpha", *METHOD_PARAMS):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MergeError(f"{name} must be a finite number, not {value!r}.")
+        for w in weights:
+            if not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise MergeError(f"Model weights must be finite numbers, not {w!r}.")
+        if self.inex not in INEX_MODES:
+            raise MergeError(f"Include/Exclude mode {self.inex!r} is not one of {', '.join(INEX_MODES)}.")
+        parse_adjust(self.adjust)
+        if not any(getattr(self, f"weights_{n}").strip() for n in METHOD_PARAMS):  # else checked per block
+            check_params(method, self.alpha, self.density, self.drop, self.epsilon, "given")
+        presets = presets or Presets.load()
+        resolved = {f"weights_{n}": presets.resolve(getattr(self, f"weights_{n}")) for n in ("alpha", *METHOD_PARAMS)}
+        return dataclasses.replace(
+            self, **resolved, mode=WEIGHT_SUM, weights_beta="", models=tuple(self.models), model_weights=weights,
+            inex_blocks=tuple(self.inex_blocks), inex_elements=tuple(self.inex_elements),
+        )
+
     def with_seed(self, seed: int) -> Recipe:
         return dataclasses.replace(self, seed=seed)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["inex_blocks"] = list(self.inex_blocks)
-        data["inex_elements"] = list(self.inex_elements)
+        for name in ("inex_blocks", "inex_elements", "models", "model_weights"):
+            data[name] = list(data[name])
+        if not self.method:
+            for name in METHOD_FIELDS:
+                del data[name]
         return {"type": RECIPE_TYPE, **data}
 
     def to_json(self) -> str:
@@ -127,7 +192,7 @@ class Recipe:
         if unknown:
             raise MergeError(f"Recipe has unknown fields: {', '.join(sorted(unknown))}.")
         values = {k: v for k, v in data.items() if k in known}
-        for name in ("inex_blocks", "inex_elements"):
+        for name in ("inex_blocks", "inex_elements", "models", "model_weights"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
@@ -146,6 +211,8 @@ class Recipe:
         """A short human-readable merge name, in the spirit of the seed's model names."""
         a, b, c = (_stem(m) for m in (self.model_a, self.model_b, self.model_c))
         ratio = "MBW" if self.mbw else f"{self.alpha:g}"
+        if self.method:
+            return f"{self.method}({a}; {', '.join(_stem(m) for m in self.models)}) x {ratio}"
         if self.calc in ("self", "plus random"):
             text = f"{a} x {ratio}" if self.calc == "self" else f"{a} + noise x {ratio}"
         elif self.mode == WEIGHT_SUM:

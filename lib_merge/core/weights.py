@@ -275,3 +275,30 @@ def parse_adjust(text: str) -> Adjust | None:
         raise MergeError(f"Adjust needs 8 comma-separated numbers ({', '.join(ADJUST_NAMES)}); got {len(tokens)}.")
     values = tuple(parse_number(t, f"Adjust {name}") for t, name in zip(tokens, ADJUST_NAMES, strict=True))
     return Adjust(values) if any(values) else None
+
+
+@dataclass(frozen=True)
+class BlockValues:
+    """A parameter given per block exactly like alpha: a plain value, or one value per block (the first, BASE,
+    replacing the plain value), then elemental rules (the last match wins)."""
+
+    value: float
+    blocks: tuple[float, ...] | None = None
+    rules: tuple[ElementalRule, ...] = ()
+
+    def at(self, labels: Sequence[str], key: str, fine: str, block: str, key_index: int,
+           randoms: np.ndarray | None) -> float:
+        value = self.blocks[labels.index(block)] if self.blocks else self.value
+        for rule in self.rules:
+            if rule.matches(key, fine, block):
+                value = rule.value(key_index, randoms)
+        return value
+
+
+def parse_block_values(value: float, weights: str, elemental: str, arch: Arch, what: str,
+                       randoms: np.ndarray | None, fine_labels: frozenset[str] = frozenset(),
+                       offset: int = 0) -> BlockValues:
+    """One parameter's value, resolved block weights (26/20 values) and elemental text, checked and parsed; R/U
+    block values draw at `offset` in the random table (alpha 0, as in the seed; the others 50, like beta)."""
+    blocks = parse_block_weights(weights, arch, what, randoms, offset) if weights.strip() else None
+    return BlockValues(blocks[0] if blocks else value, blocks, parse_elemental(elemental, arch, fine_labels))

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .arch import Arch
 from .errors import MergeError
 from .kernels import CALC_MODES, MERGE_MODES
+from .methods import METHODS
 from .recipe import Recipe
 from .weights import ADJUST_NAMES, INEX_EXTRAS, Presets, expand_blocks, parse_number
 
@@ -25,7 +26,10 @@ AXIS_TYPES = (
     NONE, "alpha", "beta", "alpha and beta", "seed", "mbw alpha", "mbw beta", "mbw alpha and beta",
     "model_A", "model_B", "model_C", "pinpoint blocks", "include blocks", "exclude blocks", "elemental",
     "pinpoint element", "adjust", "pinpoint adjust", "calcmode", "merge mode", "prompt",
+    "method", "density", "drop", "epsilon", "mbw density", "mbw drop", "mbw epsilon",
 )
+#: Axes of the merge methods' parameters (they need a recipe with a method).
+METHOD_AXES = ("density", "drop", "epsilon", "mbw density", "mbw drop", "mbw epsilon")
 #: Axes whose values are combined with the value of an "alpha" (or "beta") axis in the same cell.
 PINPOINT = ("pinpoint blocks", "pinpoint element", "pinpoint adjust")
 #: Axes that change only what is generated, never the merge.
@@ -37,6 +41,8 @@ RECIPE_FIELDS = {
     "mbw alpha and beta": ("weights_alpha", "weights_beta"),
     "model_A": ("model_a",), "model_B": ("model_b",), "model_C": ("model_c",),
     "elemental": ("elemental",), "adjust": ("adjust",), "calcmode": ("calc",), "merge mode": ("mode",),
+    "method": ("method",), "density": ("density",), "drop": ("drop",), "epsilon": ("epsilon",),
+    "mbw density": ("weights_density",), "mbw drop": ("weights_drop",), "mbw epsilon": ("weights_epsilon",),
 }
 
 
@@ -94,7 +100,7 @@ def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.R
     if kind == NONE or not text.strip():
         return None
     what = f"Plot axis {kind!r}"
-    if kind in ("alpha", "beta"):
+    if kind in ("alpha", "beta", "density", "drop", "epsilon"):
         values = tuple(parse_number(v, what) for v in _csv(text))
         labels = tuple(f"{v:g}" for v in values)
     elif kind == "alpha and beta":
@@ -111,7 +117,7 @@ def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.R
         drawn = rng.randrange(2**32)
         values = tuple(drawn if int(parse_number(v, what)) == -1 else int(parse_number(v, what)) for v in _csv(text))
         labels = tuple(str(v) for v in values)
-    elif kind in ("mbw alpha", "mbw beta"):
+    elif kind in ("mbw alpha", "mbw beta", "mbw density", "mbw drop", "mbw epsilon"):
         values = tuple(presets.resolve(line) for line in _lines(text))
         labels = tuple(_lines(text))
     elif kind == "mbw alpha and beta":
@@ -154,6 +160,11 @@ def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.R
         for v in values:
             if v not in MERGE_MODES:
                 raise MergeError(f"{what}: unknown merge mode {v!r}; use {', '.join(MERGE_MODES)}.")
+    elif kind == "method":
+        values = labels = tuple(_csv(text))
+        for v in values:
+            if v not in METHODS:
+                raise MergeError(f"{what}: unknown merge method {v!r}; use {', '.join(METHODS)}.")
     else:  # prompt
         values = labels = tuple(_lines(text))
     if not values:
@@ -245,6 +256,9 @@ def plan_cells(base: Recipe, gen: GenParams, axes: Sequence[Axis | None], arch: 
                 recipe, cell_gen = build_cell(base, gen, chosen, arch, presets)
                 try:
                     recipe = recipe.validate(presets)
+                    if set(METHOD_AXES) & set(chosen) and not recipe.method:
+                        raise MergeError("density, drop and epsilon belong to the merge methods (ties, dare, "
+                                         "della...); choose a method to plot them.")
                     if {"beta", "alpha and beta"} & set(chosen) and "pinpoint blocks" not in chosen \
                             and not recipe.uses_beta:
                         raise MergeError(f"beta has no effect in {recipe.mode} with calc mode {recipe.calc}; plot "

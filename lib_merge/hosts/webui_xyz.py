@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.errors import MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES
+from ..core.methods import METHODS
 from ..core.recipe import Recipe
 from ..core.weights import Presets, parse_number
 
@@ -108,6 +109,8 @@ def axis_options(xyz: Any, resolve_model: Callable[[str], object], list_models: 
         axis("Block weights (| separated)", str, "weights_alpha", weights, cost=1.1, prepare=_split("|")),
         axis("Pinpoint block (BLOCK=value)", str, "pinpoint", cost=1.1, prepare=_pinpoint),
         axis("Elemental (| separated)", str, "elemental", cost=1.1, prepare=_split("|")),
+        axis("Method", str, "method", cost=1.2, choices=choices(METHODS)),
+        *(axis(name.capitalize(), float, name, cost=1.1) for name in ("density", "drop", "epsilon")),
     ]
 
 

@@ -97,6 +97,7 @@ class MergeService:
         self.hashes = hashes or HashCache()
         self.log_merges = log_merges
         self._open: OrderedDict[Path, Checkpoint] = OrderedDict()
+        self._needed = 3  # checkpoints the current merge reads (A, B, C, or a method's base and models)
         self._loaded: MergePlan | None = None
         self._committed: Recipe | None = None  # what the user chose (tab/API merge); None = the base checkpoint
         self._mutex = threading.Lock()
@@ -109,14 +110,16 @@ class MergeService:
         path = self.host.resolve_model(name)
         ckpt = self._open.pop(path, None) or open_checkpoint(path)
         self._open[path] = ckpt
-        while len(self._open) > self.keep_models + 3:  # A, B, C of the current merge always stay open
+        while len(self._open) > self.keep_models + self._needed:  # the current merge's models always stay open
             _, old = self._open.popitem(last=False)
             old.close()
         return ckpt
 
     def models(self, recipe: Recipe) -> Models:
         """The open checkpoints of a validated recipe (kept open for the next merges)."""
-        return Models(*(self._checkpoint(n) for n in (recipe.model_a, recipe.model_b, recipe.model_c)))
+        self._needed = max(3, len(recipe.model_names()))
+        return Models(*(self._checkpoint(n) for n in (recipe.model_a, recipe.model_b, recipe.model_c)),
+                      tuple(self._checkpoint(n) for n in recipe.models))
 
     def close(self) -> None:
         while self._open:

@@ -32,12 +32,14 @@ class SaveResult:
 
 @contextlib.contextmanager
 def open_models(recipe: Recipe, resolve: Resolve = Path):
-    """Open the checkpoints a validated recipe uses (B/C only when its mode needs them); closed on exit."""
+    """Open the checkpoints a validated recipe uses (B/C only when its mode needs them, a method's N models);
+    closed on exit."""
     with contextlib.ExitStack() as stack:
         def load(name: str) -> object | None:
             return stack.enter_context(open_checkpoint(resolve(name))) if name else None
 
-        yield Models(load(recipe.model_a), load(recipe.model_b), load(recipe.model_c))
+        yield Models(load(recipe.model_a), load(recipe.model_b), load(recipe.model_c),
+                     tuple(load(m) for m in recipe.models))
 
 
 def check_device(device: str | None) -> str | None:
@@ -55,13 +57,13 @@ def check_device(device: str | None) -> str | None:
 
 
 def model_paths(recipe: Recipe, resolve: Resolve = Path) -> list[Path]:
-    return [resolve(m) for m in (recipe.model_a, recipe.model_b, recipe.model_c) if m]
+    return [resolve(m) for m in recipe.model_names()]
 
 
 def recipe_metadata(plan: MergePlan, models: Models, hashes: HashCache) -> dict[str, str]:
     """`sd_merge_recipe` / `sd_merge_models` as the WebUI's merger writes them, hashes from the (cached) files."""
     entries = []
-    for source in (models.a, models.b, models.c):
+    for source in (models.a, models.b, models.c, *models.others):
         if source is not None and source.path is not None:
             entries.append((source.name, hashes.sha256(source.path), hashes.legacy_hash(source.path), source.metadata))
     return merge_metadata(plan.recipe.to_json(), entries)
