@@ -24,6 +24,7 @@ import torch
 from . import kernels, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch
 from .errors import MergeCancelled, MergeError
+from .finite import FiniteCheck
 from .recipe import Recipe, check_extract_ratios
 from .weights import (
     Adjust,
@@ -335,6 +336,18 @@ class KeyMerger:
         self.uses_b = plan.recipe.calc_mode.uses_b
         self.device = device  # None: compute on the CPU in reusable buffers; else move each key's inputs there
         self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
+        self.finite = FiniteCheck()
+
+    def _check_finite(self, job: Job, result: torch.Tensor, a, b=None, c=None) -> None:
+        models = self.models
+        if job.kind != MERGE:
+            ratio = "nothing (a copy)"
+        else:
+            ratio = f"alpha {job.alpha:g}" + (f", beta {job.beta:g}" if self.recipe.uses_beta else "")
+        src = self.source(job)
+        self.finite(job.key, result, [(f"Model {label} ({model.name})", t) for label, model, t in
+                                      (("B" if src is models.b else "A", src, a), ("B", models.b, b),
+                                       ("C", models.c, c)) if model is not None], ratio)
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -394,6 +407,7 @@ class KeyMerger:
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
             tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
+            self._check_finite(job, tensor, tensor)
             return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
         if dest is None:
             dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
@@ -417,12 +431,14 @@ class KeyMerger:
             c = read(self.models.c, "c", start, stop) if r.uses_c else None
             if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
                 piece.copy_(a)
+                self._check_finite(job, piece, a)
                 return True
             shape = (-1, *out.shape[1:]) if r.calc in ROWWISE_CALCS else piece.shape
             a, b, c = (t.view(shape) if t is not None else None for t in (a, b, c))
             work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
                                 mask=scratch.tensor("mask", torch.bool, a.shape))
             self._compute(job, a, b, c, out=piece.view(shape), work=work)
+            self._check_finite(job, piece, a, b, c)
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
@@ -452,15 +468,18 @@ class KeyMerger:
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
-            return out.copy_(full)
-        result = self._compute(job, a, b, c)
-        if adjusted:
-            result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
-        if job.channels:
             out.copy_(full)
-            out[:, : job.channels] = result
-            return out
-        return out.copy_(result)
+        else:
+            result = self._compute(job, a, b, c)
+            if adjusted:
+                result = self.plan.adjust.apply(job.key, result.float(), self.plan.arch.is_sdxl)
+            if job.channels:
+                out.copy_(full)
+                out[:, : job.channels] = result
+            else:
+                out.copy_(result)
+        self._check_finite(job, out, full, b, c)
+        return out
 
     def _compute(self, job: Job, a, b, c, out: torch.Tensor | None = None,
                  work: kernels.Fp32 | None = None) -> torch.Tensor:
