@@ -7,12 +7,18 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
 from lib_merge.core.errors import MergeError
 from lib_merge.io.history import COLUMNS, History, HistoryWarning
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED_COLUMNS = [
     "id",
@@ -213,15 +219,21 @@ def test_empty_existing_file(hist):
     assert len(parse_file(hist.path)) == 2
 
 
-def test_foreign_file_is_never_touched(hist):
+def test_foreign_file_is_refused_by_reads_and_set_aside_by_a_merge(hist):
     hist.path.parent.mkdir(parents=True)
     seed_header = '"ID","time","name","weights alpha","weights beta","model A"\n1,2023,x,1,2,a\n'
     hist.path.write_text(seed_header)
-    for call in (hist.rows, lambda: hist.get(-1), lambda: hist.search("x"), lambda: hist.append("n", {})):
+    for call in (hist.rows, lambda: hist.get(-1), lambda: hist.search("x")):
         with pytest.raises(MergeError, match="not a Block Merger history file") as info:
             call()
         assert str(hist.path) in str(info.value)
-    assert hist.path.read_text() == seed_header
+    assert hist.path.read_text() == seed_header  # reading never moves it
+    with pytest.warns(HistoryWarning, match="not a Block Merger history file.*kept as") as caught:
+        assert hist.append("n", {"a": 1}) == 1
+    kept = [p for p in hist.path.parent.iterdir() if p.name.startswith("mergehistory.not-history-")]
+    assert len(kept) == 1 and kept[0].name in str(caught[0].message)
+    assert kept[0].read_text() == seed_header  # set aside, byte for byte, never deleted
+    assert [r["recipe"] for r in hist.rows()] == [{"a": 1}]
 
 
 def test_damaged_middle_line_is_skipped(hist):
@@ -301,3 +313,85 @@ def test_recipe_column_is_authoritative(hist):
     hist.path.write_text(buf.getvalue(), encoding="utf-8")
     row = hist.get(1)
     assert row["alpha"] == "999" and row["recipe"]["alpha"] == 0.35
+
+
+# -- several processes, one log (issue 13, item 3) --------------------------------------------------------------
+
+APPENDER = """
+import os, sys, time
+from lib_merge.io.history import History
+path, who, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+while not os.path.exists(go):  # start together, so the appends really race
+    time.sleep(0.005)
+log = History(path)
+for i in range(count):
+    print(log.append(f"{who}-{i}", {"who": who, "i": i, "pad": who * 5000}), flush=True)
+"""
+
+
+def test_processes_appending_at_once_get_unique_ids_and_whole_rows(tmp_path):
+    path, go = tmp_path / "shared" / "history.csv", tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), who, "15", str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in "abcde"]
+    go.write_text("")
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    ids = [int(line) for out, _ in results for line in out.split()]
+    assert sorted(ids) == list(range(1, 76))
+    rows = parse_file(path)  # independent reading: every line a whole row of the right width
+    assert rows[0] == EXPECTED_COLUMNS and all(len(r) == len(EXPECTED_COLUMNS) for r in rows[1:])
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 76))
+    logged = sorted((json.loads(r[-1])["who"], json.loads(r[-1])["i"]) for r in rows[1:])
+    assert logged == sorted((who, i) for who in "abcde" for i in range(15))
+    assert all(json.loads(r[-1])["pad"] == json.loads(r[-1])["who"] * 5000 for r in rows[1:])
+
+
+# -- the cost of a merge's row does not grow with the log (item 11) ---------------------------------------------
+
+
+def big_history(path, count):
+    """A log of `count` rows as appends would have written them (the template row repeated with new IDs)."""
+    History(path).append("template", RECIPE_1)
+    header, line = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rest = line.split(",", 1)[1]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(header)
+        f.writelines(f"{i},{rest}" for i in range(1, count + 1))
+    return History(path)
+
+
+def bytes_read() -> int:
+    """What this process has read through system calls so far (Linux)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads with Linux's /proc/self/io")
+def test_appending_to_a_150000_row_log_reads_a_bounded_number_of_bytes(tmp_path):
+    log = big_history(tmp_path / "big.csv", 150_000)
+    size = log.path.stat().st_size
+    assert size > 50_000_000
+    before = bytes_read()
+    assert log.append("next", {"alpha": 0.25}) == 150_001
+    spent = bytes_read() - before
+    assert spent < 1_000_000, f"read {spent} bytes of a {size}-byte log to append one row"
+    last = log.path.read_bytes()[-2000:].split(b"\n")[-2].decode("utf-8")
+    assert last.startswith("150001,") and last.endswith('"{""alpha"": 0.25}"')
+
+
+def test_reading_a_large_log_streams_it(tmp_path):
+    log = big_history(tmp_path / "big.csv", 20_000)
+    size = log.path.stat().st_size
+    for call in (lambda: log.search("nothing-matches-this"), lambda: log.rows(50), lambda: log.get(-2),
+                 lambda: log.get(19_999)):
+        tracemalloc.start()
+        try:
+            call()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 10, f"peak {peak} bytes for a {size}-byte log"
+    assert log.get(-2)["id"] == 19_999 and log.get(19_999)["id"] == 19_999
+    assert [r["id"] for r in log.rows(3)] == [19_998, 19_999, 20_000]
+    assert [r["id"] for r in log.search("realB", limit=2)] == [19_999, 20_000]

@@ -7,11 +7,13 @@ model's dtype; images are compared with images generated after loading the same 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_rounded
 from webui_fixture import webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.engine import Models, merge_to_dict
@@ -488,3 +490,55 @@ def test_threads_flag_does_not_leak_between_calls(webui):
     t.start()
     t.join(5)
     assert done.is_set()
+
+
+# -- issue 13: files that change, histories that cannot take a row, results that overflow ----------------------
+
+
+@pytest.mark.parametrize("how", ["rewritten in place", "replaced"])
+def test_a_model_changed_on_disk_between_merges_is_read_anew(webui, tmp_path, how):
+    """The service keeps models open between merges; a file changed since (cp onto it, or a new file renamed over
+    it) must be read through its new header, never at the old offsets."""
+    from safetensors.torch import load_file, save_file
+
+    service = service_of(webui)
+    service.merge_and_load(RECIPE)  # B is now open and kept
+    new_b = {k: v.float().add(0.25).half() if v.is_floating_point() else v for k, v in load_file(webui.c).items()}
+    staged = tmp_path / "staged.safetensors"
+    save_file(new_b, staged, metadata={"pad": "x" * 4099})  # a longer header: every tensor's offset moves
+    if how == "rewritten in place":
+        inode = webui.b.stat().st_ino
+        with open(webui.b, "r+b") as f:
+            f.truncate(0)
+            f.write(staged.read_bytes())
+        assert webui.b.stat().st_ino == inode
+    else:
+        os.replace(staged, webui.b)
+    service.merge_and_load(Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.6))
+    live, a = webui.live(), load_file(webui.a)
+    for key in (UNET, TEXT):
+        assert_rounded(live[key], a[key].double() * 0.4 + new_b[key].double() * 0.6, live[key].dtype, what=key)
+
+
+def test_a_history_that_is_a_model_is_refused_before_merging(webui, merged):
+    service, weights, identity = merged
+    logging = MergeService(service.host, log_merges=True)
+    webui.shared.opts.data["block_merger_history_file"] = str(webui.c)
+    before = webui.c.read_bytes()
+    with pytest.raises(MergeError, match="history"):
+        logging.merge_and_load(Recipe("modelA.safetensors", "modelC.safetensors", alpha=0.8))
+    assert webui.c.read_bytes() == before
+    assert_unchanged(webui, service, weights, identity)
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe("modelA.safetensors", "modelC.safetensors", alpha=1e30),
+    Recipe("modelA.safetensors", "modelB.safetensors", "modelC.safetensors", mode="Add difference", alpha=-1e30),
+    Recipe("modelA.safetensors", "modelB.safetensors", "modelC.safetensors", mode="Add difference",
+           calc="trainDifference", alpha=1e30),
+])
+def test_a_merge_that_overflows_leaves_the_old_weights(webui, merged, recipe):
+    service, weights, identity = merged
+    with pytest.raises(MergeError, match="inf/NaN"):
+        service.merge_and_load(recipe)
+    assert_unchanged(webui, service, weights, identity)

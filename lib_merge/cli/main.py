@@ -6,9 +6,13 @@ Errors are one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 from ..core.errors import MergeCancelled, MergeError
@@ -271,15 +275,59 @@ def cmd_ui(args) -> int:
 
 
 COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "analyze": cmd_analyze, "demo": cmd_demo, "ui": cmd_ui}
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl+C so that every clean-up (the output's temporary file) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """While a command runs, SIGTERM and SIGHUP (a closed terminal, `kill`, a service manager) stop it as Ctrl+C
+    does, instead of ending the process with the output's temporary file left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not inside it
 
 
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning, as errors are
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with _stop_signals_interrupt():
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except MergeCancelled as e:
         print(f"cancelled: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated as e:
+        print(f"cancelled: stopped by {signal.Signals(e.signum).name}; no output was written.", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("cancelled: interrupted; no output was written.", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from . import kernels, methods, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch
 from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
+from .finite import FiniteCheck
 from .recipe import METHOD_PARAMS, Recipe, check_extract_ratios
 from .weights import (
     Adjust,
@@ -388,6 +389,18 @@ class KeyMerger:
         self.uses_b = plan.recipe.calc_mode.uses_b
         self.link = device_link(device)  # None: compute on the CPU in reusable buffers; else on that device
         self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
+        self.finite = FiniteCheck()
+
+    def _check_finite(self, job: Job, result: torch.Tensor, a, b=None, c=None) -> None:
+        models = self.models
+        if job.kind != MERGE:
+            ratio = "nothing (a copy)"
+        else:
+            ratio = f"alpha {job.alpha:g}" + (f", beta {job.beta:g}" if self.recipe.uses_beta else "")
+        src = self.source(job)
+        self.finite(job.key, result, [(f"Model {label} ({model.name})", t) for label, model, t in
+                                      (("B" if src is models.b else "A", src, a), ("B", models.b, b),
+                                       ("C", models.c, c)) if model is not None], ratio)
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -459,6 +472,7 @@ class KeyMerger:
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
             tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
+            self._check_finite(job, tensor, tensor)
             return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
         if dest is None:
             dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
@@ -482,12 +496,14 @@ class KeyMerger:
             c = read(self.models.c, "c", start, stop) if r.uses_c else None
             if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
                 piece.copy_(a)
+                self._check_finite(job, piece, a)
                 return True
             shape = (-1, *out.shape[1:]) if r.calc in ROWWISE_CALCS else piece.shape
             a, b, c = (t.view(shape) if t is not None else None for t in (a, b, c))
             work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
                                 mask=scratch.tensor("mask", torch.bool, a.shape))
             self._compute(job, a, b, c, out=piece.view(shape), work=work)
+            self._check_finite(job, piece, a, b, c)
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
@@ -517,8 +533,11 @@ class KeyMerger:
         if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
-            return out.copy_(full)
-        return self._finish(job, full, self._compute(job, a, b, c), out)
+            out.copy_(full)
+        else:
+            self._finish(job, full, self._compute(job, a, b, c), out)
+        self._check_finite(job, out, full, b, c)
+        return out
 
     def _merge_method(self, job: Job, full: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         """A merge method on one key: the base and every model read into this worker's buffers, computed in fp32."""
@@ -530,7 +549,12 @@ class KeyMerger:
         r = self.recipe
         params = methods.Params(job.alpha, job.density, job.drop, job.epsilon, r.model_weights, r.seed, job.key)
         result = methods.merge_key(methods.get_method(r.method), tensors[0], tensors[1:], params)
-        return self._finish(job, full, result, out)
+        self._finish(job, full, result, out)
+        inputs = [(f"The base ({self.models.a.name})", full)]
+        inputs += [(f"Model {i} ({m.name})", t)
+                   for i, (m, t) in enumerate(zip(self.models.others, tensors[1:], strict=True), 1)]
+        self.finite(job.key, out, inputs, f"{r.method}, alpha {job.alpha:g}")
+        return out
 
     def _finish(self, job: Job, full: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The computed tensor adjusted (when the job's key is one of Adjust's) and rounded once into `out`; with
@@ -578,6 +602,7 @@ class KeyMerger:
                 merged[:, : job.channels] = result
                 result = merged
         result = result.to(dtype)
+        self._check_finite(job, result, full, b, c)
         if dest is None:
             dest = scratch.tensor("out", dtype, shape)
         return dest.copy_(result)

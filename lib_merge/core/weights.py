@@ -27,14 +27,16 @@ _RANDOM_DRAWS = 3000  # the seed's table size; longer tables keep these first va
 class Presets:
     """Named block-weight lists from `NAME<TAB>values` or `NAME:values` lines (the first line is a header)."""
 
-    def __init__(self, table: dict[str, str]):
+    def __init__(self, table: dict[str, str], paths: Sequence[Path] = ()):
         self._table = dict(table)
+        self.paths = tuple(paths)  # the files read (a merge reads them: none may be its output)
 
     @classmethod
     def load(cls, *paths: Path | str) -> Presets:
         """Read preset files in order; a later file's entry replaces an earlier one of the same name."""
         table: dict[str, str] = {}
-        for path in paths or (DEFAULT_PRESETS,):
+        paths = tuple(Path(p) for p in paths or (DEFAULT_PRESETS,))
+        for path in paths:
             try:
                 lines = Path(path).read_text(encoding="utf-8").splitlines()
             except OSError as e:
@@ -43,7 +45,7 @@ class Presets:
                 name, sep, values = line.partition("\t") if "\t" in line else line.partition(":")
                 if sep and name.strip() and values.strip():
                     table[name.strip()] = values.strip()
-        return cls(table)
+        return cls(table, paths)
 
     def names(self, length: int | None = 26) -> list[str]:
         """Preset names, by default only those with 26 values (what the dropdowns list, as in the seed)."""

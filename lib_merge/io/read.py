@@ -49,6 +49,7 @@ class Checkpoint(Protocol):
     def nbytes(self, key: str) -> int: ...
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def changed_on_disk(self) -> bool: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     def close(self) -> None: ...
@@ -74,12 +75,29 @@ def webui_key_names(keys: Iterable[str], shape_of: Callable[[str], tuple[int, ..
     return out
 
 
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification and change times (the
+    change time moves even when `cp -p` or `touch -r` restores the modification time)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class _Base:
     """Shared protocol plumbing: membership, length, context manager, closed-state checks."""
 
     path: Path | None
     name: str
     _closed: bool = False
+    _identity: tuple[int, ...] | None = None  # file_identity of the file as opened (None: not a file)
+
+    def changed_on_disk(self) -> bool:
+        """Whether `path` no longer names the file as it was opened (replaced, rewritten, truncated, removed): a
+        checkpoint kept open between merges must then be opened again, never read at its old header's offsets."""
+        if self.path is None or self._identity is None:
+            return False
+        try:
+            return file_identity(os.stat(self.path)) != self._identity
+        except OSError:
+            return True
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -145,6 +163,7 @@ class SafetensorsCheckpoint(_Base):
         self.name = path.stem
         self._fd = fd
         self._header = header
+        self._identity = file_identity(os.fstat(fd))
         self._names = names  # normalised -> stored
         self._lock = threading.Lock()  # only for platforms without os.preadv
 
@@ -278,9 +297,10 @@ class DictCheckpoint(_Base):
 class TorchCheckpoint(DictCheckpoint):
     """A pickled checkpoint loaded (memory-mapped where possible) through `torch.load(weights_only=True)`."""
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], identity: tuple[int, ...] | None = None):
         super().__init__(tensors, name=path.stem)
         self.path = path
+        self._identity = identity
 
 
 def _stat_input(path: Path) -> os.stat_result:
@@ -389,10 +409,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if ext in SAFETENSORS_EXTS:
         return _open_safetensors(path)
     if ext in PICKLE_EXTS:
-        _stat_input(path)
-        if path.stat().st_size == 0:
+        st = _stat_input(path)
+        if st.st_size == 0:
             raise CheckpointError(f"{path} is empty (0 bytes); download or save it again.")
-        return TorchCheckpoint(path, _tensors_from_object(path, _torch_load(path)))
+        return TorchCheckpoint(path, _tensors_from_object(path, _torch_load(path)), file_identity(st))
     raise CheckpointError(
         f"{path} has an unknown extension {path.suffix!r}; model files must end in .safetensors, .ckpt, .pt, "
         ".pth or .bin."

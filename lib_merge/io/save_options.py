@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import MergeError
+from ..core.finite import all_finite
 from .format import CheckpointError
 from .read import Checkpoint, open_checkpoint
 
@@ -140,11 +141,21 @@ def finalize_tensor(key: str, tensor: torch.Tensor, opts: SaveOptions, vae: Chec
         _check_vae_shape(key, tuple(tensor.shape), vae, vkey)
         baked = vae.get(vkey)
         # The baked tensor takes the model's dtype for that key, so "keep" keeps the model's precision layout.
-        tensor = baked.to(tensor.dtype) if baked.dtype != tensor.dtype else baked
+        tensor = _cast(key, baked, tensor.dtype) if baked.dtype != tensor.dtype else baked
     target = converted_dtype(key, tensor.dtype, opts)
     if target != tensor.dtype:
-        tensor = tensor.to(target)
+        tensor = _cast(key, tensor, target)
     return tensor.contiguous()
+
+
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, refusing values that overflow it (finite before, inf after): never saved silently."""
+    cast = tensor.to(dtype)
+    if not all_finite(cast) and all_finite(tensor):
+        name = next((n for n, d in SAVE_DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
+        raise CheckpointError(f"Saving {key} as {name} gives inf/NaN: its values exceed the range of {name}. "
+                              "Nothing was saved; save in fp32 or keep the models' precision.")
+    return cast
 
 
 def clip_id_problems(position_ids: torch.Tensor) -> list[int]:

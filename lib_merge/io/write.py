@@ -22,7 +22,9 @@ from .format import CheckpointError, encode_header
 SAVE_EXTS = (".safetensors", ".ckpt")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path (symlinks, `..`; also for a file not yet created) or
+    the same device and inode (a hardlink, another mount of the folder)."""
     try:
         if a.resolve() == b.resolve():
             return True
@@ -55,12 +57,13 @@ def _check_target(path: Path, overwrite: bool) -> None:
 def check_output_path(
     path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], overwrite: bool
 ) -> Path:
-    """Refuse an output that is an input (even with overwrite), sits in a missing folder, or exists unasked."""
+    """Refuse an output that is an input (even with overwrite; every file the merge reads, by any path), sits in a
+    missing folder, or exists unasked."""
     path = Path(path)
     for inp in inputs:
-        if inp is not None and _same_file(path, Path(inp)):
+        if inp is not None and same_file(path, Path(inp)):
             raise CheckpointError(
-                f"Output {path} is the input model {inp}; an input is never overwritten. Choose another name."
+                f"Output {path} is {inp}, a file this merge reads; an input is never overwritten. Choose another name."
             )
     _check_target(path, overwrite)
     return path

@@ -40,7 +40,7 @@ from ..hosts.base import GenerationRequest, GenerationResult, Host, LiveWeights,
 from ..io.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
 from ..io.hashes import HashCache
 from ..io.history import History
-from .pipeline import SaveResult, check_device, merge_to_file
+from .pipeline import SaveResult, check_device, check_files, merge_to_file
 
 INFOTEXT_RECIPE = "Merge recipe"
 INFOTEXT_MERGE = "Merge"
@@ -108,7 +108,12 @@ class MergeService:
         if not name:
             return None
         path = self.host.resolve_model(name)
-        ckpt = self._open.pop(path, None) or open_checkpoint(path)
+        ckpt = self._open.pop(path, None)
+        if ckpt is not None and ckpt.changed_on_disk():  # replaced or rewritten since: read its new header
+            ckpt.close()
+            ckpt = None
+            self._loaded = None  # the loaded merge came from the old file: the next merge computes every key
+        ckpt = ckpt or open_checkpoint(path)
         self._open[path] = ckpt
         while len(self._open) > self.keep_models + self._needed:  # the current merge's models always stay open
             _, old = self._open.popitem(last=False)
@@ -145,6 +150,8 @@ class MergeService:
         with self._mutex:
             plan, models = self.plan(recipe)
             previous = self.loaded_plan()
+            if self.log_merges and log:  # a history that cannot take the row is refused before any tensor is read
+                check_files(plan.recipe, None, self.host.resolve_model, presets=self.presets, history=self.history())
             todo = plan
             if previous is not None:
                 with contextlib.suppress(ValueError):

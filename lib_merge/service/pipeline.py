@@ -56,8 +56,32 @@ def check_device(device: str | None) -> str | None:
     return str(device)
 
 
-def model_paths(recipe: Recipe, resolve: Resolve = Path) -> list[Path]:
-    return [resolve(m) for m in recipe.model_names()]
+def merge_inputs(recipe: Recipe, resolve: Resolve = Path, options: SaveOptions | None = None,
+                 presets: Presets | None = None) -> list[tuple[str, Path]]:
+    """Every file a merge reads, with what it is: the models, the VAE to bake and the preset files. None of them
+    may be the merge's output or its history, by any path."""
+    if recipe.method:  # a base and N models
+        found = [("the base", resolve(recipe.model_a))]
+        found += [(f"model {i}", resolve(name)) for i, name in enumerate(recipe.models, 1)]
+    else:
+        found = [(f"model {slot}", resolve(name)) for slot, name in
+                 (("A", recipe.model_a), ("B", recipe.model_b), ("C", recipe.model_c)) if name]
+    if options is not None and options.bake_vae:
+        found.append(("the VAE to bake", Path(options.bake_vae)))
+    found += [("the preset file", path) for path in (presets.paths if presets is not None else ())]
+    return found
+
+
+def check_files(recipe: Recipe, output: Path | None, resolve: Resolve = Path, options: SaveOptions | None = None,
+                presets: Presets | None = None, history: History | None = None, overwrite: bool = False) -> None:
+    """Before any tensor is read: the output is none of the inputs (nor the history), the history none of the
+    merge's files, writable, and set aside if it is not a history at all."""
+    inputs = merge_inputs(recipe, resolve, options, presets)
+    if output is not None:
+        extra = [history.path] if history is not None else []
+        check_output_path(output, [path for _, path in inputs] + extra, overwrite)
+    if history is not None:
+        history.check(inputs + ([("the output", output)] if output is not None else []))
 
 
 def recipe_metadata(plan: MergePlan, models: Models, hashes: HashCache) -> dict[str, str]:
@@ -75,12 +99,13 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
                   progress: Progress | None = None, cancel: Cancel | None = None,
                   threads: int | None = None, device: str | None = None) -> SaveResult:
     """Merge the recipe's models and stream the result into `output`; every input error is raised before writing."""
+    presets = presets or Presets.load()
     recipe = recipe.validate(presets)
     options = options or SaveOptions()
     output = Path(output)
     if output.suffix.lower() not in (".safetensors", ".ckpt"):
         raise MergeError(f"Output {output} must end in .safetensors or .ckpt.")
-    check_output_path(output, model_paths(recipe, resolve), overwrite)
+    check_files(recipe, output, resolve, options, presets, history, overwrite)
     with open_models(recipe, resolve) as models, contextlib.ExitStack() as stack:
         plan = plan_merge(recipe, models, presets)
         vae = open_vae(options)

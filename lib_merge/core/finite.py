@@ -1,0 +1,56 @@
+"""Finite results: a merge never writes inf/NaN that its inputs did not hold.
+
+A ratio far outside [0, 1] (alpha 1e30) overflows the output dtype, and such a model used to be written silently.
+The engine checks each piece right after computing it, while it is still in the CPU cache: one sum per piece (a
+finite sum means every element is finite); only a non-finite sum looks closer (minimum and maximum), at the piece
+and at its inputs, to tell a merge that overflowed (an error) from an input model that already held inf/NaN (a
+warning).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .errors import MergeError
+
+
+class NonFiniteWarning(UserWarning):
+    """An input model already holds inf/NaN in a key; the merge passes them on."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum())):  # in the tensor's own dtype: the fastest pass (fp16 sums in fp32 inside)
+        return True
+    low, high = torch.aminmax(tensor)  # exact (NaN propagates): the sum alone may overflow for large finite values
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+class FiniteCheck:
+    """One merge's check: raises for a key the merge made non-finite, warns once per input model holding inf/NaN."""
+
+    def __init__(self):
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, result: torch.Tensor, inputs: Sequence[tuple[str, torch.Tensor | None]],
+                 ratio: str) -> None:
+        """`inputs`: (which model, the values `result` was computed from); `ratio` says what the key was merged with."""
+        if all_finite(result):
+            return
+        holding = [model for model, tensor in inputs if tensor is not None and not all_finite(tensor)]
+        if not holding:
+            raise MergeError(f"Merging {key} with {ratio} gives inf/NaN, although the models hold finite values "
+                             "there: the result overflows its dtype. Nothing was saved or loaded; use smaller ratios.")
+        for model in holding:
+            with self._lock:
+                if model in self._warned:
+                    continue
+                self._warned.add(model)
+            warnings.warn(f"{model} already holds inf/NaN in {key} (and the merge passes them on); further keys of "
+                          "this model are not listed. Check that model.", NonFiniteWarning, stacklevel=2)

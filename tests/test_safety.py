@@ -1,0 +1,288 @@
+"""What is safe, tried from the user's side: the CLI as a subprocess on real files (issue 13).
+
+Every refusal is one line on stderr and exit 2, with nothing written: no output, no temporary file, no history
+row, every input byte for byte as before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import synth_family
+from safetensors.torch import load_file, save_file
+from test_cli import ROOT, run
+
+from lib_merge.core.weights import DEFAULT_PRESETS
+from lib_merge.io.history import History
+
+UNET = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("safety-models")
+    a, b, c = synth_family(folder)
+    vae = folder / "vae.safetensors"
+    shutil.copyfile(c, vae)
+    return {"a": a, "b": b, "c": c, "vae": vae, "folder": folder}
+
+
+def snapshot(*paths: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def merge_args(models, out, *extra):
+    return ("merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--output", str(out), "--quiet",
+            *extra)
+
+
+def assert_refused(res, *words):
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+# -- 1. the output is never a file the merge reads --------------------------------------------------------------
+
+
+def _aliases(work: Path, target: Path) -> dict[str, Path]:
+    """Other spellings of `target` inside `work`: a symlink, a `..` path, a hardlink."""
+    (work / "sub").mkdir()
+    link = work / "link.safetensors"
+    link.symlink_to(target)
+    hard = work / "hard.safetensors"
+    os.link(target, hard)
+    return {"same": target, "symlink": link, "dotdot": work / "sub" / ".." / target.name, "hardlink": hard}
+
+
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot", "hardlink"])
+def test_the_vae_to_bake_is_never_the_output(models, tmp_path, spelling):
+    vae = tmp_path / "vae.safetensors"
+    shutil.copyfile(models["vae"], vae)
+    out = _aliases(tmp_path, vae)[spelling]
+    before = snapshot(vae, models["a"], models["b"])
+    res = run(*merge_args(models, out, "--bake-vae", str(vae), "--overwrite"), cwd=tmp_path, env_home=tmp_path)
+    assert_refused(res, "a file this merge reads")
+    assert snapshot(vae, models["a"], models["b"]) == before
+    assert leftovers(tmp_path) == []
+    assert (tmp_path / "link.safetensors").is_symlink()
+
+
+@pytest.mark.parametrize("slot", ["a", "b"])
+def test_a_hardlinked_model_is_never_the_output(models, tmp_path, slot):
+    hard = tmp_path / "out.safetensors"
+    os.link(models[slot], hard)
+    before = snapshot(models["a"], models["b"])
+    res = run(*merge_args(models, hard, "--overwrite"), cwd=tmp_path, env_home=tmp_path)
+    assert_refused(res, "a file this merge reads")
+    assert snapshot(models["a"], models["b"]) == before
+
+
+def test_the_preset_file_is_never_the_output(models, tmp_path):
+    link = tmp_path / "presets.safetensors"
+    link.symlink_to(DEFAULT_PRESETS)
+    before = DEFAULT_PRESETS.read_bytes()
+    res = run(*merge_args(models, link, "--overwrite"), cwd=tmp_path, env_home=tmp_path)
+    assert_refused(res, "a file this merge reads")
+    assert link.is_symlink() and DEFAULT_PRESETS.read_bytes() == before
+
+
+def test_the_history_is_never_the_output(models, tmp_path):
+    out = tmp_path / "out.safetensors"
+    res = run(*merge_args(models, out, "--history", str(out)), cwd=tmp_path, env_home=tmp_path)
+    assert_refused(res)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- 4. the history is checked before any tensor is read --------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["model a", "model b", "the vae", "the output", "hardlink of a", "folder",
+                                  "under a file", "read-only"])
+def test_a_history_that_cannot_take_the_row_is_refused_before_merging(models, tmp_path, what):
+    out = tmp_path / "out.safetensors"
+    vae = tmp_path / "vae.safetensors"
+    shutil.copyfile(models["vae"], vae)
+    history = {"model a": models["a"], "model b": models["b"], "the vae": vae, "the output": out,
+               "hardlink of a": tmp_path / "hist.csv", "folder": tmp_path / "hist.csv",
+               "under a file": tmp_path / "plain.txt" / "hist.csv", "read-only": tmp_path / "ro" / "hist.csv"}[what]
+    if what == "hardlink of a":
+        os.link(models["a"], history)
+    elif what == "folder":
+        history.mkdir()
+    elif what == "under a file":
+        history.parent.write_text("not a folder")
+    elif what == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root may write anywhere")
+        history.parent.mkdir()
+        history.write_text("")
+        history.chmod(0o444)
+    before = snapshot(models["a"], models["b"], vae)
+    res = run(*merge_args(models, out, "--bake-vae", str(vae), "--history", str(history)), cwd=tmp_path,
+              env_home=tmp_path)
+    assert_refused(res, "history")
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert snapshot(models["a"], models["b"], vae) == before
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01garbage\xff\n" * 50, b'"ID","time","name","model A"\n1,2,x,a\n',
+                                     b"id,time,name\n1,2,3\n"], ids=["binary", "seed-header", "short-header"])
+def test_a_foreign_history_is_set_aside_and_a_new_one_started(models, tmp_path, content):
+    out = tmp_path / "out.safetensors"
+    history = tmp_path / "logs" / "history.csv"
+    history.parent.mkdir()
+    history.write_bytes(content)
+    res = run(*merge_args(models, out, "--history", str(history)), cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "logged as merge 1" in res.stdout
+    aside = [p for p in history.parent.iterdir() if p.name.startswith("history.not-history-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content  # kept, never deleted
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and aside[0].name in warning[0]
+    assert [r["id"] for r in History(history).rows()] == [1]
+
+
+def test_one_damaged_row_is_skipped_not_the_history(models, tmp_path):
+    history = tmp_path / "history.csv"
+    log = History(history)
+    for i in range(3):
+        log.append(f"m{i}", {"i": i})
+    lines = history.read_bytes().split(b"\n")
+    lines[2] = b"2,garbage\x00,\"unclosed"  # row 2 damaged
+    history.write_bytes(b"\n".join(lines))
+    res = run(*merge_args(models, tmp_path / "out.safetensors", "--history", str(history)), cwd=tmp_path,
+              env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "logged as merge 4" in res.stdout
+    with pytest.warns(UserWarning, match="line 3"):
+        assert [r["id"] for r in log.rows()] == [1, 3, 4]
+
+
+# -- 5. non-finite results -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, ratio", [
+    (("--alpha", "1e30"), "alpha 1e+30"),
+    (("--alpha=-3e38",), "alpha -3e+38"),
+    (("--mode", "Add difference", "--alpha", "1e30"), "alpha 1e+30"),
+    (("--mode", "Triple sum", "--alpha", "0.1", "--beta", "1e30"), "beta 1e+30"),
+    (("--mode", "sum Twice", "--alpha", "0.1", "--beta", "1e30"), "beta 1e+30"),
+    (("--mbw", "0.5," * 13 + "1e30," + "0.5," * 11 + "0.5"), "alpha 1e+30"),  # M00 only
+    (("--calc", "self", "--alpha", "1e30"), "alpha 1e+30"),
+])
+def test_a_merge_that_overflows_is_an_error_naming_key_and_ratio(models, tmp_path, args, ratio):
+    out = tmp_path / "out.safetensors"
+    history = tmp_path / "h.csv"
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--model-c", str(models["c"]),
+              *args, "--output", str(out), "--history", str(history), "--quiet", cwd=tmp_path, env_home=tmp_path)
+    assert_refused(res, "inf/NaN", ratio, "model.")
+    assert not out.exists() and leftovers(tmp_path) == [] and not history.exists()
+
+
+def test_saving_as_fp16_what_overflows_fp16_is_an_error(models, tmp_path):
+    for name, value in (("a", 1000.0), ("b", 60000.0)):  # fp32 models; A + 2 (B - A) = 119000 > fp16's 65504
+        state = {k: v.float() for k, v in load_file(models[name]).items()}
+        state[UNET].fill_(value)
+        save_file(state, tmp_path / f"{name}.safetensors")
+    out = tmp_path / "out.safetensors"
+    res = run("merge", "--model-a", str(tmp_path / "a.safetensors"), "--model-b", str(tmp_path / "b.safetensors"),
+              "--alpha", "2", "--save-dtype", "fp16", "--output", str(out), "--no-history", "--quiet", cwd=tmp_path,
+              env_home=tmp_path)
+    assert_refused(res, "inf/NaN", UNET, "fp16")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_an_input_holding_nan_gives_a_warning_naming_model_and_key(models, tmp_path):
+    state = load_file(models["b"])
+    state[UNET][0, 0] = float("nan")
+    nan_b = tmp_path / "nanB.safetensors"
+    save_file(state, nan_b)
+    out = tmp_path / "out.safetensors"
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(nan_b), "--output", str(out),
+              "--no-history", "--quiet", cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "Model B (nanB)" in warning[0] and UNET in warning[0], res.stderr
+    assert torch.isnan(load_file(out)[UNET][0, 0])
+
+
+# -- 10. SIGTERM / SIGHUP mid-merge leave nothing ---------------------------------------------------------------
+
+SIGNAL_AT_KEY = """
+import os, signal, sys
+import lib_merge.cli.main as cli
+real = cli.progress_bar
+def progress_bar(desc, quiet=False):
+    update, close = real(desc, True)
+    def signalled(done, total):
+        if done == 20:
+            print("signalled", flush=True)
+            os.kill(os.getpid(), int(sys.argv[1]))
+        update(done, total)
+    return signalled, close
+cli.progress_bar = progress_bar
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_stop_signal_mid_merge_leaves_no_file(models, tmp_path, signame, suffix):
+    if not hasattr(signal, signame):
+        pytest.skip(f"no {signame} here")
+    signum = getattr(signal, signame)
+    out = tmp_path / f"out{suffix}"
+    history = tmp_path / "h.csv"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_DATA_HOME=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", SIGNAL_AT_KEY, str(signum), *merge_args(models, out, "--threads",
+                          "1", "--history", str(history))], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "signalled" in res.stdout, res.stderr
+    assert res.returncode in (128 + signum, 130), res.stderr
+    assert "cancelled" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and leftovers(tmp_path) == [] and not history.exists()
+
+
+# -- 16. the merged file is fsynced before the rename that publishes it -----------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_the_output_is_fsynced_before_it_is_renamed_into_place(models, tmp_path, monkeypatch, suffix):
+    from lib_merge.cli.main import main
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", os.stat(src).st_ino, Path(dst).name))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    out = tmp_path / f"out{suffix}"
+    assert main(list(merge_args(models, out, "--no-history"))) == 0
+    published = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == out.name]
+    assert len(published) == 1
+    inode = events[published[0]][1]
+    assert inode == out.stat().st_ino
+    assert ("fsync", inode) in events[: published[0]], events
