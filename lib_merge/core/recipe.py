@@ -11,14 +11,25 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import untrusted_json
 from .errors import MergeError
 from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
 from .weights import INEX_MODES, Presets, parse_adjust
 
 RECIPE_TYPE = "block-merger"
 NEEDS_C = (ADD_DIFF, "Triple sum", "sum Twice")
+#: The most characters each text field may hold: far above any real use (a long elemental text is 1,000), low
+#: enough that a pasted megabyte is refused at once instead of holding the merge queue while it is matched against
+#: every key. Model names are paths. `inex_*` counts the names of the list together.
+TEXT_LIMITS = {"model_a": 4_096, "model_b": 4_096, "model_c": 4_096, "mode": 100, "calc": 100, "inex": 100,
+               "weights_alpha": 4_000, "weights_beta": 4_000, "elemental": 10_000, "adjust": 1_000,
+               "inex_blocks": 4_000, "inex_elements": 4_000}
+#: A recipe's JSON: every field at its limit, escaped, stays below this, and this below the csv module's field limit
+#: (131,072), so any recipe that can be merged can be logged and read back.
+MAX_RECIPE_JSON = 120_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class Recipe:
         Presets named in weight fields are replaced by their values, so the returned recipe reproduces the merge
         even where the preset file differs.
         """
+        check_text_sizes(self)
         if self.mode not in MERGE_MODES:
             raise MergeError(f"Unknown merge mode {self.mode!r}; use one of: {', '.join(MERGE_MODES)}.")
         calc = CALC_MODES.get(self.calc)
@@ -123,9 +135,15 @@ class Recipe:
         if unknown:
             raise MergeError(f"Recipe has unknown fields: {', '.join(sorted(unknown))}.")
         values = {k: v for k, v in data.items() if k in known}
-        for name in ("inex_blocks", "inex_elements"):
-            if name in values:
-                values[name] = tuple(values[name])
+        for name, value in values.items():
+            kind = _FIELD_KINDS[name]
+            if name in ("inex_blocks", "inex_elements") and isinstance(value, list):
+                value = values[name] = tuple(value)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if isinstance(value, tuple):
+                ok = all(isinstance(item, str) for item in value)
+            if not ok:
+                raise MergeError(f"Recipe field {name!r} must be {_KIND_WORDS[kind]}, not {value!r:.60}.")
         return cls(**values)
 
     @classmethod
@@ -155,6 +173,13 @@ class Recipe:
         return text if self.calc == "normal" else f"{text} [{self.calc}]"
 
 
+_KIND_WORDS = {str: "text", (int, float): "a number", int: "a whole number", tuple: "a list of names",
+               dict: "an object"}
+_FIELD_KINDS = {f.name: str for f in dataclasses.fields(Recipe)} | {
+    "alpha": (int, float), "beta": (int, float), "gamma": (int, float), "seed": int,
+    "inex_blocks": tuple, "inex_elements": tuple, "extra": dict}
+
+
 def _stem(path: str) -> str:
     name = path.replace("\\", "/").rsplit("/", 1)[-1]
     for ext in (".safetensors", ".ckpt", ".pt", ".pth"):
@@ -166,12 +191,27 @@ def _stem(path: str) -> str:
 def json_object(text: str | bytes) -> dict:
     """A recipe's JSON text decoded, refusing anything but a JSON object with a message a user can act on."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+        data = untrusted_json.loads(text, MAX_RECIPE_JSON)
+    except ValueError as e:  # bad JSON, bad UTF-8, too long or too deep
+        raise MergeError(f"Recipe is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
         raise MergeError("Recipe JSON must be an object.")
     return data
+
+
+def check_text_sizes(recipe: Recipe) -> None:
+    """Refuse a text field longer than its TEXT_LIMITS entry, naming the field, before any of it is parsed."""
+    for name in TEXT_LIMITS:
+        check_text_size(name, getattr(recipe, name))
+
+
+def check_text_size(name: str, value: str | Sequence[str] | None) -> None:
+    """Refuse the recipe field `name` (a TEXT_LIMITS key) when it is longer than its limit."""
+    limit = TEXT_LIMITS[name]
+    size = len(value) if isinstance(value, str) else sum(len(str(v)) for v in value or ())
+    if size > limit:
+        raise MergeError(f"The {name.replace('_', ' ')} field holds {size:,} characters; at most {limit:,} are "
+                         f"allowed. Shorten it.")
 
 
 def check_extract_ratios(alpha: float, beta: float, where: str) -> None:

@@ -17,7 +17,9 @@ import time
 import warnings
 from pathlib import Path
 
+from ..core import untrusted_json
 from ..core.errors import MergeError
+from ..core.recipe import MAX_RECIPE_JSON
 
 RECIPE_FIELDS = (
     "model_a",
@@ -39,6 +41,7 @@ RECIPE_FIELDS = (
 )
 COLUMNS = ("id", "time", "name", *RECIPE_FIELDS, "recipe")
 TIME_FORMAT = "%Y.%m.%d %H.%M.%S"
+MAX_SEARCH = 1_000  # characters of search words: each word is looked for in every row
 
 
 class HistoryWarning(UserWarning):
@@ -124,8 +127,8 @@ class History:
         row: dict[str, object] = dict(zip(COLUMNS, fields, strict=True))
         try:
             row["id"] = int(fields[0])
-            recipe = json.loads(fields[-1])
-        except ValueError:
+            recipe = untrusted_json.loads(fields[-1], MAX_RECIPE_JSON)
+        except ValueError:  # not a number, not JSON, too long or too deeply nested: this row only is skipped
             return None
         if not isinstance(recipe, dict) or row["id"] < 1:
             return None
@@ -159,7 +162,9 @@ class History:
     def search(self, words: str, mode: str = "and") -> list[dict]:
         """Rows where all (mode "and") or any (mode "or") of the words occur in some field, ignoring case."""
         if mode not in ("and", "or"):
-            raise MergeError(f"Search mode must be 'and' or 'or', not {mode!r}.")
+            raise MergeError(f"Search mode must be 'and' or 'or', not {mode!r:.60}.")
+        if len(words) > MAX_SEARCH:
+            raise MergeError(f"The search text holds {len(words):,} characters; at most {MAX_SEARCH:,} are allowed.")
         terms = [w.lower() for w in words.split()]
         rows, _, _ = self._read()
         if not terms:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.engine import DictSink, MergePlan, Models, ScratchPool, changed_jobs, plan_merge, run_merge
-from ..core.errors import MergeError
+from ..core.errors import MergeCancelled, MergeError
 from ..core.recipe import Recipe
 from ..core.weights import Presets
 from ..hosts.base import GenerationRequest, GenerationResult, Host, MergeIdentity
@@ -121,6 +121,8 @@ class MergeService:
             state = (run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch)
                      if todo.jobs else {})
             identity = identity_of(plan, name)
+            if cancel():  # Stop pressed during the last key: nothing is loaded (the engine checks between keys only)
+                raise MergeCancelled("Stopped before the merge was loaded; the previous weights are still in place.")
             self.host.load_weights(state, identity)
             self._loaded = plan
             if commit:

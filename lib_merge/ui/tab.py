@@ -198,7 +198,8 @@ class Handlers:
         try:
             number = int(merge_id)
         except (TypeError, ValueError):
-            raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r}.") from None
+            raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r:.60}.") \
+                from None
         return uv.values_from_recipe(self.history().recipe(number))
 
     def inspect(self, name: str) -> str:
