@@ -14,6 +14,7 @@ import torch
 from conftest import synth_family
 from safetensors import safe_open
 from test_cli import run
+from webui_fixture import webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.cli import synth
 from lib_merge.io.history import History, HistoryWarning
@@ -294,3 +295,90 @@ def test_an_elemental_field_at_its_limit_still_merges(models, tmp_path):
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     expected = (a[key].double() * 0.875 + b[key].double() * 0.125).to(a[key].dtype)
     assert torch.allclose(merged[key].double(), expected.double(), rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fake WebUI: Stop during the last key (13), the REST routes behind --api / --api-auth (14)
+
+ROUTES = (("GET", "/block-merger/presets"), ("POST", "/block-merger/merge"), ("POST", "/block-merger/restore"),
+          ("GET", "/block-merger/history"))
+WEBUI_RECIPE = {"model_a": "modelA.safetensors", "model_b": "modelB.safetensors", "alpha": 0.3}
+
+
+@pytest.fixture
+def webui_http(webui):
+    """Start the fake WebUI's FastAPI app with the given command-line options; returns a TestClient on it."""
+    fastapi = pytest.importorskip("fastapi")
+    if getattr(fastapi, "__stub__", False):
+        pytest.skip("fastapi is not installed")
+    from fastapi.testclient import TestClient
+
+    webui.load_entry_script()
+
+    def start(**cmd_opts):
+        for name, value in cmd_opts.items():
+            setattr(webui.shared.cmd_opts, name, value)
+        app = fastapi.FastAPI()
+        webui.script_callbacks.app_started_callback(None, app)
+        return TestClient(app)
+
+    return start
+
+
+def test_stop_pressed_during_the_last_key_cancels_the_load(webui, webui_http, monkeypatch):
+    """The user presses Interrupt while the progress bar shows the last key: nothing is loaded or logged."""
+    state_class = type(webui.shared.state)
+
+    class StopDuringLastKey(state_class):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "sampling_steps" and value and self.sampling_step == value:
+                self.interrupted = True  # Interrupt clicked as the last key is being finished
+
+    monkeypatch.setattr(webui.shared, "state", StopDuringLastKey())
+    client = webui_http(api=True)
+    before = webui.live()
+    r = client.post("/block-merger/merge", json=WEBUI_RECIPE)
+    assert r.status_code == 400 and "cancelled" in r.json()["detail"].lower(), r.text
+    after = webui.live()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert client.get("/block-merger/history").json()["rows"] == []
+    monkeypatch.setattr(webui.shared, "state", state_class())  # no Stop this time: the same merge loads
+    r = client.post("/block-merger/merge", json=WEBUI_RECIPE)
+    assert r.status_code == 200, r.text
+    assert any(not torch.equal(before[k], v) for k, v in webui.live().items())
+
+
+def test_api_auth_protects_every_route(webui_http):
+    client = webui_http(api=True, api_auth="alice:s3cret:with-colon,bob:pw")
+    for method, path in ROUTES:
+        r = client.request(method, path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic", (method, path, r.text)
+        r = client.request(method, path, auth=("alice", "wrong"))
+        assert r.status_code == 401, (method, path)
+        r = client.request(method, path, auth=("mallory", "pw"))
+        assert r.status_code == 401, (method, path)
+    assert client.get("/block-merger/presets", auth=("bob", "pw")).status_code == 200
+    r = client.post("/block-merger/merge", json=WEBUI_RECIPE, auth=("alice", "s3cret:with-colon"))
+    assert r.status_code == 200, r.text
+    r = client.get("/block-merger/history", auth=("bob", "pw"))
+    assert [row["recipe"]["alpha"] for row in r.json()["rows"]] == [0.3]
+
+
+def test_routes_are_open_without_api_auth(webui_http):
+    client = webui_http(api=True)
+    assert client.get("/block-merger/presets").status_code == 200
+    assert client.post("/block-merger/merge", json=WEBUI_RECIPE).status_code == 200
+
+
+@pytest.mark.parametrize("options", [{}, {"api_auth": "alice:pw"}], ids=["plain", "with-auth"])
+def test_routes_are_not_served_without_api(webui_http, options):
+    client = webui_http(api=False, **options)
+    for method, path in ROUTES:
+        assert client.request(method, path, auth=("alice", "pw")).status_code == 404, (method, path)
+
+
+def test_nowebui_serves_the_routes(webui_http):
+    """`--nowebui` serves only the API (the WebUI's api_only), so the routes are there without `--api`."""
+    client = webui_http(api=False, nowebui=True)
+    assert client.get("/block-merger/presets").status_code == 200
