@@ -382,3 +382,104 @@ def test_nowebui_serves_the_routes(webui_http):
     """`--nowebui` serves only the API (the WebUI's api_only), so the routes are there without `--api`."""
     client = webui_http(api=False, nowebui=True)
     assert client.get("/block-merger/presets").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. damaged models, write failures and file names that are not UTF-8: one line, exit 2, nothing left
+
+
+def edited_copy(models, path, edit):
+    """Model A with `edit(state)` applied, saved to `path` (.safetensors, or .ckpt as a pickled state_dict)."""
+    with safe_open(str(models["a"]), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    edit(state)
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        synth.write_checkpoint(path, state)
+    return path
+
+
+@pytest.mark.parametrize(("key", "reshape"), [
+    (CONV_IN, lambda t: t.reshape(t.shape[0], -1)),
+    (CONV_IN, lambda t: t.reshape(-1)),
+    ("model.diffusion_model.out.2.bias", lambda t: t.reshape(2, 2)),
+    ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", lambda t: t.reshape(-1)),
+], ids=["conv_in-2d", "conv_in-1d", "out.2.bias-2d", "token_embedding-1d"])
+def test_a_detection_key_with_another_rank_is_refused(models, tmp_path, key, reshape):
+    def edit(state):
+        state[key] = reshape(state[key]).contiguous()
+
+    bad = edited_copy(models, tmp_path / "bad.safetensors", edit)
+    shape = list(safe_open(str(bad), "pt").get_slice(key).get_shape())
+    out = tmp_path / "out.safetensors"
+    for a, b in ((bad, models["b"]), (models["b"], bad)):
+        res = run("merge", "--model-a", str(a), "--model-b", str(b), "--adjust", "1,1,1,1,1,1,1,1", "--no-history",
+                  "--output", str(out), cwd=tmp_path, env_home=tmp_path / "data")
+        one_clean_line(res, f"{key} has shape {shape}", "(bad)")
+    res = run("inspect", str(bad), cwd=tmp_path, env_home=tmp_path / "data")
+    one_clean_line(res, f"{key} has shape {shape}")
+    assert leftovers(tmp_path, "bad.safetensors") == []
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "quantized"])
+def test_a_ckpt_with_non_dense_tensors_is_refused(models, tmp_path, kind):
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+    def edit(state):
+        t = state[key].float().reshape(state[key].shape[0], -1)
+        state[key] = {"sparse_coo": t.to_sparse, "sparse_csr": t.to_sparse_csr,
+                      "quantized": lambda: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8)}[kind]()
+
+    bad = edited_copy(models, tmp_path / "bad.ckpt", edit)
+    out = tmp_path / "out.safetensors"
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(bad), "--no-history", "--output", str(out),
+              cwd=tmp_path, env_home=tmp_path / "data")
+    problem = "is quantized" if kind == "quantized" else f"is stored in the {kind} layout"
+    one_clean_line(res, f"tensor {key!r} {problem}", str(bad))
+    assert leftovers(tmp_path, "bad.ckpt") == []
+
+
+def run_limited(*args, cwd, env_home, fsize: int):
+    """`run`, in a process that may write files of at most `fsize` bytes (ulimit -f), as on a full disk."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_DATA_HOME=str(env_home))
+    return subprocess.run([sys.executable, "-m", "lib_merge", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
+
+
+@pytest.mark.parametrize("ext", [".ckpt", ".safetensors"])
+def test_an_output_past_the_file_size_limit_is_one_line_and_no_file(models, tmp_path, ext):
+    limit = models["a"].stat().st_size // 2
+    out = tmp_path / f"out{ext}"
+    res = run_limited("merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--no-history",
+                      "--no-metadata", "--quiet", "--output", str(out), cwd=tmp_path, env_home=tmp_path / "data",
+                      fsize=limit)
+    one_clean_line(res, f"Could not write {out}", "Nothing was saved")
+    assert leftovers(tmp_path, "data") == []
+
+
+def test_file_names_that_are_not_utf8_are_refused(models, tmp_path):
+    import os
+    import shutil
+
+    folder = os.fsencode(tmp_path)
+    odd_model = folder + b"/model-\xff.safetensors"
+    shutil.copyfile(models["b"], odd_model)
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", odd_model, "--no-history",
+              "--output", str(tmp_path / "out.safetensors"), cwd=tmp_path, env_home=tmp_path / "data")
+    one_clean_line(res, "model-\\xff.safetensors is not valid UTF-8")
+    res = run("inspect", odd_model, cwd=tmp_path, env_home=tmp_path / "data")
+    one_clean_line(res, "model-\\xff.safetensors is not valid UTF-8")
+    odd_output = folder + b"/out-\xfe\xfd.ckpt"
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--no-history",
+              "--output", odd_output, cwd=tmp_path, env_home=tmp_path / "data")
+    one_clean_line(res, "out-\\xfe\\xfd.ckpt is not valid UTF-8")
+    assert sorted(os.listdir(folder)) == [b"data", b"model-\xff.safetensors"]

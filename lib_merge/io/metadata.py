@@ -8,6 +8,7 @@ the seed, but a name can never escape the output folder or exceed file-system li
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 
 from ..core import untrusted_json
@@ -50,6 +51,19 @@ def merge_metadata(
     for sha, entry in parents.items():
         tree.setdefault(sha, entry)  # a direct input's own entry wins
     return {"format": "pt", "sd_merge_recipe": recipe_json, "sd_merge_models": json.dumps(tree)}
+
+
+def check_name_encoding(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse a path that is not valid UTF-8 (Python holds its stray bytes as lone surrogates): it could not be
+    printed, logged in the history or written into a model's metadata, so it is refused before anything is read or
+    written, naming the offending bytes."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise MergeError(f"The {what} path {shown} is not valid UTF-8; rename the file (or folder) with valid "
+                         "characters.") from None
 
 
 def _cut_utf8(text: str, limit: int) -> str:
