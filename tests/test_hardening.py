@@ -176,15 +176,24 @@ class App:
         self.defaults = {c["id"]: c["props"].get("value") for c in self.config["components"]}
 
     def click(self, button: str, **fields):
+        """Run the button's event and every step chained after it (`.then`), as the page does."""
+        deps = self.config["dependencies"]
         target = self.ids[button]
-        index, dep = next((i, d) for i, d in enumerate(self.config["dependencies"])
-                          if target in d["targets"] and d.get("trigger", "click") == "click")
-        by_id = {self.ids[f"bm_{name}"]: value for name, value in fields.items()}
-        data = [by_id.get(i, self.defaults[i]) for i in dep["inputs"]]
-        r = httpx.post(self.url + "/run/predict", json={"fn_index": index, "data": data}, timeout=600)
-        assert r.status_code == 200, r.text
-        outputs = r.json()["data"]
-        return dict(zip([self._elem(i) for i in dep["outputs"]], outputs, strict=True))
+        index = next(i for i, d in enumerate(deps) if target in d["targets"] and d.get("trigger", "click") == "click")
+        values = dict(self.defaults) | {self.ids[f"bm_{name}"]: value for name, value in fields.items()}
+        seen: dict = {}
+        while index is not None:
+            dep = deps[index]
+            data = [values[i] for i in dep["inputs"]]
+            r = httpx.post(self.url + "/run/predict", json={"fn_index": index, "data": data}, timeout=600)
+            assert r.status_code == 200, r.text
+            for component, out in zip(dep["outputs"], r.json()["data"], strict=True):
+                seen[self._elem(component)] = out
+                is_update = isinstance(out, dict) and out.get("__type__") == "update"
+                if not is_update or "value" in out:
+                    values[component] = out["value"] if is_update else out
+            index = next((i for i, d in enumerate(deps) if d.get("trigger_after") == index), None)
+        return seen
 
     def _elem(self, component_id):
         return next((e for e, i in self.ids.items() if i == component_id), component_id)
