@@ -10,7 +10,6 @@ from pathlib import Path
 from modules import script_callbacks, scripts
 
 import lib_merge  # noqa: F401  (import while the extension root is on sys.path)
-from lib_merge.core.errors import MergeError
 from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, TITLE, Extension
 
 EXTENSION = Extension(Path(__file__).resolve().parents[1])
@@ -23,31 +22,8 @@ def on_ui_tabs():
 
 
 def on_app_started(demo, app):
-    """REST routes. Merge and restore take the queue lock (they wait for a running generation)."""
-    from fastapi import HTTPException
-
-    def call(handler, *args):
-        try:
-            return handler(*args)
-        except MergeError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
-
-    def presets():
-        return call(EXTENSION.api_presets)
-
-    def merge(body: dict):
-        return call(EXTENSION.api_merge, body)
-
-    def restore():
-        return call(EXTENSION.api_restore)
-
-    def history(limit: int = 50, search: str = "", mode: str = "and"):
-        return call(EXTENSION.api_history, limit, search, mode)
-
-    app.add_api_route("/block-merger/presets", presets, methods=["GET"])
-    app.add_api_route("/block-merger/merge", merge, methods=["POST"])
-    app.add_api_route("/block-merger/restore", restore, methods=["POST"])
-    app.add_api_route("/block-merger/history", history, methods=["GET"])
+    """REST routes, served only with the WebUI's API on and behind its `--api-auth`, like /sdapi/v1/*."""
+    EXTENSION.add_api_routes(app)
 
 
 class BlockMergerScript(scripts.Script):

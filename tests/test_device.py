@@ -1,5 +1,7 @@
 """The device path (each key's inputs moved to a compute device, the result copied back) gives the same tensors as
-the default CPU path. Here the device is the CPU itself; on a machine with CUDA the same test runs there too."""
+the default CPU path. Here the device is the CPU itself; on a machine with CUDA the same test runs there too.
+Where the formula is plain arithmetic, both paths are also checked against it, computed here in float64, so the
+comparison cannot pass by both sides sharing one fault."""
 
 from __future__ import annotations
 
@@ -7,11 +9,13 @@ import threading
 
 import pytest
 import torch
+from conftest import assert_rounded, sd1_block
 
 from lib_merge.cli import synth
 from lib_merge.core.device import DeviceLink
 from lib_merge.core.engine import DictSink, Models, TensorSink, plan_merge, run_merge
 from lib_merge.core.recipe import Recipe
+from lib_merge.core.weights import Presets
 from lib_merge.io.checkpoint import DictCheckpoint
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -134,3 +138,29 @@ def test_a_merge_method_on_the_device_path_and_into_live_tensors_equals_the_cpu_
         assert torch.equal(on_device[key], value) and torch.equal(live[key], value), key
         changed += not torch.equal(value, models.a.get(key))
     assert changed > 0  # the method really merged
+GRAD_V = [float(v) for v in Presets.load().get("GRAD_V").split(",")]  # the preset's values, from its data file
+BLOCK_LABELS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+#: The spec's formulas in float64 (A, B, C: the three models' tensors; w: the block weight of the key).
+FORMULAS = {
+    "Weight sum-normal": lambda a, b, c, w: a * (1 - w) + b * w,
+    "Add difference-normal": lambda a, b, c, w: a + 0.7 * (b - c),
+    "Triple sum-normal": lambda a, b, c, w: a * (1 - 0.3 - 0.2) + b * 0.3 + c * 0.2,
+    "sum Twice-normal": lambda a, b, c, w: (a * (1 - 0.3) + b * 0.3) * (1 - 0.6) + c * 0.6,
+}
+PROBES = ("model.diffusion_model.input_blocks.4.1.proj_in.weight", "model.diffusion_model.middle_block.1.proj_out.bias",
+          "model.diffusion_model.output_blocks.8.0.in_layers.2.weight",
+          "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(FORMULAS))
+def test_device_and_cpu_paths_follow_the_formula(models, name, device):
+    case = next(c for c in CASES if f"{c['mode']}-{c.get('calc', 'normal')}" == name)
+    plan = plan_merge(Recipe("A", "B", "C", **case), models)
+    results = (run_merge(plan, models, DictSink()), run_merge(plan, models, DictSink(), device=device))
+    for key in PROBES:
+        a, b, c = (m.get(key).double() for m in (models.a, models.b, models.c))
+        w = GRAD_V[BLOCK_LABELS.index(sd1_block(key))] if "weights_alpha" in case else None
+        expected = FORMULAS[name](a, b, c, w)
+        for path, state in zip(("cpu", device), results, strict=True):
+            assert_rounded(state[key], expected, models.a.dtype(key), what=f"{path} {key}")

@@ -33,6 +33,8 @@ def entry(webui):
 
 
 def routes(webui):
+    """The routes as the WebUI started with `--api` serves them (without it, there are none)."""
+    webui.shared.cmd_opts.api = True
     app = FakeApp()
     webui.script_callbacks.app_started_callback(None, app)
     return app.routes

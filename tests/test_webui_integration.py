@@ -79,6 +79,7 @@ def test_api_routes_over_http(webui):
         pytest.skip("fastapi is not installed")
     testclient = pytest.importorskip("fastapi.testclient")
     webui.load_entry_script()
+    webui.shared.cmd_opts.api = True
     app = fastapi.FastAPI()
     webui.script_callbacks.app_started_callback(None, app)
     client = testclient.TestClient(app)

@@ -7,6 +7,7 @@ from collections import Counter
 from math import prod
 from pathlib import Path
 
+from ..core import untrusted_json
 from ..core.arch import detect_arch
 from ..io.checkpoint import open_checkpoint
 
@@ -47,7 +48,7 @@ def describe(path: Path) -> str:
 def _pretty(value: str) -> str:
     """JSON values (the recipe, the model tree) indented under their name; anything else as it is."""
     try:
-        decoded = json.loads(value)
+        decoded = untrusted_json.loads(value, len(value))  # from a header already size-checked
     except ValueError:
         return value
     if not isinstance(decoded, (dict, list)):

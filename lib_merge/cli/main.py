@@ -30,7 +30,7 @@ def default_data_dir() -> Path:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we keep to one line
-        raise MergeError(f"{message} (see `python -m lib_merge {self.prog.split()[-1]} --help`)")
+        raise MergeError(f"{message} (see `{self.prog} --help`)")  # prog is the whole command line
 
 
 def build_parser() -> argparse.ArgumentParser:

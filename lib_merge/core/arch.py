@@ -33,6 +33,13 @@ _SD2_TEXT = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
 _SDXL_TEXT = "conditioner.embedders.1.model.ln_final.weight"
 _SDXL_LABEL = UNET + "label_emb.0.0.weight"
 
+#: The number of dimensions of every key whose shape the detection or "Adjust" reads: a file where one of them has
+#: another rank is refused up front instead of failing (or indexing the wrong axis) later.
+EXPECTED_RANKS = {
+    _SD1_TEXT: 2, _SD2_TEXT: 2, _SDXL_TEXT: 1, _SDXL_LABEL: 2,
+    **dict(zip(ADJUST_KEYS, (4, 1, 1, 1, 4, 1), strict=True)),
+}
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -75,6 +82,12 @@ def detect_arch(keys: set[str] | dict, shape_of: Callable[[str], tuple[int, ...]
         raise MergeError(
             f"{name} is not a Stable Diffusion 1.x, 2.x or SDXL checkpoint (no text encoder or U-Net keys found)."
         )
+    for key, rank in EXPECTED_RANKS.items():
+        if key in keys and len(shape := tuple(shape_of(key))) != rank:
+            raise MergeError(
+                f"{name} is damaged or not a Stable Diffusion checkpoint: {key} has shape {list(shape)}, but it has "
+                f"{rank} dimension{'s' if rank > 1 else ''} in every SD1, SD2 and SDXL model."
+            )
     channels = shape_of(CONV_IN)[1] if CONV_IN in keys else 4
     return Arch(family, channels)
 

@@ -687,6 +687,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
                 finally:
                     for future in futures:
                         future.cancel()
+        _check_cancel(cancel)  # a Stop during the last key still keeps nothing: the workers check before a key only
         return sink.finish()
     except BaseException:
         sink.abort()

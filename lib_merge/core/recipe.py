@@ -12,8 +12,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import untrusted_json
 from .errors import MergeError
 from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
 from .methods import check_params, get_method
@@ -26,6 +28,15 @@ METHOD_PARAMS = ("density", "drop", "epsilon")
 #: fields of a method recipe (base plus N models); left out of a classic recipe's JSON, which therefore stays as it was
 METHOD_FIELDS = ("method", "models", "model_weights", *METHOD_PARAMS,
                  *(f"weights_{n}" for n in METHOD_PARAMS), *(f"elemental_{n}" for n in METHOD_PARAMS))
+#: The most characters each text field may hold: far above any real use (a long elemental text is 1,000), low
+#: enough that a pasted megabyte is refused at once instead of holding the merge queue while it is matched against
+#: every key. Model names are paths. `inex_*` counts the names of the list together.
+TEXT_LIMITS = {"model_a": 4_096, "model_b": 4_096, "model_c": 4_096, "mode": 100, "calc": 100, "inex": 100,
+               "weights_alpha": 4_000, "weights_beta": 4_000, "elemental": 10_000, "adjust": 1_000,
+               "inex_blocks": 4_000, "inex_elements": 4_000}
+#: A recipe's JSON: every field at its limit, escaped, stays below this, and this below the csv module's field limit
+#: (131,072), so any recipe that can be merged can be logged and read back.
+MAX_RECIPE_JSON = 120_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Recipe:
         Presets named in weight fields are replaced by their values, so the returned recipe reproduces the merge
         even where the preset file differs.
         """
+        check_text_sizes(self)
         if self.method:
             return self._validate_method(presets)
         if self.models:
@@ -192,9 +204,17 @@ class Recipe:
         if unknown:
             raise MergeError(f"Recipe has unknown fields: {', '.join(sorted(unknown))}.")
         values = {k: v for k, v in data.items() if k in known}
-        for name in ("inex_blocks", "inex_elements", "models", "model_weights"):
-            if name in values:
-                values[name] = tuple(values[name])
+        for name, value in values.items():
+            kind = _FIELD_KINDS[name]
+            if kind is tuple and isinstance(value, list):
+                value = values[name] = tuple(value)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if ok and isinstance(value, tuple):
+                item = _ITEM_KINDS.get(name, str)
+                ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+            if not ok:
+                words = "a list of numbers" if name in _ITEM_KINDS else _KIND_WORDS[kind]
+                raise MergeError(f"Recipe field {name!r} must be {words}, not {value!r:.60}.")
         return cls(**values)
 
     @classmethod
@@ -226,6 +246,15 @@ class Recipe:
         return text if self.calc == "normal" else f"{text} [{self.calc}]"
 
 
+_KIND_WORDS = {str: "text", (int, float): "a number", int: "a whole number", tuple: "a list of names",
+               dict: "an object"}
+_FIELD_KINDS = {f.name: str for f in dataclasses.fields(Recipe)} | {
+    "alpha": (int, float), "beta": (int, float), "gamma": (int, float), "seed": int,
+    "density": (int, float), "drop": (int, float), "epsilon": (int, float),
+    "inex_blocks": tuple, "inex_elements": tuple, "models": tuple, "model_weights": tuple, "extra": dict}
+_ITEM_KINDS = {"model_weights": (int, float)}  # what a list field holds, where it is not names
+
+
 def _stem(path: str) -> str:
     """`sub/sdA.safetensors [6357d68e0f]` (a WebUI checkpoint title) and `sdA` both name the model `sdA`."""
     name = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", path.strip()).replace("\\", "/").rsplit("/", 1)[-1]
@@ -238,12 +267,27 @@ def _stem(path: str) -> str:
 def json_object(text: str | bytes) -> dict:
     """A recipe's JSON text decoded, refusing anything but a JSON object with a message a user can act on."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MergeError(f"Recipe is not valid JSON: {e}.") from e
+        data = untrusted_json.loads(text, MAX_RECIPE_JSON)
+    except ValueError as e:  # bad JSON, bad UTF-8, too long or too deep
+        raise MergeError(f"Recipe is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
         raise MergeError("Recipe JSON must be an object.")
     return data
+
+
+def check_text_sizes(recipe: Recipe) -> None:
+    """Refuse a text field longer than its TEXT_LIMITS entry, naming the field, before any of it is parsed."""
+    for name in TEXT_LIMITS:
+        check_text_size(name, getattr(recipe, name))
+
+
+def check_text_size(name: str, value: str | Sequence[str] | None) -> None:
+    """Refuse the recipe field `name` (a TEXT_LIMITS key) when it is longer than its limit."""
+    limit = TEXT_LIMITS[name]
+    size = len(value) if isinstance(value, str) else sum(len(str(v)) for v in value or ())
+    if size > limit:
+        raise MergeError(f"The {name.replace('_', ' ')} field holds {size:,} characters; at most {limit:,} are "
+                         f"allowed. Shorten it.")
 
 
 def check_extract_ratios(alpha: float, beta: float, where: str) -> None:

@@ -92,6 +92,10 @@ def _paragraphs(text: str) -> list[str]:
     return blocks
 
 
+#: An axis's text: ten elemental texts at their own limit; anything longer is a paste gone wrong.
+MAX_AXIS_TEXT = 100_000
+
+
 def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.Random) -> Axis | None:
     """Parse one axis's text with the seed's syntax; None for an unused axis (type none or blank text)."""
     if kind not in AXIS_TYPES:
@@ -100,6 +104,8 @@ def parse_axis(kind: str, text: str, arch: Arch, presets: Presets, rng: random.R
     if kind == NONE or not text.strip():
         return None
     what = f"Plot axis {kind!r}"
+    if len(text) > MAX_AXIS_TEXT:
+        raise MergeError(f"{what} holds {len(text):,} characters; at most {MAX_AXIS_TEXT:,} are allowed. Shorten it.")
     if kind in ("alpha", "beta", "density", "drop", "epsilon"):
         values = tuple(parse_number(v, what) for v in _csv(text))
         labels = tuple(f"{v:g}" for v in values)

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping
+from hmac import compare_digest
 from pathlib import Path
 
 import torch
@@ -700,4 +701,61 @@ class Extension:
         history = self.service().history()
         rows = history.search(search, mode) if search.strip() else history.rows(limit)
         return {"rows": rows[-limit:] if limit > 0 else rows}
+
+    def add_api_routes(self, app) -> None:
+        """The REST routes, added as the WebUI adds its own API (modules/api/api.py): not at all unless the API is
+        on (`--api`, or `--nowebui`, which serves only the API), and behind `--api-auth`'s credentials when it is
+        set. Merge and restore take the queue lock (they wait for a running generation)."""
+        options = api_route_options()
+        if options is None:
+            return
+        from fastapi import HTTPException
+
+        def call(handler, *args):
+            try:
+                return handler(*args)
+            except MergeError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from e
+
+        def presets():
+            return call(self.api_presets)
+
+        def merge(body: dict):
+            return call(self.api_merge, body)
+
+        def restore():
+            return call(self.api_restore)
+
+        def history(limit: int = 50, search: str = "", mode: str = "and"):
+            return call(self.api_history, limit, search, mode)
+
+        app.add_api_route("/block-merger/presets", presets, methods=["GET"], **options)
+        app.add_api_route("/block-merger/merge", merge, methods=["POST"], **options)
+        app.add_api_route("/block-merger/restore", restore, methods=["POST"], **options)
+        app.add_api_route("/block-merger/history", history, methods=["GET"], **options)
+
+
+def api_route_options() -> dict | None:
+    """None when the WebUI serves no API; else add_api_route's extra arguments: none, or with `--api-auth user:pass,
+    ...` a dependency that asks for those HTTP Basic credentials exactly as the WebUI's `Api.auth` does."""
+    cmd_opts = shared.cmd_opts
+    if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
+        return None
+    auth = getattr(cmd_opts, "api_auth", None)
+    if not auth:
+        return {}
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+
+    credentials = dict(pair.split(":", 1) for pair in auth.split(",") if ":" in pair)
+
+    def check(given=Depends(HTTPBasic())) -> bool:  # noqa: B008 (FastAPI's idiom); no annotation: see the module's
+        # `from __future__ import annotations`, which would leave FastAPI a string it cannot resolve
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password.encode(), expected.encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return {"dependencies": [Depends(check)]}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import untrusted_json
 from ..core.errors import MergeError
 
 
@@ -115,7 +116,7 @@ def parse_header(path: Path, head: bytes, file_size: int, read_json: bytes | Non
     if read_json is None or len(read_json) != n:
         raise CheckpointError(f"{path} is truncated: the header could not be read completely; download it again.")
     try:
-        raw = json.loads(read_json.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        raw = untrusted_json.loads(read_json.decode("utf-8"), MAX_HEADER_BYTES, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _corrupt(path, f"the header is not valid JSON ({e})") from None
     if not isinstance(raw, dict):

@@ -14,6 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..core import untrusted_json
 from .format import CheckpointError
 from .write import atomic_output
 
@@ -21,6 +22,7 @@ BLOCK = 1024 * 1024
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
 CACHE_VERSION = 1
+MAX_CACHE_BYTES = 64_000_000  # about 200,000 models; a bigger file is not ours
 
 
 class HashCache:
@@ -35,7 +37,8 @@ class HashCache:
         if self.path is None or not self.path.exists():
             return {}
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            with open(self.path, "rb") as f:  # never more than the limit in memory, whatever lies there
+                doc = untrusted_json.loads(f.read(MAX_CACHE_BYTES + 1), MAX_CACHE_BYTES)
             if doc.get("version") == CACHE_VERSION and isinstance(doc.get("entries"), dict):
                 return {k: v for k, v in doc["entries"].items() if isinstance(v, dict)}
         except (OSError, ValueError, AttributeError) as e:

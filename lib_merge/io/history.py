@@ -24,7 +24,9 @@ from pathlib import Path
 
 import filelock
 
+from ..core import untrusted_json
 from ..core.errors import MergeError
+from ..core.recipe import MAX_RECIPE_JSON
 from .read import PICKLE_EXTS, SAFETENSORS_EXTS
 from .write import same_file
 
@@ -53,6 +55,7 @@ LOCK_TIMEOUT = 60  # seconds another process may hold the log (an append takes m
 MAX_LINE = 4 << 20  # bytes; a longer line is no row of ours and is skipped unread
 TAIL_BLOCK = 64 << 10  # bytes read at a time, backwards, to find the last row
 TAIL_LIMIT = 2 * MAX_LINE  # past this many bytes of unreadable tail, the next ID comes from a full scan
+MAX_SEARCH = 1_000  # characters of search words: each word is looked for in every row
 
 
 class HistoryWarning(UserWarning):
@@ -284,8 +287,8 @@ class History:
         row: dict[str, object] = dict(zip(COLUMNS, fields, strict=True))
         try:
             row["id"] = int(fields[0])
-            recipe = json.loads(fields[-1])
-        except ValueError:
+            recipe = untrusted_json.loads(fields[-1], MAX_RECIPE_JSON)
+        except ValueError:  # not a number, not JSON, too long or too deeply nested: this row only is skipped
             return None
         if not isinstance(recipe, dict) or row["id"] < 1:
             return None
@@ -320,7 +323,9 @@ class History:
         """Rows where all (mode "and") or any (mode "or") of the words occur in some field, ignoring case; with
         `limit`, only the newest `limit` matches are kept while the file streams by."""
         if mode not in ("and", "or"):
-            raise MergeError(f"Search mode must be 'and' or 'or', not {mode!r}.")
+            raise MergeError(f"Search mode must be 'and' or 'or', not {mode!r:.60}.")
+        if len(words) > MAX_SEARCH:
+            raise MergeError(f"The search text holds {len(words):,} characters; at most {MAX_SEARCH:,} are allowed.")
         terms = [w.lower() for w in words.split()]
         match = all if mode == "and" else any
         found: collections.deque[dict] = collections.deque(maxlen=limit if limit and limit > 0 else None)

@@ -8,8 +8,10 @@ the seed, but a name can never escape the output folder or exceed file-system li
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 
+from ..core import untrusted_json
 from ..core.errors import MergeError
 
 MAX_STEM = 240  # characters (and UTF-8 bytes) before the extension, as the seed cuts long paths
@@ -17,8 +19,9 @@ _UNSAFE = '/\\:*?"<>|\0'
 
 
 def _decode_json(value: str) -> object:
+    """An input's metadata value decoded; text that is not (reasonable) JSON is kept as the text it is."""
     try:
-        return json.loads(value)
+        return untrusted_json.loads(value, len(value))  # the header it came from was already size-checked
     except ValueError:
         return value
 
@@ -50,6 +53,19 @@ def merge_metadata(
     return {"format": "pt", "sd_merge_recipe": recipe_json, "sd_merge_models": json.dumps(tree)}
 
 
+def check_name_encoding(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse a path that is not valid UTF-8 (Python holds its stray bytes as lone surrogates): it could not be
+    printed, logged in the history or written into a model's metadata, so it is refused before anything is read or
+    written, naming the offending bytes."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise MergeError(f"The {what} path {shown} is not valid UTF-8; rename the file (or folder) with valid "
+                         "characters.") from None
+
+
 def _cut_utf8(text: str, limit: int) -> str:
     text = text[:limit]
     while len(text.encode("utf-8")) > limit:
@@ -77,15 +93,38 @@ def default_output_name(merge_name: str, save_dtype: str, in_channels: int, ext:
     return stem + ext
 
 
+#: Names Windows reserves for devices, with or without an extension (`CON`, `con.safetensors`, `COM1 .x`).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in (*"123456789", "¹", "²", "³"))}
+
+
 def validate_custom_name(name: str) -> str:
-    """Check a user-typed output name (without folder); returns it stripped of surrounding spaces."""
-    stripped = name.strip() if isinstance(name, str) else ""
+    """Check a user-typed output name (without folder); returns it stripped of surrounding spaces.
+
+    A name any common file system would refuse or reinterpret is refused on every platform, so a name that works
+    here works everywhere (on Windows `a:b` would write an NTFS alternate stream, `CON` a device).
+    """
+    if not isinstance(name, str):
+        raise MergeError(f"The output name must be text, not {name!r:.60}.")
+    stripped = name.strip()
     if not stripped:
         raise MergeError("The output name is empty; type a file name.")
+    size = len(stripped.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_STEM:
+        raise MergeError(f"The output name is {size} bytes long; at most {MAX_STEM} are allowed. Shorten it.")
     if "\0" in stripped:
         raise MergeError("The output name contains a NUL character; remove it.")
     if "/" in stripped or "\\" in stripped:
         raise MergeError(f"The output name {stripped!r} contains a path separator; give a plain file name.")
+    bad = sorted({ch for ch in stripped if ch in _UNSAFE or ord(ch) < 32 or ord(ch) == 127})
+    if bad:
+        raise MergeError(f"The output name {stripped!r} contains {' '.join(repr(ch) for ch in bad)}, which Windows "
+                         f"does not allow in file names; remove {'it' if len(bad) == 1 else 'them'}.")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in stripped):
+        raise MergeError(f"The output name {stripped!r} is not valid Unicode text; retype it.")
+    if stripped.endswith("."):
+        raise MergeError(f"The output name {stripped!r} ends with '.', which Windows drops; remove the dot.")
+    if stripped.split(".")[0].rstrip(" ").upper() in _RESERVED:
+        raise MergeError(f"The output name {stripped!r} is a device name on Windows; choose another name.")
     if ".." in stripped:
         raise MergeError(f"The output name {stripped!r} contains '..'; give a plain file name.")
     if stripped.startswith("."):

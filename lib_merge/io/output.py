@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import Checkpoint as Source
 from .checkpoint import SafetensorsStreamWriter, SaveOptions, atomic_output, finalize_tensor, is_kept, plan_output
+from .write import reporting_no_room, save_pickle
 
 
 class FileSink:
@@ -44,15 +45,17 @@ class FileSink:
             return
         tensor = finalize_tensor(key, tensor, self.options, self.vae)
         if self._writer is not None:
-            self._writer.write(key, tensor)
+            with reporting_no_room(self.path):
+                self._writer.write(key, tensor)
         else:
             self._state[key] = tensor.clone()
 
     def finish(self) -> Path:
         if self._writer is not None:
-            self._writer.close()
+            with reporting_no_room(self.path):
+                self._writer.close()
         else:
-            torch.save(self._state, self._tmp)
+            save_pickle(self._state, self._tmp, self.path)
             self._state = None
         self._stack.close()
         return self.path

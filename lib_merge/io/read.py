@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .format import CheckpointError, SafetensorsHeader, TensorEntry, itemsize, parse_header
+from .metadata import check_name_encoding
 
 SAFETENSORS_EXTS = (".safetensors",)
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
@@ -369,7 +371,9 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(f"Model file {path} cannot be opened ({e.strerror}); check its permissions.") from e
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():  # torch's own notes (beta sparse layouts, deprecated storages) are not the
+            warnings.simplefilter("ignore")  # user's business: what we refuse gets a message of its own
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} needs code to load (it pickles Python objects other than tensors), so it was not loaded: "
@@ -381,6 +385,19 @@ def _torch_load(path: Path) -> object:
             f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}); it is corrupt, "
             "incomplete or not a model file. Download it again."
         ) from None
+
+
+def _not_dense(tensor: torch.Tensor) -> str | None:
+    """Why a tensor from a pickle is not an ordinary strided CPU tensor (sparse, quantized, nested...), or None."""
+    if tensor.layout != torch.strided:
+        return f"is stored in the {str(tensor.layout).replace('torch.', '')} layout"
+    if tensor.is_quantized:
+        return "is quantized"
+    if getattr(tensor, "is_nested", False):
+        return "is a nested tensor"
+    if tensor.is_meta or tensor.device.type != "cpu":
+        return f"has no data on the CPU (device {tensor.device})"
+    return None
 
 
 def _tensors_from_object(path: Path, obj: object) -> dict[str, torch.Tensor]:
@@ -395,6 +412,12 @@ def _tensors_from_object(path: Path, obj: object) -> dict[str, torch.Tensor]:
     tensors = {}
     for k, v in obj.items():
         if isinstance(k, str) and isinstance(v, torch.Tensor):
+            problem = _not_dense(v)
+            if problem:
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} {problem}; only plain dense tensors can be merged. Convert the checkpoint "
+                    "to .safetensors with a trusted tool, which stores dense tensors only."
+                )
             tensors[k] = v.detach() if isinstance(v, torch.nn.Parameter) else v
     if not tensors:
         raise CheckpointError(f"{path} contains no tensors; it is not a model checkpoint.")
@@ -405,6 +428,7 @@ def _tensors_from_object(path: Path, obj: object) -> dict[str, torch.Tensor]:
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a model file for reading; the result must be closed (or used as a context manager)."""
     path = Path(path)
+    check_name_encoding(path, "model")
     ext = path.suffix.lower()
     if ext in SAFETENSORS_EXTS:
         return _open_safetensors(path)

@@ -8,6 +8,7 @@ each tensor, in any order, as soon as it is computed.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .format import CheckpointError, encode_header
+from .metadata import check_name_encoding
 
 SAVE_EXTS = (".safetensors", ".ckpt")
 
@@ -95,6 +97,7 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it becomes `path`, on any exception it is removed."""
     path = Path(path)
+    check_name_encoding(path, "output")
     _check_target(path, overwrite)
     # Keep the temporary name within the usual 255-byte limit even for a 250-character target name.
     stem = path.name.encode("utf-8")[:200].decode("utf-8", "ignore")
@@ -109,12 +112,45 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
                                      f"name.")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            raise write_failed(path, e.strerror) from None
         raise
+
+
+@contextmanager
+def reporting_no_room(path: Path) -> Iterator[None]:
+    """Writes into the temporary file of output `path`: a full disk or a file-size limit becomes write_failed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_ROOM:
+            raise write_failed(path, e.strerror) from None
+        raise
+
+
+#: A write that failed for lack of room: a full disk, a quota, a file-size limit (ulimit -f; SIGXFSZ is ignored by
+#: Python, so the write fails with EFBIG instead of killing the process).
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_failed(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"Could not write {path}: {reason}. Nothing was saved; free disk space (or raise the "
+                           "file-size limit) and try again.")
+
+
+def save_pickle(obj: object, tmp: Path, path: Path) -> None:
+    """`torch.save(obj, tmp)` for the output `path`; a failed write is a CheckpointError (torch raises it as a
+    RuntimeError that names only the archive member it was writing)."""
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise write_failed(path, f"the disk refused the data ({reason})") from None
 
 
 class SafetensorsStreamWriter:
@@ -249,5 +285,5 @@ def save_state_dict(
                 if t.untyped_storage().nbytes() != t.nbytes:  # a view would drag its whole storage along
                     t = t.clone()
                 plain[k] = t
-            torch.save(plain, tmp)
+            save_pickle(plain, tmp, path)
     return path

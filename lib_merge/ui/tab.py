@@ -209,7 +209,8 @@ class Handlers:
         try:
             number = int(merge_id)
         except (TypeError, ValueError):
-            raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r}.") from None
+            raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r:.60}.") \
+                from None
         row = self.history().get(number)
         return row["id"], uv.values_from_recipe(row["recipe"])
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..core.arch import BLOCKS_26, BLOCKS_XL, Arch
 from ..core.errors import MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM
-from ..core.recipe import NEEDS_C, Recipe
+from ..core.recipe import NEEDS_C, Recipe, check_text_size
 from ..core.weights import ADJUST_NAMES, INEX_EXTRAS, Presets, parse_adjust, parse_block_weights, random_table
 from ..hosts.base import GenerationRequest
 from ..io.checkpoint import SaveOptions
@@ -264,11 +264,17 @@ def recipe_from_values(
     arguments (other widgets) are ignored so callers can pass every widget by name.
     """
     presets = presets or Presets.load()
+    texts = {"model_a": model_a, "model_b": model_b, "model_c": model_c, "weights_alpha": weights_alpha,
+             "weights_beta": weights_beta, "elemental": elemental, "adjust": adjust, "inex_elements": inex_elements}
+    for name, text in texts.items():  # before anything parses them
+        if text is not None and not isinstance(text, str):
+            raise MergeError(f"The {name.replace('_', ' ')} field must be text, not {text!r:.60}.")
+        check_text_size(name, text)
+    check_text_size("inex_blocks", inex_blocks)
     if mode not in MERGE_MODES:
         raise MergeError(f"Choose a merge mode ({', '.join(MERGE_MODES)}).")
-    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("seed", seed)):
-        if value is None:
-            raise MergeError(f"{name} is empty; enter a number.")
+    alpha, beta, gamma = (_number(v, name) for v, name in ((alpha, "alpha"), (beta, "beta"), (gamma, "gamma")))
+    seed = _int(seed, "seed", None)
     wa = wb = ""
     if use_mbw:
         wa = check_weights(weights_alpha or "", "alpha", block_type, presets)
@@ -282,9 +288,9 @@ def recipe_from_values(
     parse_adjust(adjust)
     recipe = Recipe(
         model_a=model_a or "", model_b=model_b or "", model_c=model_c or "", mode=mode, calc=calc,
-        alpha=float(alpha), beta=float(beta), weights_alpha=wa, weights_beta=wb, elemental=(elemental or "").strip(),
+        alpha=alpha, beta=beta, weights_alpha=wa, weights_beta=wb, elemental=(elemental or "").strip(),
         adjust=(adjust or "").strip(), inex=inex, inex_blocks=split_list(inex_blocks) if inex != "Off" else (),
-        inex_elements=split_list(inex_elements) if inex != "Off" else (), gamma=float(gamma), seed=int(seed),
+        inex_elements=split_list(inex_elements) if inex != "Off" else (), gamma=gamma, seed=seed,
     )
     return recipe.validate(presets)
 
@@ -317,15 +323,26 @@ def save_options_from_values(flags: Sequence[str] = DEFAULT_SAVE_FLAGS, dtype: s
                      "metadata": "save metadata" in flags, "save model": "save model" in flags}
 
 
-def _int(value: Any, name: str, default: int = 0) -> int:
+def _number(value: Any, name: str) -> float:
+    """A number field's value (the API may send anything): a finite float, or a MergeError naming the field."""
     if value is None or value == "":
-        return default
+        raise MergeError(f"{name} is empty; enter a number.")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"{name} must be a number, not {value!r}.") from None
-    if not math.isfinite(number) or number != int(number):
-        raise MergeError(f"{name} must be a whole number, not {value!r}.")
+    except (TypeError, ValueError, OverflowError):
+        raise MergeError(f"{name} must be a number, not {value!r:.60}.") from None
+    if not math.isfinite(number):
+        raise MergeError(f"{name} must be a finite number, not {value!r:.60}.")
+    return number
+
+
+def _int(value: Any, name: str, default: int | None = 0) -> int:
+    """A whole-number field's value; blank is `default` (None: blank is an error)."""
+    if (value is None or value == "") and default is not None:
+        return default
+    number = _number(value, name)
+    if number != int(number):
+        raise MergeError(f"{name} must be a whole number, not {value!r:.60}.")
     return int(number)
 
 
