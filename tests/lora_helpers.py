@@ -122,3 +122,37 @@ def peft_name(family: str, component: str, path: str) -> str:
     if component == "unet":
         return "unet." + diffusers_module(path, ldm_to_diffusers_table(family))
     return {"te1": "text_encoder.", "te2": "text_encoder_2."}[component] + path
+
+
+def tiny_model(path: Path, family: str, factor: int = 16, dtype=None, seed: int = 0) -> Path:
+    """A small checkpoint with every key of the real layout (dimensions >= 64 divided by `factor`), random values."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lib_merge.cli.synth import scaled_shape
+
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout(family).items():
+        shape = scaled_shape(shape, factor)
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(shape[-1]).reshape(shape)
+        else:
+            state[key] = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    save_file(state, str(path))
+    return path
+
+
+def save_lora(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def rand(shape, seed: int, scale: float = 0.1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).float()

@@ -28,6 +28,7 @@ PART_ALIASES = {
     "scale": "scale",
     "dora_scale": "dora_scale",
     "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
     **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{p: p for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2")},
     "on_input": "on_input",
@@ -149,7 +150,8 @@ class LoraModule:
 
     def on_meta(self) -> LoraModule:
         """The same module with its float tensors on the meta device: shapes without data, for checks."""
-        return LoraModule(self.name, {k: v.to("meta") if v.is_floating_point() else v for k, v in self.parts.items()})
+        scalars = ("alpha", "scale", "on_input")
+        return LoraModule(self.name, {k: v if k in scalars else v.to("meta") for k, v in self.parts.items()})
 
     def delta_shape(self) -> tuple[int, ...] | None:
         """The shape of ΔW_raw as the factors give it (None for (IA)3, which takes W's shape)."""
@@ -196,29 +198,36 @@ class LoraModule:
             return p["w_norm"]
         raise LoraError(f"module {self.name} is {kind}, which is not supported")
 
-    def delta(self, weight: torch.Tensor, bias_shape: tuple[int, ...] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(ΔW, Δbias) added to `weight` (and its bias) at strength 1, fp32, ΔW in W's shape.
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW added to `weight` at strength 1, fp32, in W's shape (DoRA: the whole decomposed change).
 
         Works on meta tensors too, which is how shapes are checked before any output is written.
         """
-        raw = self.raw_delta(weight)
-        if "bias" in self.parts:
-            raw = raw + self.parts["bias"].float().reshape(raw.shape)
+        try:
+            raw = self.raw_delta(weight)
+            if "bias" in self.parts:
+                raw = raw + self.parts["bias"].float().reshape(raw.shape)
+        except RuntimeError as e:  # factors that do not multiply: up/down of different ranks, bad kernels
+            raise LoraError(f"module {self.name} has factors of mismatched shapes "
+                            f"({', '.join(f'{k} {list(v.shape)}' for k, v in self.parts.items() if v.dim())})"
+                            ) from e
         if raw.numel() != weight.numel():
             raise LoraError(f"module {self.name} makes a {list(raw.shape)} change for a {list(weight.shape)} weight")
         dw = raw.reshape(weight.shape) * self.scale
         dora = self.parts.get("dora_scale", self.parts.get("magnitude"))
         if dora is not None:
             dw = _decompose(weight.float(), dw, dora.float(), "magnitude" in self.parts)
-        db = None
-        bias_part = self.parts.get("diff_b", self.parts.get("b_norm"))
-        if bias_part is not None:
-            if bias_shape is None or bias_part.numel() != _numel(bias_shape):
-                raise LoraError(f"module {self.name} has a bias change of {list(bias_part.shape)} but the weight has "
-                                f"{'no bias' if bias_shape is None else f'a {list(bias_shape)} bias'}")
-            db = bias_part.float().reshape(bias_shape) * self.scale
-        return dw, db
+        return dw
+
+    def bias_delta(self, bias_shape: tuple[int, ...] | None) -> torch.Tensor | None:
+        """The change to the weight's bias (full `diff_b`, norm `b_norm`) at strength 1, or None."""
+        part = self.parts.get("diff_b", self.parts.get("b_norm"))
+        if part is None:
+            return None
+        if bias_shape is None or part.numel() != _numel(bias_shape):
+            where = "no bias" if bias_shape is None else f"a {list(bias_shape)} bias"
+            raise LoraError(f"module {self.name} has a bias change of {list(part.shape)} but the weight has {where}")
+        return part.float().reshape(bias_shape) * self.scale
 
 
 def _numel(shape: tuple[int, ...]) -> int:
