@@ -1,4 +1,4 @@
-"""Command line: `merge`, `inspect`, `demo` and `ui`.
+"""Command line: `merge`, `inspect`, `lora`, `demo` and `ui`.
 
 Errors are one line on stderr and exit status 2, never a traceback.
 """
@@ -25,7 +25,8 @@ def default_data_dir() -> Path:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + error; we keep to one line
-        raise MergeError(f"{message} (see `python -m lib_merge {self.prog.split()[-1]} --help`)")
+        command = self.prog.removeprefix("python -m lib_merge").strip()
+        raise MergeError(f"{message} (see `python -m lib_merge {command} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint: architecture, dtypes, blocks, metadata")
     inspect.add_argument("file")
+
+    from .lora import add_lora_parser
+
+    add_lora_parser(sub, default_data_dir())
 
     demo = sub.add_parser("demo", help="merge small synthetic models and show what changed, per block")
     demo.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and merges here")
@@ -196,7 +201,13 @@ def cmd_ui(args) -> int:
     return _serve(Path(args.models), args.port, Path(args.data) if args.data else default_data_dir(), args.browser)
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "ui": cmd_ui}
+def cmd_lora(args) -> int:
+    from .lora import cmd_lora as run
+
+    return run(args, default_data_dir(), progress_bar)
+
+
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "lora": cmd_lora, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,8 @@ def _module_checked(lora: LoraFile, module: LoraModule, shape: tuple[int, ...],
         meta.delta(torch.empty(shape, device="meta"))
         meta.bias_delta(bias_shape)
     except LoraError as e:
-        raise LoraError(f"LoRA {lora.name}: {e}; it does not fit this model.") from None
+        raise LoraError(f"LoRA {lora.name}: {e}; it does not fit this model (a LoRA for another model family?)."
+                        ) from None
 
 
 def plan_bake(model: Checkpoint, specs: Sequence[LoraSpec], presets: Presets | None = None,

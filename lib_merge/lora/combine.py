@@ -93,10 +93,7 @@ def _concat(mid: str, terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
 def _summed_delta(mid: str, terms: list[Term]) -> torch.Tensor:
     total = None
     for term in terms:
-        shape = term.module.delta_shape()
-        raw = term.module.raw_delta(torch.empty(0)).reshape(shape)
-        if "bias" in term.module.parts:
-            raw = raw + term.module.parts["bias"].float().reshape(shape)
+        raw = term.module.raw_delta(torch.empty(0))
         change = raw * (term.coefficient * term.module.scale)
         if total is not None and total.numel() == change.numel() and total.shape != change.shape:
             change = change.reshape(total.shape)
@@ -161,11 +158,11 @@ def combine_to_file(specs: Sequence[LoraSpec], output: str | Path, rank: RankCho
     family = common_family(loras)
     grouped: dict[str, list[Term]] = {}
     unmatched: dict[str, list[str]] = {}
-    for lora, ratios in zip(loras, slots, strict=True):
+    for lora, spec, ratios in zip(loras, specs, slots, strict=True):
         for name, module in lora.modules.items():
             mid = module_id(name, family)
             if mid is None:
-                unmatched.setdefault(lora.name, []).append(name)
+                unmatched.setdefault(spec.text(), []).append(name)
                 continue
             if module.kind == "ia3" or "dora_scale" in module.parts or "magnitude" in module.parts:
                 what = "(IA)3" if module.kind == "ia3" else "DoRA"

@@ -161,6 +161,16 @@ class LoraModule:
 
     def raw_delta(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW_raw in fp32 (unscaled), shaped like its factors say (reshaped to W by `delta`)."""
+        try:
+            raw = self._raw_delta(weight)
+            if "bias" in self.parts:
+                raw = raw + self.parts["bias"].float().reshape(raw.shape)
+            return raw
+        except RuntimeError as e:  # factors that do not multiply: up/down of different ranks, bad kernels
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in self.parts.items() if v.dim())
+            raise LoraError(f"module {self.name} has factors of mismatched shapes ({shapes})") from e
+
+    def _raw_delta(self, weight: torch.Tensor) -> torch.Tensor:
         p = {k: v.float() for k, v in self.parts.items() if v.is_floating_point()}
         kind = self.kind
         if kind == "lora":
@@ -203,14 +213,7 @@ class LoraModule:
 
         Works on meta tensors too, which is how shapes are checked before any output is written.
         """
-        try:
-            raw = self.raw_delta(weight)
-            if "bias" in self.parts:
-                raw = raw + self.parts["bias"].float().reshape(raw.shape)
-        except RuntimeError as e:  # factors that do not multiply: up/down of different ranks, bad kernels
-            raise LoraError(f"module {self.name} has factors of mismatched shapes "
-                            f"({', '.join(f'{k} {list(v.shape)}' for k, v in self.parts.items() if v.dim())})"
-                            ) from e
+        raw = self.raw_delta(weight)
         if raw.numel() != weight.numel():
             raise LoraError(f"module {self.name} makes a {list(raw.shape)} change for a {list(weight.shape)} weight")
         dw = raw.reshape(weight.shape) * self.scale
