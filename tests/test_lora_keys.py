@@ -96,3 +96,32 @@ def test_kohya_output_names_are_kohyas(family, mapped):
         assert keys.kohya_name(mid, family) == expected
     for mid in mapped:
         assert keys.module_id(keys.kohya_name(mid, family), family) == mid
+
+
+def _lora(parts: dict):
+    import torch
+
+    from lib_merge.lora.formats import LoraFile, group_modules
+
+    modules, unknown = group_modules({k: torch.zeros(s) for k, s in parts.items()})
+    return LoraFile(None, "x", modules, {}, unknown)
+
+
+@pytest.mark.parametrize("context,expected", [(768, {"sd1"}), (1024, {"sd2"}), (2048, {"sdxl"})])
+def test_family_from_the_cross_attention_context(context, expected):
+    from lib_merge.lora.detect import lora_families
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    lora = _lora({f"{name}.lora_down.weight": (4, context), f"{name}.lora_up.weight": (640, 4)})
+    assert lora_families(lora)[0] == expected
+
+
+def test_sdxl_lora_refused_on_sd1_with_the_reason():
+    from lib_merge.lora.detect import check_family
+    from lib_merge.lora.formats import LoraError
+
+    lora = _lora({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 1280),
+                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": (5120, 4)})
+    with pytest.raises(LoraError, match=r"is for SDXL \(it has modules for SDXL's second text encoder\), but m is SD1"):
+        check_family(lora, "sd1", "m")
+    check_family(lora, "sdxl", "m")
