@@ -174,9 +174,12 @@ def bake_to_file(model_path: str | Path, specs: Sequence[LoraSpec], output: str 
         keys = model.keys()
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite)
         sink.begin([(k, model.dtype(k), model.shape(k)) for k in keys])
+        # One reused read buffer: fresh memory per key costs more page faults than the bake itself; put() has
+        # written (or, for .ckpt, cloned) each tensor before the next read reuses it.
+        buffer = torch.empty(max((model.nbytes(k) for k in keys), default=0), dtype=torch.uint8)
         try:
             for done, key in enumerate(keys, 1):
-                sink.put(key, plan.apply(key, model.get(key)))
+                sink.put(key, plan.apply(key, model.get(key, out=buffer)))
                 if progress is not None:
                     progress(done, len(keys))
             sink.finish()

@@ -24,7 +24,7 @@ from .detect import lora_families
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .keys import FAMILIES, FAMILY_NAMES, block_slot, kohya_name, module_id
 from .lowrank import RankChoice, factorize
-from .save import check_lora_output, kohya_metadata, write_lora
+from .save import add_factors, check_lora_output, kohya_metadata, write_lora
 
 METADATA_MODES = ("new", "new-without-name", "merge", "save-all", "first")
 
@@ -183,11 +183,7 @@ def combine_to_file(specs: Sequence[LoraSpec], output: str | Path, rank: RankCho
                 first = terms[0].module.parts.get("up")
                 if first is not None and first.dim() == 2 and up.dim() == 4 and down.shape[2:] == (1, 1):
                     up, down = up.reshape(up.shape[:2]), down.reshape(down.shape[:2])
-            name = kohya_name(mid, family)
-            tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-            ranks.add(int(down.shape[0]))
+            ranks.add(add_factors(tensors, kohya_name(mid, family), up, down))
         if progress is not None:
             progress(done, len(grouped))
     if not tensors:

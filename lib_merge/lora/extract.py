@@ -24,7 +24,7 @@ from ..io.history import History
 from .formats import LoraError
 from .keys import Target, checkpoint_targets, kohya_name
 from .lowrank import RankChoice, factorize
-from .save import check_lora_output, kohya_metadata, write_lora
+from .save import add_factors, check_lora_output, kohya_metadata, write_lora
 
 TE_THRESHOLD = 0.01
 _ATTENTION = re.compile(r"_transformer_blocks_\d+_|_proj_in$|_proj_out$")
@@ -95,16 +95,8 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
         for done, mid in enumerate(order, 1):
             choice = conv_rank if extract_kind(mid) == "conv" else rank
             diff = _difference(a, b, targets[mid], alpha, beta)
-            if diff.dim() == 4 and diff.shape[2:] == (1, 1) and extract_kind(mid) != "conv":
-                up, down = factorize(diff.reshape(diff.shape[:2]), choice, method, clamp)
-                up, down = up.reshape(*up.shape, 1, 1), down.reshape(*down.shape, 1, 1)
-            else:
-                up, down = factorize(diff, choice, method, clamp)
-            name = kohya_name(mid, family)
-            tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-            ranks.add(int(down.shape[0]))
+            up, down = factorize(diff, choice, method, clamp)
+            ranks.add(add_factors(tensors, kohya_name(mid, family), up, down))
             if progress is not None:
                 progress(done, len(order))
     if not tensors:

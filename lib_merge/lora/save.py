@@ -45,6 +45,15 @@ def kohya_metadata(family: str, output: Path, dim: str, alpha: str, conv: str | 
     return meta
 
 
+def add_factors(tensors: dict[str, torch.Tensor], name: str, up: torch.Tensor, down: torch.Tensor) -> int:
+    """Store one module as kohya does (up, down, alpha = rank, so scale 1); returns the rank."""
+    rank = int(down.shape[0])
+    tensors[f"{name}.lora_up.weight"] = up
+    tensors[f"{name}.lora_down.weight"] = down
+    tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    return rank
+
+
 def check_lora_output(output: str | Path, inputs: Iterable[str | Path], overwrite: bool) -> Path:
     output = Path(output)
     if output.suffix.lower() != ".safetensors":
