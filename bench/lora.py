@@ -152,8 +152,10 @@ def run_one(args) -> None:
         ours_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank,
                      args.contender.removeprefix("ours-extract-"))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024  # KiB -> GiB on Linux
-    print(json.dumps({"contender": args.contender, "seconds": seconds, "peak_gib": peak}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 1024 / 1024  # KiB -> GiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime  # on a loaded machine, CPU time says more than wall time
+    print(json.dumps({"contender": args.contender, "seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak}))
 
 
 def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int) -> dict:

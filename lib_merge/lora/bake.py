@@ -71,14 +71,13 @@ class BakePlan:
         contributions = self.changes.get(key)
         if not contributions:
             return tensor
-        original = tensor.float()
-        out = original.clone()
+        out = tensor.to(torch.float32, copy=True)
         for c in contributions:
             rows = slice(*c.rows) if c.rows else slice(None)
             if c.bias:
-                change = c.module.bias_delta(tuple(original[rows].shape))
+                change = c.module.bias_delta(tuple(tensor[rows].shape))
             else:
-                change = c.module.delta(original[rows])
+                change = c.module.delta(tensor[rows])  # (IA)3 and DoRA read the unchanged W
             out[rows].add_(change, alpha=c.ratio)
         return out.to(tensor.dtype)
 
