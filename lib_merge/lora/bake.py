@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,13 @@ class BakePlan:
 
 def _module_checked(lora: LoraFile, module: LoraModule, shape: tuple[int, ...],
                     bias_shape: tuple[int, ...] | None) -> None:
-    meta = module.on_meta()
     try:
-        meta.delta(torch.empty(shape, device="meta"))
-        meta.bias_delta(bias_shape)
+        raw = module.raw_shape
+        if raw is None or any(p in module.parts for p in ("dora_scale", "magnitude", "bias")):
+            module.on_meta().delta(torch.empty(shape, device="meta"))  # the full path, shapes only
+        elif math.prod(raw) != math.prod(shape):
+            raise LoraError(f"module {module.name} makes a {list(raw)} change for a {list(shape)} weight")
+        module.bias_delta(bias_shape)
     except LoraError as e:
         raise LoraError(f"LoRA {lora.name}: {e}; it does not fit this model (a LoRA for another model family?)."
                         ) from None

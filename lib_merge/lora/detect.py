@@ -39,7 +39,7 @@ def lora_families(lora: LoraFile) -> tuple[set[str], str]:
                 narrow({"sdxl"}, f"its module {name} exists only in SDXL's U-Net")
             elif re.match(r"input_blocks_[12]_1_|down_blocks_0_attentions", rest):
                 narrow({"sd1", "sd2"}, f"its module {name} exists only in SD1/SD2's U-Net")
-        shape = module.delta_shape()
+        shape = module.raw_shape
         if shape is None or len(shape) < 2:
             continue
         if component == "unet" and re.search(r"attn2_to_[kv]$", rest) and shape[1] in _CONTEXT:

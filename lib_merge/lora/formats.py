@@ -8,7 +8,9 @@ seed-lora-analysis.md §1.3/§1.4), so that a baked model matches generating wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -145,7 +147,9 @@ class LoraModule:
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
         for part, t in self.parts.items():
-            if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            # a float64 sum is finite exactly when every value is (no fp16/fp32 sum can overflow it), and is far
+            # cheaper than isfinite on fp16 tensors
+            if t.is_floating_point() and t.device.type != "meta" and not math.isfinite(float(t.double().sum())):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
@@ -153,8 +157,9 @@ class LoraModule:
         scalars = ("alpha", "scale", "on_input")
         return LoraModule(self.name, {k: v if k in scalars else v.to("meta") for k, v in self.parts.items()})
 
-    def delta_shape(self) -> tuple[int, ...] | None:
-        """The shape of ΔW_raw as the factors give it (None for (IA)3, which takes W's shape)."""
+    @cached_property
+    def raw_shape(self) -> tuple[int, ...] | None:
+        """The shape of ΔW_raw as the factors give it (None for (IA)3, which takes W's shape); computed once."""
         if self.kind == "ia3" or not self.supported:
             return None
         return tuple(self.on_meta().raw_delta(torch.empty(0, device="meta")).shape)

@@ -35,7 +35,7 @@ def lora_kind(lora: LoraFile) -> str:
     kinds = {m.kind for m in lora.modules.values()}
     dora = any("dora_scale" in m.parts or "magnitude" in m.parts for m in lora.modules.values())
     if kinds == {"lora"}:
-        conv = any(len(s) == 4 and s[2:] != (1, 1) for m in lora.modules.values() if (s := m.delta_shape()))
+        conv = any(len(s) == 4 and s[2:] != (1, 1) for m in lora.modules.values() if (s := m.raw_shape))
         name = "LoCon" if conv else "LoRA"
     else:
         name = "+".join(KIND_NAMES.get(k, k) for k in sorted(kinds))
