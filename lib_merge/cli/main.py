@@ -1,4 +1,4 @@
-"""Command line: `merge`, `inspect`, `analyze`, `demo` and `ui`.
+"""Command line: `merge`, `inspect`, `analyze`, `lora`, `demo` and `ui`.
 
 Errors are one line on stderr and exit status 2, never a traceback.
 """
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="how similar two or three models are, per block (and per key)")
     analyze.add_argument("models", nargs="+", metavar="MODEL", help="two or three checkpoints: A B [C]")
     analyze.add_argument("--per-key", action="store_true", help="also list every compared key")
+
+    from .lora import add_lora_parser
+
+    add_lora_parser(sub, default_data_dir())
 
     demo = sub.add_parser("demo", help="merge small synthetic models and show what changed, per block")
     demo.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and merges here")
@@ -274,7 +278,14 @@ def cmd_ui(args) -> int:
     return _serve(Path(args.models), args.port, Path(args.data) if args.data else default_data_dir(), args.browser)
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "analyze": cmd_analyze, "demo": cmd_demo, "ui": cmd_ui}
+def cmd_lora(args) -> int:
+    from .lora import cmd_lora as run
+
+    return run(args, default_data_dir(), progress_bar)
+
+
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "analyze": cmd_analyze, "lora": cmd_lora, "demo": cmd_demo,
+            "ui": cmd_ui}
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 

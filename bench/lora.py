@@ -1,0 +1,210 @@
+"""LoRA benchmarks (issue 14): bake 3 LoRAs into a full-size checkpoint, and extract a rank-128 LoRA.
+
+    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3]
+    python bench/lora.py extract [--rank 128]
+
+Each contender runs in its own subprocess (so its peak RSS is its own) on the same files in one run; the ratios
+are what to read on a shared machine. Contenders:
+- bake: ours (`bake_to_file`, streamed, fp32 per key, rounded once) against a re-implementation of the seed's
+  merge-to-checkpoint data flow (§2.3 of seed-lora-analysis.md, device cpu): the whole checkpoint loaded, each
+  LoRA's up@down computed in fp32 and added in place in the checkpoint's dtype, LoRA after LoRA, then everything
+  saved with safetensors.
+- extract: ours with a full SVD and with torch.svd_lowrank, against kohya's extraction as the seed calls it
+  (both models loaded, per layer fp32 difference, `torch.linalg.svd` with full matrices, 0.99 quantile clamp).
+  Memory of the kohya path is a lower bound: kohya converts both models to fp32 modules first, which this does
+  not do (8.6 GB would not fit beside the other sessions of this machine).
+The LoRAs are synthetic: every attention Linear/1x1 and text-encoder module of the model, random factors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.make_models import CACHE, make_models  # noqa: E402
+from lib_merge.io.checkpoint import open_checkpoint  # noqa: E402
+from lib_merge.lora.extract import extract_kind  # noqa: E402
+from lib_merge.lora.keys import checkpoint_targets, kohya_name, module_id  # noqa: E402
+
+
+def make_loras(model: Path, family: str, rank: int, count: int) -> list[Path]:
+    paths = [CACHE / f"lora_{family}_r{rank}_{i}.safetensors" for i in range(count)]
+    if all(p.exists() for p in paths):
+        return paths
+    from safetensors.torch import save_file
+
+    with open_checkpoint(model) as ckpt:
+        targets = checkpoint_targets(ckpt.keys(), ckpt.shape, family)
+        shapes = {mid: (t, ckpt.shape(t.key)) for mid, t in targets.items()
+                  if extract_kind(mid) in ("attn", "te") and len(ckpt.shape(t.key)) >= 2}
+    for i, path in enumerate(paths):
+        g = torch.Generator().manual_seed(100 + i)
+        tensors = {}
+        for mid, (t, shape) in shapes.items():
+            out = (t.rows[1] - t.rows[0]) if t.rows else shape[0]
+            name = kohya_name(mid, family)
+            extra = (1, 1) if len(shape) == 4 else ()
+            tensors[f"{name}.lora_down.weight"] = (torch.randn((rank, shape[1], *extra), generator=g) * 0.02).half()
+            tensors[f"{name}.lora_up.weight"] = (torch.randn((out, rank, *extra), generator=g) * 0.02).half()
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank // 2)).half()
+        save_file(tensors, str(path))
+    return paths
+
+
+def seed_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(model))  # the whole checkpoint, as read_state_dict does
+    targets = checkpoint_targets(state.keys(), lambda k: tuple(state[k].shape), family)
+    for path in loras:
+        tensors = load_file(str(path))
+        for key in tensors:
+            if not key.endswith(".lora_down.weight"):
+                continue
+            name = key[: -len(".lora_down.weight")]
+            down, up = tensors[key].float(), tensors[f"{name}.lora_up.weight"].float()
+            scale = float(tensors[f"{name}.alpha"]) / down.shape[0]
+            target = targets[module_id(name, family)]
+            updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale
+            w = state[target.key]
+            rows = slice(*target.rows) if target.rows else slice(None)
+            w[rows] += updown.reshape(w[rows].shape).to(w.dtype)  # in place, in W's dtype
+    save_file(state, str(out))
+
+
+def ours_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
+    from lib_merge.lora.bake import bake_to_file
+    from lib_merge.lora.blocks import parse_spec
+
+    bake_to_file(model, [parse_spec(f"{p}:1") for p in loras], out, metadata=False, overwrite=True)
+
+
+def kohya_extract(a: Path, b: Path, out: Path, family: str, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        targets = {mid: t for mid, t in checkpoint_targets(ca.keys(), ca.shape, family).items()
+                   if extract_kind(mid) in ("attn", "te") and len(ca.shape(t.key)) >= 2}
+        tensors = {}
+        for mid, t in targets.items():
+            rows = slice(*t.rows) if t.rows else slice(None)
+            mat = (ca.get(t.key).float()[rows] - cb.get(t.key).float()[rows])
+            mat = mat.reshape(mat.shape[0], -1)
+            r = min(rank, *mat.shape)
+            u, s, vh = torch.linalg.svd(mat)  # full_matrices=True, as kohya calls it
+            u, vh = u[:, :r] @ torch.diag(s[:r]), vh[:r, :]
+            hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), 0.99)
+            name = kohya_name(mid, family)
+            tensors[f"{name}.lora_up.weight"] = u.clamp(-hi, hi).contiguous().half()
+            tensors[f"{name}.lora_down.weight"] = vh.clamp(-hi, hi).contiguous().half()
+            tensors[f"{name}.alpha"] = torch.tensor(float(r)).half()
+    save_file(tensors, str(out))
+
+
+def ours_extract(a: Path, b: Path, out: Path, family: str, rank: int, method: str) -> None:
+    from lib_merge.lora.extract import extract_to_file
+    from lib_merge.lora.lowrank import RankChoice
+
+    extract_to_file(a, b, out, rank=RankChoice(rank), method=method, overwrite=True, te_threshold=-1)
+
+
+def extraction_error(a: Path, b: Path, lora: Path, family: str) -> float:
+    """‖ΔW − up@down‖ / ‖ΔW‖ over all extracted layers (relative Frobenius error)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(lora))
+    num = den = 0.0
+    with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        for mid, t in checkpoint_targets(ca.keys(), ca.shape, family).items():
+            name = kohya_name(mid, family)
+            if f"{name}.lora_up.weight" not in tensors:
+                continue
+            rows = slice(*t.rows) if t.rows else slice(None)
+            diff = (ca.get(t.key).float()[rows] - cb.get(t.key).float()[rows]).reshape(
+                (t.rows[1] - t.rows[0]) if t.rows else ca.shape(t.key)[0], -1).double()
+            up, down = tensors[f"{name}.lora_up.weight"].double(), tensors[f"{name}.lora_down.weight"].double()
+            approx = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+            num += float(((diff - approx) ** 2).sum())
+            den += float((diff ** 2).sum())
+    return (num / den) ** 0.5
+
+
+def run_one(args) -> None:
+    start = time.perf_counter()
+    out = Path(args.out)
+    if args.contender == "seed-bake":
+        seed_bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
+    elif args.contender == "ours-bake":
+        ours_bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
+    elif args.contender == "kohya-extract":
+        kohya_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank)
+    else:
+        ours_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank,
+                     args.contender.removeprefix("ours-extract-"))
+    seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 1024 / 1024  # KiB -> GiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime  # on a loaded machine, CPU time says more than wall time
+    print(json.dumps({"contender": args.contender, "seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak}))
+
+
+def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int) -> dict:
+    cmd = [sys.executable, __file__, "_run", name, "--model", str(model), "--out", str(out), "--family", family,
+           "--rank", str(rank), "--loras", *map(str, loras)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise SystemExit(f"{name} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("bake", "extract", "_run"))
+    parser.add_argument("contender", nargs="?")
+    parser.add_argument("--family", default="sd1")
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--model")
+    parser.add_argument("--out")
+    parser.add_argument("--loras", nargs="*")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "_run":
+        run_one(args)
+        return
+    models = make_models(args.family, verbose=False)
+    out_dir = CACHE / "lora-out"
+    out_dir.mkdir(exist_ok=True)
+    results = []
+    if args.what == "bake":
+        rank = args.rank or 32
+        loras = make_loras(models["A"], args.family, rank, args.count)
+        for name in ("seed-bake", "ours-bake"):
+            results.append(contender(name, models["A"], loras, out_dir / f"{name}.safetensors", args.family, rank))
+    else:
+        rank = args.rank or 128
+        for name in ("kohya-extract", "ours-extract-full", "ours-extract-lowrank"):
+            out = out_dir / f"{name}.safetensors"
+            results.append(contender(name, models["B"], [models["A"]], out, args.family, rank))
+            results[-1]["relative_error"] = extraction_error(models["B"], models["A"], out, args.family)
+    for r in results:
+        print(json.dumps(r))
+    base = results[0]["seconds"]
+    for r in results[1:]:
+        print(f"{r['contender']}: {base / r['seconds']:.2f}x faster than {results[0]['contender']}")
+
+
+if __name__ == "__main__":
+    main()
