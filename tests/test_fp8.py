@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_rounded, merge, sd1_model, selected
+from conftest import MemorySource, assert_rounded, merge, sd1_model, selected
 from safetensors.torch import load_file
 
 from lib_merge.cli import synth
@@ -87,7 +87,7 @@ def test_weight_sum_of_two_fp8_models_in_every_family(family, dtype):
     """The reported crash: a Weight sum of two fp8 models raised from torch.lerp."""
     a = synth.make_state_dict(family, factor=64, dtype=dtype, seed=1)
     b = synth.make_state_dict(family, factor=64, dtype=dtype, seed=2, base=a, noise=0.5)
-    models = Models(_Memory(a, "A"), _Memory(b, "B"))
+    models = Models(MemorySource(a, "A"), MemorySource(b, "B"))
     plan, state = merge_to_dict(Recipe("A", "B", alpha=0.3), models)
     assert plan.merged > 10
     for job in plan.jobs:
@@ -110,31 +110,6 @@ def test_other_calc_modes_accept_fp8(calc, mode):
         assert out.dtype == a[job.key].dtype
         if job.kind == "merge":
             assert torch.isfinite(out.float()).all(), job.key
-
-
-class _Memory:
-    """A plain dict as a checkpoint source (conftest's MemorySource, without its import cycle on fp8 views)."""
-
-    def __init__(self, mapping, name):
-        self.name, self._t = name, dict(mapping)
-
-    def keys(self):
-        return list(self._t)
-
-    def __contains__(self, key):
-        return key in self._t
-
-    def shape(self, key):
-        return tuple(self._t[key].shape)
-
-    def dtype(self, key):
-        return self._t[key].dtype
-
-    def get(self, key, out=None):
-        return self._t[key]
-
-    def get_span(self, key, start, stop, out=None):
-        return self._t[key].reshape(-1)[start:stop]
 
 
 # -- saving ------------------------------------------------------------------------------------------------------
