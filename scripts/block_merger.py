@@ -1,8 +1,9 @@
-"""Block Merger's entry script for the AUTOMATIC1111 WebUI: registration only (the work is in lib_merge).
+"""Block Merger's entry script for the AUTOMATIC1111 WebUI and Forge: registration only (the work is in lib_merge).
 
 The WebUI executes this file with the extension root on sys.path only while it runs, so `lib_merge` is imported
 here, at the top; its submodules resolve later through the package. One `Extension` (and so one MergeService,
-created on first use) serves the tab, the txt2img script, X/Y/Z and the API.
+created on first use) serves the tab, the txt2img script, X/Y/Z and the API; its host is Forge's when the running
+WebUI has Forge's model loader (a capability probe), else A1111's.
 """
 
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 from modules import script_callbacks, scripts
 
 import lib_merge  # noqa: F401  (import while the extension root is on sys.path)
-from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, TITLE, Extension
+from lib_merge.hosts.a1111 import INFOTEXT_RECIPE, TAB, TITLE, A1111Host, Extension
+from lib_merge.hosts.forge import ForgeHost, is_forge
 
-EXTENSION = Extension(Path(__file__).resolve().parents[1])
+EXTENSION = Extension(Path(__file__).resolve().parents[1], ForgeHost if is_forge() else A1111Host)
 
 
 def on_ui_tabs():

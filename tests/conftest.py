@@ -246,7 +246,8 @@ def sdxl_labels(key):
 # --------------------------------------------------------------------------------------------------------------
 # comparisons
 
-_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126), torch.float64: (52, -1022)}
+_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126), torch.float64: (52, -1022),
+            torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 def ulp(x, dtype):

@@ -20,7 +20,8 @@ def test_ruff_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-WEBUI_HOSTS = {"lib_merge/hosts/a1111.py"}  # the only modules that may import the WebUI's (or Forge's) code
+#: the only modules that may import the WebUI's (or Forge's) code
+WEBUI_HOSTS = {"lib_merge/hosts/a1111.py", "lib_merge/hosts/forge.py"}
 WEBUI_PACKAGES = ("modules", "modules_forge", "backend")
 
 

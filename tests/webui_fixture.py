@@ -22,12 +22,15 @@ ENTRY = ROOT / "scripts" / "block_merger.py"
 
 def purge() -> None:
     for name in list(sys.modules):
-        if name in ("modules", "networks", "lib_merge.hosts.a1111") or name.startswith("modules."):
+        if name in ("modules", "networks", "lib_merge.hosts.a1111", "lib_merge.hosts.forge") or \
+                name.startswith("modules."):
             del sys.modules[name]
     import lib_merge
 
     if hasattr(lib_merge, "hosts") and hasattr(lib_merge.hosts, "a1111"):
         del lib_merge.hosts.a1111
+    if hasattr(lib_merge, "hosts") and hasattr(lib_merge.hosts, "forge"):
+        del lib_merge.hosts.forge
 
 
 class WebUI(types.SimpleNamespace):

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..core.errors import MergeCancelled, MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES
 from ..core.methods import METHODS
+from ..io.save_options import SAVE_DTYPES
 
 EXIT_ERROR = 2
 
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--epsilon", type=float, default=0.1, help="della's spread of drop probabilities")
     merge.add_argument("--beta", type=float, default=0.25)
     merge.add_argument("--mbw", default="", metavar="W",
-                       help="block weights for alpha: 26 (SD1/SD2) or 20 (SDXL) numbers, or a preset name; "
-                            "the first value (BASE) replaces --alpha")
+                       help="block weights for alpha: 26 (SD1/SD2), 20 (SDXL) or 61 (Flux: CLIP, T5, IN, D00-D18, "
+                            "S00-S37, OUT) numbers, or a preset name; the first value (BASE; Flux: CLIP) replaces "
+                            "--alpha")
     merge.add_argument("--mbw-beta", default="", metavar="W", help="block weights for beta")
     for name in ("density", "drop", "epsilon"):
         merge.add_argument(f"--mbw-{name}", default="", metavar="W", help=f"block weights for {name}")
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=-1, help="weight seed for R/U ratios and plus random")
     merge.add_argument("--output", required=True, help="output .safetensors or .ckpt")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
-    merge.add_argument("--save-dtype", default="keep", choices=("keep", "fp16", "bf16", "fp32"))
+    merge.add_argument("--save-dtype", default="keep", choices=tuple(SAVE_DTYPES),
+                       help="keep: model A's dtypes; fp8 output is allowed, with a warning about its precision")
     merge.add_argument("--prune", action="store_true", help="drop EMA weights and schedule buffers")
     merge.add_argument("--bake-vae", default=None, metavar="FILE", help="replace the VAE with this file's")
     merge.add_argument("--reset-clip-ids", action="store_true", help="write correct CLIP position ids")
@@ -209,6 +212,8 @@ def cmd_merge(args) -> int:
     print(f"Saved {result.path} ({plan.arch.describe()}, {plan.merged} of {len(plan.jobs)} tensors merged, "
           f"{time.perf_counter() - start:.1f} s{logged})")
     print(f"Recipe: {plan.recipe.title()}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.reset_clip_ids:
         print(clip_ids_report(Path(plan.recipe.model_a)))
     return 0

@@ -3,8 +3,10 @@
 Used by the tests (tiny models: every large dimension divided by a factor, a few MB) and by the benchmarks
 (full-size models, written key by key so that no fp32 copy of the whole model is ever held).
 
-The key lists come from ``lib_merge/data/{sd1-ldm,sdxl-sgm}.json``, which record every key, shape and stored dtype of
-real SD1 (LDM layout) and SDXL (SGM layout) checkpoints.
+The key lists come from ``lib_merge/data/{sd1-ldm,sdxl-sgm,flux-dev}.json``, which record every key, shape and stored
+dtype of real SD1 (LDM layout), SDXL (SGM layout) and Flux-dev (all-in-one: diffusion model, CLIP-L, T5-XXL and VAE)
+checkpoints. Flux-schnell is Flux-dev without `guidance_in`; `components` picks parts of a Flux file (e.g. only
+"diffuser", as the separately distributed diffusion models are).
 
 Values are deterministic: every key draws from its own ``torch.Generator`` seeded from ``(seed, key name)``, so a key's
 values do not depend on which other keys exist or in which order they are generated.
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.arch import is_model_key
+
 __all__ = [
     "FAMILIES",
     "load_layout",
@@ -35,7 +39,8 @@ __all__ = [
 ]
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+FAMILIES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm", "flux-dev": "flux-dev", "flux-schnell": "flux-dev"}
+FLUX_COMPONENTS = ("diffuser", "clip_l", "t5xxl", "vae")
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 STD = 0.02  # standard deviation of ordinary weights
@@ -60,16 +65,25 @@ def _family_file(family: str) -> Path:
     return DATA / f"{name}.json"
 
 
-def load_layout(family: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every key of a real checkpoint of ``family`` ("sd1" or "sdxl") -> (shape, stored torch dtype).
+def load_layout(family: str, components: Iterable[str] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every key of a real checkpoint of ``family`` ("sd1", "sdxl", "flux-dev", "flux-schnell") -> (shape, stored
+    torch dtype); with ``components``, only those parts of the layout file (Flux: diffuser, clip_l, t5xxl, vae).
 
     Keys come in the order of the layout file, component by component (text encoder(s), VAE, U-Net).
     """
     with open(_family_file(family), encoding="utf-8") as f:
         data = json.load(f)
+    parts = data["components"]
+    unknown = set(components or ()) - set(parts)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)} of {family}; it has {sorted(parts)}")
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for component in data["components"].values():
+    for name, component in parts.items():
+        if components is not None and name not in components:
+            continue
         for key, spec in component.items():
+            if family == "flux-schnell" and ".guidance_in." in key:
+                continue
             out[key] = (tuple(int(d) for d in spec["shape"]), _TORCH_DTYPES[spec["dtype"]])
     return out
 
@@ -85,15 +99,16 @@ def scaled_shape(shape: Iterable[int], factor: int) -> tuple[int, ...]:
 def _is_buffer(key: str) -> bool:
     """Keys outside any module (schedule buffers, EDM parameters): the seed never merges them; real fp16 files keep
     them in fp32."""
-    return "model" not in key
+    return not is_model_key(key)
 
 
 def layout_shapes(
-    family: str, factor: int = 1, dtype: torch.dtype = torch.float16, in_channels: int = 4
+    family: str, factor: int = 1, dtype: torch.dtype = torch.float16, in_channels: int = 4,
+    components: Iterable[str] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """key -> (shape, dtype) of the checkpoint :func:`make_state_dict` produces with the same arguments."""
     out = {}
-    for key, (shape, stored) in load_layout(family).items():
+    for key, (shape, stored) in load_layout(family, components).items():
         shape = scaled_shape(shape, factor)
         if key == CONV_IN and in_channels != shape[1]:
             shape = (shape[0], in_channels, *shape[2:])
@@ -165,9 +180,10 @@ def iter_state_dict(
     base: Mapping[str, torch.Tensor] | None = None,
     noise: float = 0.0,
     in_channels: int = 4,
+    components: Iterable[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` one key at a time; see :func:`make_state_dict`."""
-    for key, (shape, dt) in layout_shapes(family, factor, dtype, in_channels).items():
+    for key, (shape, dt) in layout_shapes(family, factor, dtype, in_channels, components).items():
         if base is None:
             yield key, make_tensor(key, shape, dt, seed)
         else:
@@ -182,8 +198,10 @@ def make_state_dict(
     base: Mapping[str, torch.Tensor] | None = None,
     noise: float = 0.0,
     in_channels: int = 4,
+    components: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A synthetic checkpoint of ``family`` ("sd1" or "sdxl") with every key of the real layout.
+    """A synthetic checkpoint of ``family`` ("sd1", "sdxl", "flux-dev", "flux-schnell") with every key of the real
+    layout.
 
     - ``factor``: divide each dimension >= 64 by it (8 or 16 give models of a few MB; 1 is full size).
     - ``dtype``: the dtype of floating-point model tensors. Integer keys (position_ids) stay int64 and schedule
@@ -191,8 +209,9 @@ def make_state_dict(
     - ``base``: another state dict of the same layout; the result is ``base + noise * N(0, 0.02)`` per float model
       key (fine-tunes lie close to their base). Integer keys and buffers are copied from ``base``.
     - ``in_channels``: 9 (inpainting) or 8 (instruct-pix2pix) widens dimension 1 of the U-Net's conv_in.
+    - ``components``: only these parts of the layout (Flux: "diffuser", "clip_l", "t5xxl", "vae").
     """
-    return dict(iter_state_dict(family, factor, dtype, seed, base, noise, in_channels))
+    return dict(iter_state_dict(family, factor, dtype, seed, base, noise, in_channels, components))
 
 
 def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -248,6 +267,7 @@ def make_checkpoint(
     noise: float = 0.0,
     in_channels: int = 4,
     metadata: dict | None = None,
+    components: Iterable[str] | None = None,
 ) -> Path:
     """Generate and write a synthetic checkpoint, streaming key by key (peak memory: one tensor plus its fp32
     working copy). ``base`` may be a state dict or the path of a safetensors file to derive from."""
@@ -255,8 +275,9 @@ def make_checkpoint(
         from ..io.checkpoint import open_checkpoint
 
         with open_checkpoint(base) as source:
-            return make_checkpoint(path, family, factor, dtype, seed, _Reader(source), noise, in_channels, metadata)
-    specs = layout_shapes(family, factor, dtype, in_channels)
+            return make_checkpoint(path, family, factor, dtype, seed, _Reader(source), noise, in_channels, metadata,
+                                   components)
+    specs = layout_shapes(family, factor, dtype, in_channels, components)
     if base is None:
         produce = lambda key: make_tensor(key, specs[key][0], specs[key][1], seed)  # noqa: E731
     else:

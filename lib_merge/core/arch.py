@@ -1,7 +1,13 @@
 """Which model family a checkpoint is, and which merge block each of its keys belongs to.
 
 The block rules reproduce the seed system's mapping (SD1/SD2: 26 blocks; SDXL: 20 blocks plus finer labels used by
-include/exclude), so that a shared block-weight recipe lands on the same tensors.
+include/exclude; Flux: 61 blocks), so that a shared block-weight recipe lands on the same tensors.
+
+Flux comes in several key layouts, all recognised: the all-in-one file Forge and ComfyUI write
+(`model.diffusion_model.*`, `text_encoders.clip_l.*`, `text_encoders.t5xxl.*`, `vae.*`), Black Forest Labs' bare
+diffusion model (`double_blocks.*`, ...), and the separate text encoder files (bare CLIP-L `text_model.*`, bare T5-XXL
+`encoder.block.*`/`shared.weight`) and autoencoder (`decoder.*`/`encoder.*`). Dev and schnell differ only by dev's
+`guidance_in`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,12 @@ from .errors import MergeError
 
 BLOCKS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 BLOCKS_XL = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+#: the seed's 61 Flux blocks: CLIP (takes the first, "base" value), T5, IN, 19 double blocks, 38 single blocks, OUT
+BLOCKS_FLUX = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT")
+
+#: first names of Flux keys that hold model weights but do not contain "model" (the SD families' test for weights)
+FLUX_PARTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+              "final_layer.", "text_encoders.", "vae.", "encoder.", "decoder.", "shared.", "text_model.")
 
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
@@ -41,37 +53,62 @@ EXPECTED_RANKS = {
 }
 
 
+def is_model_key(key: str) -> bool:
+    """Whether a key holds model weights (as opposed to SD's schedule buffers such as `alphas_cumprod`)."""
+    return "model" in key or key.startswith(FLUX_PARTS)
+
+
+def mergeable(key: str, arch: Arch) -> bool:
+    """The seed's selection: model weights and biases. Flux also merges its RMSNorm `scale` tensors (every Flux
+    tensor with a block is a weight)."""
+    return is_model_key(key) and (arch.is_flux or "weight" in key or "bias" in key)
+
+
 @dataclass(frozen=True)
 class Arch:
-    """A checkpoint's family ("sd1", "sd2" or "sdxl") and the input channels of its U-Net (4, 8 or 9)."""
+    """A checkpoint's family ("sd1", "sd2", "sdxl" or "flux") and the input channels of its U-Net (4, 8 or 9);
+    for Flux, `flavour` says "dev" or "schnell" ("" for a file without the diffusion model)."""
 
     family: str
     in_channels: int = 4
+    flavour: str = ""
 
     @property
     def is_sdxl(self) -> bool:
         return self.family == "sdxl"
 
     @property
+    def is_flux(self) -> bool:
+        return self.family == "flux"
+
+    @property
     def blocks(self) -> tuple[str, ...]:
         """Block labels in weight-string order."""
-        return BLOCKS_XL if self.is_sdxl else BLOCKS_26
+        return BLOCKS_FLUX if self.is_flux else BLOCKS_XL if self.is_sdxl else BLOCKS_26
 
     @property
     def variant(self) -> str:
+        if self.is_flux:
+            return self.flavour
         return {9: "inpainting", 8: "instruct-pix2pix"}.get(self.in_channels, "")
 
     def describe(self) -> str:
-        name = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[self.family]
+        name = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}[self.family]
         return f"{name} {self.variant}".strip()
 
     def block_of(self, key: str) -> tuple[str, str] | None:
         """(fine label, block label) of a key, or None when the seed never merges it."""
+        if self.is_flux:
+            label = _block_flux(key)
+            return None if label is None else (label, label)
         return _block_xl(key) if self.is_sdxl else _block_sd(key)
 
 
 def detect_arch(keys: set[str] | dict, shape_of: Callable[[str], tuple[int, ...]], name: str = "model") -> Arch:
     """Tell the family from marker keys, as the WebUI does, and the U-Net's input channels from conv_in's shape."""
+    flux = _flux_flavour(keys, shape_of)
+    if flux is not None:
+        return Arch("flux", flavour=flux)
     if _SDXL_TEXT in keys or _SDXL_LABEL in keys:
         family = "sdxl"
     elif _SD2_TEXT in keys:
@@ -80,7 +117,8 @@ def detect_arch(keys: set[str] | dict, shape_of: Callable[[str], tuple[int, ...]
         family = "sd1"
     else:
         raise MergeError(
-            f"{name} is not a Stable Diffusion 1.x, 2.x or SDXL checkpoint (no text encoder or U-Net keys found)."
+            f"{name} is not a Stable Diffusion 1.x, 2.x, SDXL or Flux checkpoint (no text encoder, U-Net or Flux "
+            f"transformer keys found)."
         )
     for key, rank in EXPECTED_RANKS.items():
         if key in keys and len(shape := tuple(shape_of(key))) != rank:
@@ -143,3 +181,52 @@ def _block_xl(key: str) -> tuple[str, str] | None:
     tb = _RE_XL_TB.search(key)
     fine = prefix + nums + (tb.group(1) if tb else "")
     return fine, ("M00" if prefix == "MID" else f"{prefix}0{nums[0]}")
+
+
+_RE_FLUX_BLOCK = re.compile(r"(?:^|\.)(double|single)_blocks\.(\d+)\.")
+_FLUX_T5_BARE = ("encoder.block.", "encoder.final_layer_norm.", "shared.")
+_FLUX_AE_BARE = ("encoder.", "decoder.")
+_FLUX_LATENTS = 16
+
+
+def _flux_flavour(keys, shape_of: Callable[[str], tuple[int, ...]]) -> str | None:
+    """"dev" or "schnell" for a Flux diffusion model (all-in-one or bare), "" for Flux's separate text encoder or
+    autoencoder files (the latter told from SD's VAE by its 16 latent channels), None when the keys are not Flux's."""
+    if "decoder.conv_in.weight" in keys and len(shape_of("decoder.conv_in.weight")) > 1:
+        if shape_of("decoder.conv_in.weight")[1] != _FLUX_LATENTS:
+            return None  # an SD VAE file
+    has_blocks = has_te = has_guidance = has_sd = False
+    for key in keys:
+        if _RE_FLUX_BLOCK.search(key):
+            has_blocks = True
+            has_guidance = has_guidance or "guidance_in." in key
+        elif "guidance_in." in key:
+            has_guidance = True
+        elif key.startswith(("text_encoders.clip_l.", "text_encoders.t5xxl.")) or key.startswith(_FLUX_T5_BARE):
+            has_te = True
+        elif key.startswith(("text_model.", "decoder.", "encoder.")):
+            has_te = True
+        elif "model." in key:
+            has_sd = True
+    if has_blocks:
+        return "dev" if has_guidance else "schnell"
+    return "" if has_te and not has_sd else None
+
+
+def _block_flux(key: str) -> str | None:
+    """§3.4: t5xxl -> T5, text_encoders.clip -> CLIP, double/single_blocks.N -> DNN/SNN, any `_in` -> IN,
+    final_layer -> OUT, the VAE is not merged. Separate (bare) files: T5-XXL's encoder.block/shared keys -> T5,
+    CLIP-L's text_model keys -> CLIP, the autoencoder's encoder/decoder keys -> not merged."""
+    if "vae." in key or (key.startswith(_FLUX_AE_BARE) and not key.startswith(_FLUX_T5_BARE)):
+        return None
+    if "t5xxl" in key or key.startswith(_FLUX_T5_BARE):
+        return "T5"
+    if "text_encoders.clip" in key or key.startswith("text_model."):
+        return "CLIP"
+    if m := _RE_FLUX_BLOCK.search(key):
+        return f"{m.group(1)[0].upper()}{int(m.group(2)):02d}"
+    if "_in" in key:
+        return "IN"
+    if "final_layer" in key:
+        return "OUT"
+    return None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import kernels, methods, smoothing
-from .arch import ADJUST_KEYS, Arch, detect_arch
+from .arch import ADJUST_KEYS, Arch, detect_arch, is_model_key, mergeable
 from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
 from .finite import FiniteCheck
@@ -189,6 +189,8 @@ def plan_merge(recipe: Recipe, models: Models, presets: Presets | None = None) -
     elemental = parse_elemental(recipe.elemental, arch, fine_labels)
     inex = parse_inex(recipe.inex, recipe.inex_blocks, recipe.inex_elements, arch, fine_labels)
     adjust = parse_adjust(recipe.adjust)
+    if adjust is not None and arch.is_flux:
+        raise MergeError("Adjust changes SD's U-Net input/output convolutions; Flux has none. Clear Adjust.")
 
     jobs = []
     for index, key in enumerate(keys_a):
@@ -198,7 +200,7 @@ def plan_merge(recipe: Recipe, models: Models, presets: Presets | None = None) -
     if b is not None:
         in_a = set(keys_a)
         jobs.extend(Job(k, COPY_B) for k in b.keys()
-                    if "model" in k and k not in in_a and not any(s in k for s in NEVER_COPY_FROM_B))
+                    if is_model_key(k) and k not in in_a and not any(s in k for s in NEVER_COPY_FROM_B))
     return MergePlan(recipe, arch, tuple(jobs), adjust)
 
 
@@ -206,9 +208,7 @@ def _plan_key(key, index, recipe: Recipe, arch: Arch, a, b, c, weights_a, weight
               elemental: tuple[ElementalRule, ...], inex: InExRule, randoms) -> Job:
     calc = recipe.calc_mode
     keep = Job(key, COPY_A, index=index)
-    if "model" not in key or (b is not None and key not in b) or (c is not None and key not in c):
-        return keep
-    if "weight" not in key and "bias" not in key:
+    if not mergeable(key, arch) or (b is not None and key not in b) or (c is not None and key not in c):
         return keep
     labels = arch.block_of(key)
     if labels is None:
@@ -283,7 +283,8 @@ def similarity_pass(plan: MergePlan, models: Models, progress: Progress | None =
     a, b = models.a, models.b
     normalize = plan.recipe.calc == "cosineA"
     to_merge = {job.key for job in plan.jobs if job.kind == MERGE}
-    keys = [k for k in a.keys() if "model" in k and k in b and "first_stage_model" not in k]
+    keys = [k for k in a.keys() if is_model_key(k) and k in b and "first_stage_model" not in k
+            and (not plan.arch.is_flux or plan.arch.block_of(k) is not None)]
     collected, combs = [], {}
 
     def largest(model: Source, itemsize: int | None = None) -> int:
@@ -530,7 +531,7 @@ class KeyMerger:
         if job.channels:
             a, b, c = (t[:, : job.channels] if t is not None else None for t in (full, b, c))
         adjusted = self._adjusted(job)
-        if adjusted:  # compute from fp32 inputs, so the result is rounded once, after the adjustment
+        if adjusted or out.dtype not in kernels.LERP_DTYPES:  # fp32 inputs: rounded once (after any adjustment)
             a, b, c = (t.float() if t is not None else None for t in (a, b, c))
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
             out.copy_(full)

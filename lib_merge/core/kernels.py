@@ -25,6 +25,8 @@ MODE_FORMULAS = {
     SUM_TWICE: "(A*(1-alpha)+B*alpha)*(1-beta)+C*beta",
 }
 SELF_SKIP = ("to_out", "proj_out", "norm")
+#: dtypes torch computes lerp in directly (fp16/bf16 in fp32 internally, rounded once); fp8 has no kernels
+LERP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,14 @@ def _emit(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def weight_sum(a, b, alpha: float, out=None) -> torch.Tensor:
-    """A(1-α)+Bα as torch.lerp; on the CPU an fp16/bf16 lerp computes in fp32 and rounds once, like the seed's path."""
+    """A(1-α)+Bα as torch.lerp; on the CPU an fp16/bf16 lerp computes in fp32 and rounds once, like the seed's path.
+    fp8 inputs (no fp8 arithmetic in torch), mixed dtypes and fp8 outputs go through fp32 and are rounded once into
+    the output (an fp16/bf16 result rounded again into fp8 could land on the wrong side of a tie)."""
     if alpha == 0:
         return _emit(a, out)
     if alpha == 1:
         return _emit(b, out)
-    if a.dtype == b.dtype and a.is_floating_point():
+    if a.dtype == b.dtype and a.dtype in LERP_DTYPES and (out is None or out.dtype in LERP_DTYPES):
         if out is not None and out.dtype == a.dtype:
             return torch.lerp(a, b, alpha, out=out)
         return _emit(torch.lerp(a, b, alpha), out)

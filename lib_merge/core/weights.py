@@ -90,19 +90,25 @@ def has_random(text: str) -> bool:
 def parse_block_weights(
     text: str, arch: Arch, what: str = "alpha", randoms: np.ndarray | None = None, offset: int = 0
 ) -> tuple[float, ...]:
-    """Turn a resolved weights string into one value per block of `arch` (26 for SD1/SD2, 20 for SDXL).
+    """Turn a resolved weights string into one value per block of `arch` (26 for SD1/SD2, 20 for SDXL, 61 for Flux).
 
-    The first value is BASE. 26 values given for SDXL are converted as the seed does (IN09-IN11 and OUT09-OUT11
-    dropped). `R` and `U` draw from the seeded random table at the value's position (+50 for beta), as the seed does.
+    The first value is BASE (Flux: CLIP, which also serves as the base value). 26 values given for SDXL are converted
+    as the seed does (IN09-IN11 and OUT09-OUT11 dropped). `R` and `U` draw from the seeded random table at the
+    value's position (+50 for beta), as the seed does.
     """
     tokens = [t.strip() for t in text.split(",")]
-    if tokens and tokens[-1] == "" and len(tokens) in (21, 27):
+    if tokens and tokens[-1] == "" and len(tokens) in (21, 27, 62):
         tokens.pop()  # a trailing comma
-    if len(tokens) not in (20, 26):
+    if len(tokens) not in (20, 26, 61):
         raise MergeError(
-            f"Block weights for {what} have {len(tokens)} values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11) "
-            f"or, for SDXL, 20 (BASE, IN00-IN08, M00, OUT00-OUT08)."
+            f"Block weights for {what} have {len(tokens)} values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11), "
+            f"for SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08), or for Flux 61 (CLIP, T5, IN, D00-D18, S00-S37, "
+            f"OUT)."
         )
+    if arch.is_flux != (len(tokens) == 61):
+        raise MergeError(f"Block weights for {what} have {len(tokens)} values, but this model is {arch.describe()} "
+                         f"and needs {len(arch.blocks) if arch.is_flux else '26'}"
+                         f"{'' if arch.is_flux else ' (or 20 for SDXL)'}.")
     if len(tokens) == 20 and not arch.is_sdxl:
         raise MergeError(f"Block weights for {what} have 20 values, which is the SDXL layout; this model is "
                          f"{arch.describe()} and needs 26.")

@@ -256,6 +256,10 @@ class A1111Host:
             raise MergeError("No model is loaded in the WebUI; choose a checkpoint first.")
         return m
 
+    def model_blocks(self) -> tuple[str, ...]:
+        """The block labels of the loaded model's family (for X/Y/Z block axes)."""
+        return BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
+
     def model_title(self) -> str:
         m = sd_models.model_data.sd_model
         info = getattr(m, "sd_checkpoint_info", None)
@@ -565,9 +569,9 @@ def parse_request(data) -> tuple[Recipe, str]:
 class Extension:
     """Everything the entry script registers, bound to one host and one lazily created MergeService."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, host_class: type[A1111Host] = A1111Host):
         self.root = Path(root)
-        self.host = A1111Host(self.root)
+        self.host = host_class(self.root)
         self._service: MergeService | None = None
         self._guard = threading.Lock()
 
@@ -638,9 +642,8 @@ class Extension:
     def _requested_recipe(self, p, requested) -> Recipe | None:
         """The recipe a generation asks for (its field, a script's attribute, X/Y/Z cells), or None."""
         recipe = self._field_recipe(p, requested)
-        blocks = BLOCKS_XL if getattr(shared.sd_model, "is_sdxl", False) else BLOCKS_26
         base = recipe or self.service().committed()
-        return webui_xyz.requested_recipe(p, base, self.host.base_title(), blocks) or recipe
+        return webui_xyz.requested_recipe(p, base, self.host.base_title(), self.host.model_blocks()) or recipe
 
     @staticmethod
     def _field_recipe(p, requested) -> Recipe | None:

@@ -26,6 +26,7 @@ from .save_options import (
     is_kept,
     open_vae,
     plan_output,
+    precision_warnings,
 )
 from .write import (
     SAVE_EXTS,
@@ -61,6 +62,7 @@ __all__ = [
     "open_checkpoint",
     "open_vae",
     "plan_output",
+    "precision_warnings",
     "save_state_dict",
     "validate_custom_name",
     "webui_key_names",

@@ -8,7 +8,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint as Source
-from .checkpoint import SafetensorsStreamWriter, SaveOptions, atomic_output, finalize_tensor, is_kept, plan_output
+from .checkpoint import (
+    SafetensorsStreamWriter,
+    SaveOptions,
+    atomic_output,
+    finalize_tensor,
+    is_kept,
+    plan_output,
+    precision_warnings,
+)
 from .write import reporting_no_room, save_pickle
 
 
@@ -27,9 +35,15 @@ class FileSink:
         self._writer: SafetensorsStreamWriter | None = None
         self._state: dict[str, torch.Tensor] | None = None
         self._tmp: Path | None = None
+        self._converted: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.warnings: list[str] = []
 
     def begin(self, entries) -> None:
         planned = plan_output(entries, self.is_sdxl, self.options, self.vae)
+        self.warnings = precision_warnings(planned)
+        given = {key: dtype for key, dtype, _ in entries}
+        self._converted = {key: (dtype, shape) for key, dtype, shape in planned
+                           if dtype.is_floating_point and given[key] != dtype}
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_output(self.path, self.overwrite))
         if self.path.suffix.lower() == ".safetensors":
@@ -37,8 +51,12 @@ class FileSink:
         else:
             self._state = {}
 
-    def target(self, key: str) -> None:
-        return None  # the engine computes into its own buffers; put() writes them out before they are reused
+    def target(self, key: str) -> torch.Tensor | None:
+        """A key saved in another dtype is computed straight into a tensor of that dtype (its fp32 result rounded
+        once, e.g. fp8 inputs saved as bf16); the others go through the engine's own buffers, which put() writes
+        out before they are reused."""
+        converted = self._converted.get(key)
+        return None if converted is None else torch.empty(converted[1], dtype=converted[0])
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if not is_kept(key, self.is_sdxl, self.options):

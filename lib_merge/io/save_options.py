@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.arch import FLUX_PARTS, is_model_key
 from ..core.errors import MergeError
 from ..core.finite import all_finite
 from .format import CheckpointError
@@ -23,8 +24,12 @@ SAVE_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
 }
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_WARNING = ("{count} of {total} tensors are saved in fp8 ({names}): 3 (e4m3fn) or 2 (e5m2) mantissa bits, so "
+               "small merge differences round away; save as bf16 or fp16 to keep the merge's precision.")
 VAE_PREFIX = "first_stage_model."
 PRUNE_KEEP = ("diffusion_model.", "first_stage_model.", "cond_stage_model.")
 PRUNE_KEEP_SDXL = ("diffusion_model.", "first_stage_model.", "conditioner.")
@@ -57,11 +62,21 @@ def open_vae(opts: SaveOptions) -> Checkpoint | None:
 
 
 def converted_dtype(key: str, dtype: torch.dtype, opts: SaveOptions) -> torch.dtype:
-    """The dtype a tensor is saved in: only floating, non-fp8 tensors whose key contains "model" change."""
+    """The dtype a tensor is saved in: only floating tensors of the model (not schedule buffers) change; fp8
+    tensors too (the merge computes them in fp32 and rounds once into the saved dtype)."""
     target = SAVE_DTYPES[opts.dtype]
-    if target is None or "model" not in key or not dtype.is_floating_point or dtype in FP8_DTYPES:
+    if target is None or not is_model_key(key) or not dtype.is_floating_point:
         return dtype
     return target
+
+
+def precision_warnings(planned: Sequence[Entry]) -> list[str]:
+    """What the user should know about the saved precision: fp8 output (chosen, or kept from fp8 inputs)."""
+    fp8 = [dtype for _, dtype, _ in planned if dtype in FP8_DTYPES]
+    if not fp8:
+        return []
+    names = ", ".join(sorted({str(d).removeprefix("torch.") for d in fp8}))
+    return [FP8_WARNING.format(count=len(fp8), total=len(planned), names=names)]
 
 
 def is_kept(key: str, is_sdxl: bool, opts: SaveOptions) -> bool:
@@ -70,7 +85,7 @@ def is_kept(key: str, is_sdxl: bool, opts: SaveOptions) -> bool:
         return False  # in SDXL these only alias conditioner.* tensors
     if opts.prune:
         keep = PRUNE_KEEP_SDXL if is_sdxl else PRUNE_KEEP
-        return any(p in key for p in keep)
+        return any(p in key for p in keep) or key.startswith(FLUX_PARTS)
     return True
 
 

@@ -28,6 +28,7 @@ class SaveResult:
     path: Path
     plan: MergePlan
     history_id: int | None
+    warnings: tuple[str, ...] = ()  # e.g. about fp8 output precision
 
 
 @contextlib.contextmanager
@@ -115,4 +116,4 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite, vae)
         run_merge(plan, models, sink, progress, cancel, threads, check_device(device))
     history_id = history.append(plan.recipe.title(), plan.recipe.to_dict()) if history is not None else None
-    return SaveResult(output, plan, history_id)
+    return SaveResult(output, plan, history_id, tuple(sink.warnings))

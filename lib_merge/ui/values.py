@@ -236,6 +236,7 @@ def implied_mode(mode: str, calc: str) -> str:
 
 
 _ANY_LAYOUT = Arch("sdxl")  # accepts 20 and 26 values: the count check before any model is opened
+_FLUX_LAYOUT = Arch("flux")  # 61 values (typed into the weights text; the sliders show SD1/SDXL blocks)
 
 
 def check_weights(text: str, what: str, block_type: str, presets: Presets) -> str:
@@ -247,7 +248,8 @@ def check_weights(text: str, what: str, block_type: str, presets: Presets) -> st
         if block_type == SD1 and len(weight_tokens(resolved)) == 20:
             raise MergeError(f"Block weights for {what} have 20 values (the SDXL layout) but the block type is SD1; "
                              f"choose block type SDXL or give 26 values.")
-        parse_block_weights(resolved, _ANY_LAYOUT, what, random_table(0))
+        layout = _FLUX_LAYOUT if len(weight_tokens(resolved)) == len(_FLUX_LAYOUT.blocks) else _ANY_LAYOUT
+        parse_block_weights(resolved, layout, what, random_table(0))
     return resolved
 
 
