@@ -33,7 +33,7 @@ def test_detects_sd2_from_its_open_clip_text_encoder():
     state = synth.make_state_dict("sd1", factor=32)
     state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
     state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = state[
-        "model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight"].flatten(1)  # a matrix, as OpenCLIP stores it
     state["cond_stage_model.model.ln_final.weight"] = state["model.diffusion_model.out.0.weight"]
     arch = detect(state)
     assert arch.family == "sd2" and arch.describe() == "SD2" and len(arch.blocks) == 26

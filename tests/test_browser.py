@@ -298,12 +298,13 @@ def test_load_settings_and_sdxl_block_type_in_the_browser(app, browser):
     tab.click("#bm_save_file")
     message = tab.wait_message("second_merge")
     assert "Saved" in message and (app["models"] / "second_merge.safetensors").is_file()
+    merge_id = re.search(r"merge ID (\d+)", message).group(1)
 
     # a fresh page: "load settings from merge ID" -1 fills the controls from the history
     browser.get(app["url"])
     wait_until(lambda: tab.el("#bm_load_settings").is_displayed(), 300, "the tab")
     tab.click("#bm_load_settings")
-    tab.wait_message("Loaded the settings of merge -1")
+    tab.wait_message(f"Loaded the settings of merge {merge_id}.")  # -1 resolved to the last merge's ID
     assert tab.el("#bm_model_a input").get_attribute("value") == "model_b.safetensors"
     assert tab.el("#bm_model_b input").get_attribute("value") == "model_a.safetensors"
     assert tab.el('#bm_mode input[value="Weight sum"]').is_selected()
