@@ -1,8 +1,8 @@
 """modules.script_callbacks: callback registries the tests can inspect, and the runners the WebUI calls."""
 
 import dataclasses
-import inspect
 import os
+import sys
 
 
 @dataclasses.dataclass
@@ -19,7 +19,7 @@ callback_map = {name: [] for name in (
 
 
 def _add(kind, callback, name=None):
-    caller = inspect.stack()[2].filename
+    caller = sys._getframe(2).f_code.co_filename  # the registering script (inspect.stack() is slow)
     callback_map[kind].append(ScriptCallback(os.path.basename(caller), callback, name))
 
 
