@@ -17,6 +17,8 @@ import torch
 
 from .errors import MergeError
 
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
 
 class NonFiniteWarning(UserWarning):
     """An input model already holds inf/NaN in a key; the merge passes them on."""
@@ -48,7 +50,8 @@ class FiniteCheck:
         holding = [model for model, tensor in inputs if tensor is not None and not all_finite(tensor)]
         if not holding:
             raise MergeError(f"Merging {key} with {ratio} gives inf/NaN, although the models hold finite values "
-                             "there: the result overflows its dtype. Nothing was saved or loaded; use smaller ratios.")
+                             f"there: the result overflows its dtype ({DTYPE_NAMES.get(result.dtype, result.dtype)}). "
+                             "Nothing was saved or loaded; use smaller ratios.")
         for model in holding:
             with self._lock:
                 if model in self._warned:
