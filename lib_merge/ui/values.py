@@ -266,6 +266,8 @@ def recipe_from_values(
     arguments (other widgets) are ignored so callers can pass every widget by name.
     """
     presets = presets or Presets.load()
+    if isinstance(inex_elements, (list, tuple)):  # a multiselect's list of element names
+        inex_elements = ",".join(str(e) for e in inex_elements)
     texts = {"model_a": model_a, "model_b": model_b, "model_c": model_c, "weights_alpha": weights_alpha,
              "weights_beta": weights_beta, "elemental": elemental, "adjust": adjust, "inex_elements": inex_elements}
     for name, text in texts.items():  # before anything parses them
