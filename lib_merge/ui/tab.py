@@ -257,197 +257,211 @@ def make_action(h: Handlers, method: Callable[[dict[str, Any]], ActionResult]) -
 
 
 def build_tab(service: MergeService) -> gr.Blocks:
-    """The merge tab as a gr.Blocks (render it inside another Blocks, or launch it on its own)."""
+    """The merge tab as a gr.Blocks (render it inside another Blocks, or launch it on its own): sub-tabs, each built
+    by its own function."""
     h = Handlers(service)
-    host = service.host
-    presets = service.presets
-    live_off = host.live_model_unavailable
-    gen_off = host.generation_unavailable
-    models = model_choices(host)
     w: dict[str, Any] = {}  # widgets by name
 
     with gr.Blocks(analytics_enabled=False, title=TITLE) as tab:
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=560):
-                with gr.Row(equal_height=False):
-                    for key, label in (("model_a", "Model A"), ("model_b", "Model B"),
-                                       ("model_c", "Model C (3-model modes)")):
-                        w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=4,
-                                             min_width=160)
-                    refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=70)
-                w["mode"] = gr.Radio(list(MERGE_MODES), value=WEIGHT_SUM, label="Merge mode",
-                                     info=uv.mode_info(WEIGHT_SUM), elem_id="bm_mode")
-                w["calc"] = gr.Radio(list(CALC_MODES), value="normal", label="Calc mode", elem_id="bm_calc")
-                calc_note = gr.Markdown(uv.calc_info(WEIGHT_SUM, "normal"), elem_id="bm_calc_info")
-                with gr.Row():
-                    w["alpha"] = gr.Slider(-1, 2, value=0.5, step=0.001, label="alpha",
-                                           info="with MBW on, the block weights replace alpha", elem_id="bm_alpha")
-                    w["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta",
-                                          info="Triple sum, sum Twice, tensor, tensor2, extract",
-                                          interactive=False, elem_id="bm_beta")
-                with gr.Accordion("Options", open=False, elem_id="bm_options"):
-                    with gr.Row():
-                        w["save_flags"] = gr.CheckboxGroup(list(uv.SAVE_FLAGS), value=list(uv.DEFAULT_SAVE_FLAGS),
-                                                           label="Save settings", elem_id="bm_save_flags")
-                    with gr.Row():
-                        w["save_dtype"] = gr.Radio(list(uv.SAVE_DTYPE_CHOICES), value="keep", label="Save dtype",
-                                                   elem_id="bm_save_dtype")
-                        w["bake_vae"] = gr.Dropdown([uv.NO_VAE, *host.list_vaes()], value=uv.NO_VAE,
-                                                    label="Bake in VAE", elem_id="bm_bake_vae")
-                    with gr.Row():
-                        w["custom_name"] = gr.Textbox(label="Custom name (optional)", max_lines=1,
-                                                      placeholder="file name of the merge", elem_id="bm_custom_name")
-                        w["gamma"] = gr.Slider(0, 20, value=0.3, step=0.01, label="gamma (extract)",
-                                               elem_id="bm_gamma")
-                        w["seed"] = gr.Number(-1, label="Weight seed (R/U, plus random; -1 = random)", precision=0,
-                                              elem_id="bm_seed")
-
-                with gr.Accordion("Block weights (MBW)", open=True, elem_id="bm_mbw"):
-                    with gr.Row():
-                        w["use_mbw"] = gr.Checkbox(False, label="use MBW", elem_id="bm_use_mbw", min_width=100)
-                        w["block_type"] = gr.Radio(list(uv.BLOCK_TYPES), value=uv.SD1, label="Block type",
-                                                   elem_id="bm_block_type", min_width=140)
-                        preset = gr.Dropdown(presets.names(), value=None, label="Preset (sets alpha weights)",
-                                             elem_id="bm_preset", min_width=180)
-                    w["weights_alpha"] = gr.Textbox(label="Weights for alpha (BASE, IN00-IN11, M00, OUT00-OUT11)",
-                                                    value=",".join(["0.5"] * 26), max_lines=2,
-                                                    elem_id="bm_weights_alpha")
-                    w["weights_beta"] = gr.Textbox(label="Weights for beta (optional; numbers or a preset name)",
-                                                   max_lines=2, elem_id="bm_weights_beta")
-                    chart = gr.HTML(weights_svg("", enabled=False), elem_id="bm_chart")
-                    sliders: dict[str, gr.Slider] = {}
-                    with gr.Row(elem_id="bm_blocks"):
-                        # A U, as the U-Net is drawn: IN blocks down the left, OUT blocks up the right, so skip
-                        # connections face each other (IN00 <-> OUT11), M00 at the bottom. style.css turns the two
-                        # columns into one grid with BASE above and M00 below both.
-                        columns = (("in", ("BASE", *[f"IN{i:02d}" for i in range(12)])),
-                                   ("out", (*[f"OUT{i:02d}" for i in reversed(range(12))], "M00")))
-                        for side, labels in columns:
-                            with gr.Column(min_width=220, elem_id=f"bm_blocks_{side}"):
-                                for label in labels:
-                                    sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
-                                                               elem_id=f"bm_w_{label}")
-                    block_sliders = [sliders[label] for label in BLOCKS_26]
-
-                with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
-                    w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
-                                                placeholder="OUT06:attn:0.5\nIN04 IN05:attn2.to_k:0.2", lines=3,
-                                                elem_id="bm_elemental")
-
-                with gr.Accordion("Adjust", open=False, elem_id="bm_adjust_acc"):
-                    w["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3 (blank = off)",
-                                             max_lines=1, elem_id="bm_adjust")
-                    adjust_sliders = []
-                    with gr.Row(elem_id="bm_adjust_sliders"):
-                        for half in (ADJUST_NAMES[:4], ADJUST_NAMES[4:]):
-                            with gr.Column(min_width=220):
-                                for name in half:
-                                    lo, hi = uv.ADJUST_RANGES[name]
-                                    adjust_sliders.append(gr.Slider(lo, hi, value=0, step=0.01,
-                                                                    label=uv.ADJUST_LABELS[name],
-                                                                    elem_id=f"bm_adj_{name}"))
-
-                with gr.Accordion("Include / Exclude", open=False, elem_id="bm_inex_acc"):
-                    w["inex"] = gr.Radio(list(INEX_MODES), value="Off", label="Mode", elem_id="bm_inex")
-                    w["inex_blocks"] = gr.CheckboxGroup(uv.inex_choices(uv.SD1), value=[], label="Blocks",
-                                                        elem_id="bm_inex_blocks")
-                    w["inex_elements"] = gr.Textbox(label="Elements (key substrings, comma separated)",
-                                                    max_lines=1, elem_id="bm_inex_elements")
-
-                with gr.Accordion("Generation parameters (0 or blank = as in txt2img)", open=False,
-                                  elem_id="bm_gen_acc"):
-                    w["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="bm_prompt")
-                    w["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="bm_negative")
-                    with gr.Row():
-                        samplers = list(getattr(host, "list_samplers", list)())
-                        w["sampler"] = gr.Dropdown(["", *samplers], value="", label="Sampler",
-                                                   allow_custom_value=True, elem_id="bm_sampler")
-                        w["steps"] = gr.Number(0, label="Steps", precision=0, elem_id="bm_steps")
-                        w["cfg_scale"] = gr.Number(0, label="CFG scale", elem_id="bm_cfg")
-                    with gr.Row():
-                        w["width"] = gr.Number(0, label="Width", precision=0, elem_id="bm_width")
-                        w["height"] = gr.Number(0, label="Height", precision=0, elem_id="bm_height")
-                        w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
-                        w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
-
-                with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
-                    for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
-                        with gr.Row(equal_height=True):
-                            w[f"{axis}_type"] = gr.Dropdown(list(AXIS_TYPES), value=default,
-                                                            label=f"{axis.upper()} type", elem_id=f"bm_{axis}_type",
-                                                            scale=1, min_width=140)
-                            w[f"{axis}_values"] = gr.Textbox(label=f"{axis.upper()} values", lines=1, max_lines=8,
-                                                             elem_id=f"bm_{axis}_values", scale=3)
-                    gr.Markdown(XYZ_HELP, elem_id="bm_xyz_help")
-                    plot_btn = gr.Button("Run X/Y/Z plot", elem_id="bm_xyz_run", interactive=not gen_off)
-
-            with gr.Column(scale=2, min_width=360):
-                with gr.Row():
-                    merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge", min_width=90,
-                                          interactive=not live_off)
-                    merge_gen_btn = gr.Button("Merge & Generate", elem_id="bm_merge_gen", min_width=90,
-                                              interactive=not (live_off or gen_off))
-                    gen_btn = gr.Button("Generate", elem_id="bm_generate", min_width=90, interactive=not gen_off)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop", min_width=90)
-                with gr.Row():
-                    file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file", min_width=110)
-                    # the file "Merge to file" would replace, and the user's answer to the page's question (set
-                    # by CONFIRM_OVERWRITE_JS in the page; the checkbox itself is never shown)
-                    w["overwrite_target"] = gr.Textbox("", visible=False, elem_id="bm_overwrite_target")
-                    w["overwrite_ok"] = gr.Checkbox(False, visible=False, elem_id="bm_overwrite_ok")
-                    save_btn = gr.Button("Save current merge", elem_id="bm_save_current", min_width=110,
-                                         interactive=not live_off)
-                    restore_btn = gr.Button("Restore base model", elem_id="bm_restore", min_width=110,
-                                            interactive=not live_off)
-                notes = []
-                if live_off:
-                    notes.append(f"Merge, Save current merge, Restore: unavailable. {live_off}")
-                if gen_off:
-                    notes.append(f"Generate: unavailable. {gen_off}")
-                gr.Markdown("\n\n".join(f"*{n}*" for n in notes), visible=bool(notes), elem_id="bm_unavailable")
-                message = gr.Textbox(label="Message", lines=3, max_lines=12, interactive=False,
-                                     elem_id="bm_message")
-                loaded = gr.Textbox(h.loaded_model(), label="Loaded model", max_lines=1, interactive=False,
-                                    elem_id="bm_loaded")
-                with gr.Row(equal_height=False):
-                    merge_id = gr.Number(-1, label="Load settings from merge ID (-1 = last)", precision=0,
-                                         elem_id="bm_merge_id", scale=3)
-                    load_btn = gr.Button("Load settings", elem_id="bm_load_settings", size="sm", scale=1,
-                                         min_width=100)
-                gallery = gr.Gallery(label="Images", columns=2, height=320, object_fit="contain",
-                                     elem_id="bm_gallery")
-                infotext = gr.Textbox(label="Generation info", lines=3, interactive=False, elem_id="bm_infotext")
-                with gr.Accordion("Inspect a model", open=False, elem_id="bm_inspect_acc"):
-                    with gr.Row(equal_height=True):
-                        inspect_model = gr.Dropdown(models, value=None, label="Model", elem_id="bm_inspect_model",
-                                                    scale=3)
-                        inspect_btn = gr.Button("Inspect", elem_id="bm_inspect", scale=1, min_width=80)
-                    inspect_out = gr.Textbox(label="Description", lines=12, max_lines=40, interactive=False,
-                                             show_copy_button=True, elem_id="bm_inspect_out")
-
-        with gr.Accordion("History", open=False, elem_id="bm_history_acc"):
-            with gr.Row(equal_height=True):
-                search_words = gr.Textbox(label="Search words (blank = latest merges)", max_lines=1,
-                                          elem_id="bm_search", scale=4)
-                search_mode = gr.Radio(["and", "or"], value="and", label="Match", elem_id="bm_search_mode", scale=1,
-                                       min_width=120)
-                search_btn = gr.Button("Search / reload", elem_id="bm_search_btn", scale=1, min_width=120)
-            history = gr.Dataframe(headers=list(uv.HISTORY_COLUMNS), datatype=["str"] * len(uv.HISTORY_COLUMNS),
-                                   value=_initial_history(h), interactive=False, wrap=True, elem_id="bm_history")
-
-        _wire(h, w, block_sliders, adjust_sliders, preset, chart, calc_note, message, loaded, gallery, infotext,
-              history, search_words, search_mode, merge_id, inspect_model, inspect_out,
-              dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn, stop=stop_btn,
-                   file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn, load=load_btn, search=search_btn,
-                   inspect=inspect_btn))
+        with gr.Tabs(elem_id="bm_tabs"):
+            with gr.Tab("Merge", elem_id="bm_tab_merge"):
+                parts = _merge_tab(h, w)
+        _wire(h, w, **parts)
 
         # values computed when the tab was built go stale (a merge made through the API, another browser tab):
         # every page load asks again
         def page_opened():
             return h.loaded_model(), _history_or_skip(h)
 
-        tab.load(_guard(page_opened, lambda msg: (msg, _skip())), None, [loaded, history], queue=False)
+        tab.load(_guard(page_opened, lambda msg: (msg, _skip())), None, [parts["loaded"], parts["history"]],
+                 queue=False)
     return tab
+
+
+def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
+    """The Merge sub-tab's layout; fills `w` with the widgets the actions read and returns the others `_wire` needs."""
+    service = h.service
+    host = service.host
+    presets = service.presets
+    live_off = host.live_model_unavailable
+    gen_off = host.generation_unavailable
+    models = model_choices(host)
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=560):
+            with gr.Row(equal_height=False):
+                for key, label in (("model_a", "Model A"), ("model_b", "Model B"),
+                                   ("model_c", "Model C (3-model modes)")):
+                    w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=4,
+                                         min_width=160)
+                refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=70)
+            w["mode"] = gr.Radio(list(MERGE_MODES), value=WEIGHT_SUM, label="Merge mode",
+                                 info=uv.mode_info(WEIGHT_SUM), elem_id="bm_mode")
+            w["calc"] = gr.Radio(list(CALC_MODES), value="normal", label="Calc mode", elem_id="bm_calc")
+            calc_note = gr.Markdown(uv.calc_info(WEIGHT_SUM, "normal"), elem_id="bm_calc_info")
+            with gr.Row():
+                w["alpha"] = gr.Slider(-1, 2, value=0.5, step=0.001, label="alpha",
+                                       info="with MBW on, the block weights replace alpha", elem_id="bm_alpha")
+                w["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta",
+                                      info="Triple sum, sum Twice, tensor, tensor2, extract",
+                                      interactive=False, elem_id="bm_beta")
+            with gr.Accordion("Options", open=False, elem_id="bm_options"):
+                with gr.Row():
+                    w["save_flags"] = gr.CheckboxGroup(list(uv.SAVE_FLAGS), value=list(uv.DEFAULT_SAVE_FLAGS),
+                                                       label="Save settings", elem_id="bm_save_flags")
+                with gr.Row():
+                    w["save_dtype"] = gr.Radio(list(uv.SAVE_DTYPE_CHOICES), value="keep", label="Save dtype",
+                                               elem_id="bm_save_dtype")
+                    w["bake_vae"] = gr.Dropdown([uv.NO_VAE, *host.list_vaes()], value=uv.NO_VAE,
+                                                label="Bake in VAE", elem_id="bm_bake_vae")
+                with gr.Row():
+                    w["custom_name"] = gr.Textbox(label="Custom name (optional)", max_lines=1,
+                                                  placeholder="file name of the merge", elem_id="bm_custom_name")
+                    w["gamma"] = gr.Slider(0, 20, value=0.3, step=0.01, label="gamma (extract)",
+                                           elem_id="bm_gamma")
+                    w["seed"] = gr.Number(-1, label="Weight seed (R/U, plus random; -1 = random)", precision=0,
+                                          elem_id="bm_seed")
+
+            with gr.Accordion("Block weights (MBW)", open=True, elem_id="bm_mbw"):
+                with gr.Row():
+                    w["use_mbw"] = gr.Checkbox(False, label="use MBW", elem_id="bm_use_mbw", min_width=100)
+                    w["block_type"] = gr.Radio(list(uv.BLOCK_TYPES), value=uv.SD1, label="Block type",
+                                               elem_id="bm_block_type", min_width=140)
+                    preset = gr.Dropdown(presets.names(), value=None, label="Preset (sets alpha weights)",
+                                         elem_id="bm_preset", min_width=180)
+                w["weights_alpha"] = gr.Textbox(label="Weights for alpha (BASE, IN00-IN11, M00, OUT00-OUT11)",
+                                                value=",".join(["0.5"] * 26), max_lines=2,
+                                                elem_id="bm_weights_alpha")
+                w["weights_beta"] = gr.Textbox(label="Weights for beta (optional; numbers or a preset name)",
+                                               max_lines=2, elem_id="bm_weights_beta")
+                chart = gr.HTML(weights_svg("", enabled=False), elem_id="bm_chart")
+                sliders: dict[str, gr.Slider] = {}
+                with gr.Row(elem_id="bm_blocks"):
+                    # A U, as the U-Net is drawn: IN blocks down the left, OUT blocks up the right, so skip
+                    # connections face each other (IN00 <-> OUT11), M00 at the bottom. style.css turns the two
+                    # columns into one grid with BASE above and M00 below both.
+                    columns = (("in", ("BASE", *[f"IN{i:02d}" for i in range(12)])),
+                               ("out", (*[f"OUT{i:02d}" for i in reversed(range(12))], "M00")))
+                    for side, labels in columns:
+                        with gr.Column(min_width=220, elem_id=f"bm_blocks_{side}"):
+                            for label in labels:
+                                sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
+                                                           elem_id=f"bm_w_{label}")
+                block_sliders = [sliders[label] for label in BLOCKS_26]
+
+            with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
+                w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
+                                            placeholder="OUT06:attn:0.5\nIN04 IN05:attn2.to_k:0.2", lines=3,
+                                            elem_id="bm_elemental")
+
+            with gr.Accordion("Adjust", open=False, elem_id="bm_adjust_acc"):
+                w["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3 (blank = off)",
+                                         max_lines=1, elem_id="bm_adjust")
+                adjust_sliders = []
+                with gr.Row(elem_id="bm_adjust_sliders"):
+                    for half in (ADJUST_NAMES[:4], ADJUST_NAMES[4:]):
+                        with gr.Column(min_width=220):
+                            for name in half:
+                                lo, hi = uv.ADJUST_RANGES[name]
+                                adjust_sliders.append(gr.Slider(lo, hi, value=0, step=0.01,
+                                                                label=uv.ADJUST_LABELS[name],
+                                                                elem_id=f"bm_adj_{name}"))
+
+            with gr.Accordion("Include / Exclude", open=False, elem_id="bm_inex_acc"):
+                w["inex"] = gr.Radio(list(INEX_MODES), value="Off", label="Mode", elem_id="bm_inex")
+                w["inex_blocks"] = gr.CheckboxGroup(uv.inex_choices(uv.SD1), value=[], label="Blocks",
+                                                    elem_id="bm_inex_blocks")
+                w["inex_elements"] = gr.Textbox(label="Elements (key substrings, comma separated)",
+                                                max_lines=1, elem_id="bm_inex_elements")
+
+            with gr.Accordion("Generation parameters (0 or blank = as in txt2img)", open=False,
+                              elem_id="bm_gen_acc"):
+                w["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="bm_prompt")
+                w["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="bm_negative")
+                with gr.Row():
+                    samplers = list(getattr(host, "list_samplers", list)())
+                    w["sampler"] = gr.Dropdown(["", *samplers], value="", label="Sampler",
+                                               allow_custom_value=True, elem_id="bm_sampler")
+                    w["steps"] = gr.Number(0, label="Steps", precision=0, elem_id="bm_steps")
+                    w["cfg_scale"] = gr.Number(0, label="CFG scale", elem_id="bm_cfg")
+                with gr.Row():
+                    w["width"] = gr.Number(0, label="Width", precision=0, elem_id="bm_width")
+                    w["height"] = gr.Number(0, label="Height", precision=0, elem_id="bm_height")
+                    w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
+                    w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
+
+            with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
+                for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
+                    with gr.Row(equal_height=True):
+                        w[f"{axis}_type"] = gr.Dropdown(list(AXIS_TYPES), value=default,
+                                                        label=f"{axis.upper()} type", elem_id=f"bm_{axis}_type",
+                                                        scale=1, min_width=140)
+                        w[f"{axis}_values"] = gr.Textbox(label=f"{axis.upper()} values", lines=1, max_lines=8,
+                                                         elem_id=f"bm_{axis}_values", scale=3)
+                gr.Markdown(XYZ_HELP, elem_id="bm_xyz_help")
+                plot_btn = gr.Button("Run X/Y/Z plot", elem_id="bm_xyz_run", interactive=not gen_off)
+
+        with gr.Column(scale=2, min_width=360):
+            with gr.Row():
+                merge_btn = gr.Button("Merge", variant="primary", elem_id="bm_merge", min_width=90,
+                                      interactive=not live_off)
+                merge_gen_btn = gr.Button("Merge & Generate", elem_id="bm_merge_gen", min_width=90,
+                                          interactive=not (live_off or gen_off))
+                gen_btn = gr.Button("Generate", elem_id="bm_generate", min_width=90, interactive=not gen_off)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="bm_stop", min_width=90)
+            with gr.Row():
+                file_btn = gr.Button("Merge to file", variant="primary", elem_id="bm_save_file", min_width=110)
+                # the file "Merge to file" would replace, and the user's answer to the page's question (set
+                # by CONFIRM_OVERWRITE_JS in the page; the checkbox itself is never shown)
+                w["overwrite_target"] = gr.Textbox("", visible=False, elem_id="bm_overwrite_target")
+                w["overwrite_ok"] = gr.Checkbox(False, visible=False, elem_id="bm_overwrite_ok")
+                save_btn = gr.Button("Save current merge", elem_id="bm_save_current", min_width=110,
+                                     interactive=not live_off)
+                restore_btn = gr.Button("Restore base model", elem_id="bm_restore", min_width=110,
+                                        interactive=not live_off)
+            notes = []
+            if live_off:
+                notes.append(f"Merge, Save current merge, Restore: unavailable. {live_off}")
+            if gen_off:
+                notes.append(f"Generate: unavailable. {gen_off}")
+            gr.Markdown("\n\n".join(f"*{n}*" for n in notes), visible=bool(notes), elem_id="bm_unavailable")
+            message = gr.Textbox(label="Message", lines=3, max_lines=12, interactive=False,
+                                 elem_id="bm_message")
+            loaded = gr.Textbox(h.loaded_model(), label="Loaded model", max_lines=1, interactive=False,
+                                elem_id="bm_loaded")
+            with gr.Row(equal_height=False):
+                merge_id = gr.Number(-1, label="Load settings from merge ID (-1 = last)", precision=0,
+                                     elem_id="bm_merge_id", scale=3)
+                load_btn = gr.Button("Load settings", elem_id="bm_load_settings", size="sm", scale=1,
+                                     min_width=100)
+            gallery = gr.Gallery(label="Images", columns=2, height=320, object_fit="contain",
+                                 elem_id="bm_gallery")
+            infotext = gr.Textbox(label="Generation info", lines=3, interactive=False, elem_id="bm_infotext")
+            with gr.Accordion("Inspect a model", open=False, elem_id="bm_inspect_acc"):
+                with gr.Row(equal_height=True):
+                    inspect_model = gr.Dropdown(models, value=None, label="Model", elem_id="bm_inspect_model",
+                                                scale=3)
+                    inspect_btn = gr.Button("Inspect", elem_id="bm_inspect", scale=1, min_width=80)
+                inspect_out = gr.Textbox(label="Description", lines=12, max_lines=40, interactive=False,
+                                         show_copy_button=True, elem_id="bm_inspect_out")
+
+    with gr.Accordion("History", open=False, elem_id="bm_history_acc"):
+        with gr.Row(equal_height=True):
+            search_words = gr.Textbox(label="Search words (blank = latest merges)", max_lines=1,
+                                      elem_id="bm_search", scale=4)
+            search_mode = gr.Radio(["and", "or"], value="and", label="Match", elem_id="bm_search_mode", scale=1,
+                                   min_width=120)
+            search_btn = gr.Button("Search / reload", elem_id="bm_search_btn", scale=1, min_width=120)
+        history = gr.Dataframe(headers=list(uv.HISTORY_COLUMNS), datatype=["str"] * len(uv.HISTORY_COLUMNS),
+                               value=_initial_history(h), interactive=False, wrap=True, elem_id="bm_history")
+
+    return dict(block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
+                calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
+                history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
+                inspect_model=inspect_model, inspect_out=inspect_out,
+                buttons=dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn,
+                             stop=stop_btn, file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn,
+                             load=load_btn, search=search_btn, inspect=inspect_btn))
 
 
 def _initial_history(h: Handlers) -> list[list[str]]:
