@@ -5,7 +5,8 @@
 //    into the element's `title`, which is how the WebUI shows its tooltips;
 //  - Ctrl+Enter (Cmd+Enter) inside the tab runs Merge (where no model can be loaded, as in the standalone app:
 //    Merge to file);
-//  - blockMergerConfirmOverwrite: asked by the tab before "Merge to file" replaces an existing file.
+//  - blockMergerConfirmOverwrite: asked by the tab before "Merge to file" replaces an existing file;
+//  - blockMergerSliderMoved: a block slider's value written into the weights text, in the page.
 (function() {
     "use strict";
 
@@ -232,5 +233,26 @@
     window.blockMergerConfirmOverwrite = function(path) {
         if (!path) return true;
         return window.confirm("Block Merger: " + path + " exists.\n\nReplace it with the new merge?");
+    };
+
+    // The weights text after the block slider at `position` (of 26) moved: ui/values.py's slider_moved, run in the
+    // page (tab.slider_to_text_js). A server round trip could be lost: gradio 3.41 drops an event while the same one
+    // is still pending, so a value typed into a slider's number box and left at once never reached the text. Only
+    // the moved block's token changes, and it keeps its own text while the slider still shows it (GRAD_V's
+    // 0.9166666667 stays); a text that is not a complete list (a preset name, a list being typed) is rebuilt from
+    // every slider. `visible`: the positions the text lists, in its order (26 for SD1, 20 for SDXL); `sliders`: the
+    // 26 slider values (gradio appends the output's current value after the inputs: ignored).
+    window.blockMergerSliderMoved = function(position, visible, text, sliders) {
+        const fmt = (value) => String(Math.round(Number(value) * 1e4) / 1e4 || 0);  // as values.fmt; no "-0"
+        const number = (token) => (token === "" || !isFinite(Number(token)) ? null : Number(token));
+        const tokens = String(text || "").replace(/\n/g, ",").split(",").map((token) => token.trim());
+        if (tokens.length && tokens[tokens.length - 1] === "") tokens.pop();  // one trailing comma
+        const index = visible.indexOf(position);
+        if (tokens.length !== visible.length || index < 0) {
+            return visible.map((p) => fmt(sliders[p])).join(",");
+        }
+        const old = number(tokens[index]), value = Number(sliders[position]);
+        if (old === null || Math.round(old * 1000) !== Math.round(value * 1000)) tokens[index] = fmt(value);
+        return tokens.join(",");
     };
 })();

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from lib_merge.cli import synth
+from lib_merge.core.arch import BLOCKS_26, BLOCKS_XL
 from lib_merge.core.weights import Presets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -428,3 +429,51 @@ def test_front_end_files_in_the_browser(app, browser):
     tab.wait_message("Saved")
     assert out.stat().st_ino != before.st_ino, "the file was replaced (atomically, by a new one)"
     assert "Traceback" not in browser.page_source
+
+
+def test_a_moved_slider_changes_only_its_token_in_the_page(app, browser):
+    """Slider -> text runs in the page (issue 12, fault 4): gradio 3.41 drops an event while the same one is pending,
+    so a server round trip lost values typed into the number boxes in quick succession. The page function keeps
+    every other token's own text (GRAD_V's 0.9166666667) and writes the moved one with 4 decimals at most."""
+    tab = Tab(browser)
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    grad_v = Presets.load().get("GRAD_V").split(",")
+    sd1, xl = list(range(26)), [BLOCKS_26.index(label) for label in BLOCKS_XL]
+    out05 = BLOCKS_26.index("OUT05")
+    sliders = [round(float(v), 3) for v in grad_v]  # what the sliders show for GRAD_V
+
+    def moved(position, visible, text, values):
+        return browser.execute_script("return window.blockMergerSliderMoved(...arguments)", position, visible, text,
+                                      values)
+
+    def replaced(tokens, index, token):
+        return ",".join([*tokens[:index], token, *tokens[index + 1:]])
+
+    assert moved(out05, sd1, ",".join(grad_v), [*sliders[:out05], 0.2, *sliders[out05 + 1:]]) == replaced(
+        grad_v, out05, "0.2")
+    assert moved(out05, sd1, ",".join(grad_v), [*sliders[:out05], 0.12345, *sliders[out05 + 1:]]) == replaced(
+        grad_v, out05, "0.1235")  # typed into the number box: 4 decimals at most
+    assert moved(out05, sd1, ",".join(grad_v), sliders) == ",".join(grad_v)  # released where it was: digits kept
+    two_lines = ",".join(grad_v[:13]) + "\n" + ",".join(grad_v[13:]) + ","
+    assert moved(out05, sd1, two_lines, [*sliders[:out05], -0.00001, *sliders[out05 + 1:]]) == \
+        replaced(grad_v, out05, "0")  # a line break and one trailing comma read as the list; no "-0"
+    xl_text = [grad_v[i] for i in xl]  # SDXL: 20 values, OUT05 is the 17th of them
+    assert moved(out05, xl, ",".join(xl_text), [*sliders[:out05], 1.5, *sliders[out05 + 1:]]) == replaced(
+        xl_text, xl.index(out05), "1.5")
+    # not a complete list (a preset's name, a list being typed): rebuilt from every slider
+    assert moved(out05, sd1, "GRAD_V", sliders) == ",".join(f"{v:g}" for v in sliders)
+    assert moved(3, xl, "0.1,0.2", [0.25] * 26) == ",".join(["0.25"] * 20)
+
+    # in the tab: values typed into four number boxes, each left at once, all reach the text
+    tab.open_accordion("bm_mbw", "#bm_weights_alpha")
+    tab.type_text("bm_weights_alpha", ",".join(grad_v))
+    wait_until(lambda: abs(float(tab.el("#bm_w_OUT01 input[type=number]").get_property("value")) - 1 / 6) < 1e-3,
+               300, "the sliders following the text")
+    typed = {"IN02": "0.3", "M00": "0.71", "OUT05": "0.2", "OUT10": "1.25"}
+    for label, value in typed.items():
+        tab.type_number(f"bm_w_{label}", value)
+    expected = list(grad_v)
+    for label, value in typed.items():
+        expected[BLOCKS_26.index(label)] = value
+    wait_until(lambda: tab.text("bm_weights_alpha") == ",".join(expected), 60, "every typed value in the text")

@@ -381,53 +381,6 @@ def test_a_fresh_page_shows_the_model_loaded_now(folder):
     assert table[0][2] == outcome.identity.name  # the history table is read again too
 
 
-def test_moving_one_slider_changes_only_its_value_in_the_text(folder):
-    """GRAD_V chosen, then OUT05's slider moved: the text is GRAD_V's own text with one value replaced, and the
-    recipe differs from GRAD_V's in that block only (so an incremental merge recomputes that block)."""
-    from lib_merge.ui.tab import build_tab
-
-    tab = build_tab(MergeService(StandaloneHost(folder), presets=PRESETS))
-    by_id = {b.elem_id: b for b in tab.blocks.values() if getattr(b, "elem_id", None)}
-    grad_v = PRESETS.get("GRAD_V")
-    out05 = BLOCKS_26.index("OUT05")
-
-    def release(label, text, sliders, block_type=SD1):
-        slider = by_id[f"bm_w_{label}"]
-        index, dep = next((i, d) for i, d in enumerate(tab.dependencies)
-                          if d["trigger"] == "release" and d["targets"] == [slider._id])
-        inputs = {by_id["bm_weights_alpha"]._id: text, by_id["bm_block_type"]._id: block_type,
-                  **{by_id[f"bm_w_{b}"]._id: v for b, v in zip(BLOCKS_26, sliders, strict=True)}}
-        return tab.fns[index].fn(*(inputs[i] for i in dep["inputs"]))
-
-    sliders = [round(float(v), 3) for v in grad_v.split(",")]  # what the sliders show for GRAD_V
-    sliders[out05] = 0.2
-    expected = grad_v.split(",")
-    expected[out05] = "0.2"
-    assert release("OUT05", grad_v, sliders) == ",".join(expected)
-    assert release("OUT05", "GRAD_V", sliders) == ",".join(expected)  # the preset's name in the field
-    sliders[out05] = 0.12345  # typed into the number box: shown with 4 decimals at most
-    expected[out05] = "0.1235"
-    assert release("OUT05", grad_v, sliders) == ",".join(expected)
-    sliders[out05] = round(float(grad_v.split(",")[out05]), 3)  # released where it was: the text keeps its digits
-    assert release("OUT05", grad_v, sliders) == grad_v
-    a, b = (recipe_from_values(**values(use_mbw=True, weights_alpha=t)) for t in (grad_v, release(
-        "OUT05", grad_v, [*sliders[:out05], 0.2, *sliders[out05 + 1:]])))
-    changed = [i for i, (x, y) in enumerate(zip(a.weights_alpha.split(","), b.weights_alpha.split(","), strict=True))
-               if x != y]
-    assert changed == [out05]
-    # SDXL: 20 values in the text, OUT05 is the 17th of them
-    xl = ",".join(grad_v.split(",")[i] for i in XL_IDX)
-    moved = release("OUT05", xl, sliders, SDXL).split(",")
-    assert moved[XL_IDX.index(out05)] == fmt_expected(sliders[out05]) and len(moved) == 20
-    assert [t for i, t in enumerate(moved) if i != XL_IDX.index(out05)] == [
-        t for i, t in enumerate(xl.split(",")) if i != XL_IDX.index(out05)]
-
-
-def fmt_expected(value):
-    text = f"{round(value, 4):.4f}".rstrip("0").rstrip(".")
-    return text or "0"
-
-
 def _handlers(host):
     from lib_merge.ui.tab import Handlers
 

@@ -8,6 +8,7 @@ curve); the handlers here take the host's lock around service calls and turn eve
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -513,20 +514,14 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     w["calc"].change(on_calc, [w["mode"], w["calc"]], [w["mode"], calc_note, w["beta"]], queue=False)
 
     # block weights: sliders -> text (user moves a slider), text -> sliders (user types), the chart follows the text
-    def slider_moved(position):
-        def moved(text, block_type, *current):
-            return uv.slider_moved(text, block_type, position, current, presets)
-        return moved
-
     def text_typed(text, block_type, *current):
         values = uv.text_to_sliders(text, block_type, current, presets)
         return [_skip()] * 26 if values is None else [gr.update(value=v) for v in values]
 
-    # `release` (end of a drag, or leaving the number box) rather than `input`: one request per edit, so responses
-    # of a burst cannot arrive out of order and leave the text behind the sliders.
+    # `release` (end of a drag, or leaving the number box), computed in the page: never dropped, never late
     for position, slider in enumerate(block_sliders):
-        slider.release(slider_moved(position), [w["weights_alpha"], w["block_type"], *block_sliders],
-                       w["weights_alpha"], queue=False)
+        slider.release(None, [w["weights_alpha"], w["block_type"], *block_sliders], w["weights_alpha"],
+                       queue=False, **js_event(slider_to_text_js(position)))
     # gradio drops an event while the same one is still running, so fast typing can outrun `input`; leaving the
     # field (`blur`) syncs once more with the final text.
     for event in (w["weights_alpha"].input, w["weights_alpha"].blur):
@@ -616,6 +611,14 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     search_words.submit(_guard(search, lambda msg: (_skip(), msg)), [search_words, search_mode], [history, message],
                         queue=False)
     buttons["inspect"].click(_guard(h.inspect, lambda msg: msg), inspect_model, inspect_out)
+
+
+def slider_to_text_js(position: int) -> str:
+    """The page-side handler of the block slider at `position`: javascript/block_merger.js's blockMergerSliderMoved
+    (values.slider_moved in the page), given the positions the text lists for the block type chosen."""
+    visible = {block_type: list(uv.visible_positions(block_type)) for block_type in uv.BLOCK_TYPES}
+    return (f"(text, blockType, ...sliders) => window.blockMergerSliderMoved({position}, "
+            f"{json.dumps(visible)}[blockType] || {json.dumps(visible[uv.SD1])}, text, sliders.slice(0, 26))")
 
 
 def js_event(code: str) -> dict[str, str]:

@@ -87,26 +87,6 @@ def sliders_to_text(values: Sequence[float], block_type: str = SD1) -> str:
     return ",".join(fmt(values[i]) for i in visible_positions(block_type))
 
 
-def slider_moved(text: str, block_type: str, position: int, current: Sequence[float],
-                 presets: Presets | None = None) -> str:
-    """The weights text after the slider at `position` (of 26) moved to `current[position]`: only that block's
-    value changes, every other value keeps its exact text (GRAD_V's 0.9166666667 stays). A preset name becomes its
-    values first; a text that is not a complete list is rebuilt from all the sliders."""
-    text = (text or "").strip()
-    if presets is not None and text and "," not in text:
-        text = presets.get(text) or text
-    tokens = weight_tokens(text)
-    visible = visible_positions(block_type)
-    if len(tokens) != len(visible) or position not in visible:
-        return sliders_to_text(current, block_type)
-    value = float(current[position])
-    index = visible.index(position)
-    old = number_or_none(tokens[index])
-    if old is None or round(old, 3) != round(value, 3):  # same slider position: keep the text's own precision
-        tokens[index] = fmt(value)
-    return ",".join(tokens)
-
-
 def text_to_sliders(text: str, block_type: str, current: Sequence[float],
                     presets: Presets | None = None) -> list[float] | None:
     """The weights text -> 26 slider values, or None while the text is not a complete list (still being typed).
