@@ -151,6 +151,20 @@ def test_incremental_remerge_loads_only_the_changed_keys(webui):
     assert_live_is(webui, expected(webui, second))
 
 
+def test_a_title_a_bare_name_and_a_file_name_are_one_recipe(webui):
+    """The tab names models by WebUI title (`modelA.safetensors [hash]`), the API often by a bare `modelA`: the
+    same merge is one recipe (one fingerprint), so merging it again recomputes nothing and is titled the same."""
+    service = service_of(webui)
+    titles = {t.split(" [")[0]: t for t in host_of(webui).list_models()}
+    assert titles["modelA.safetensors"] != "modelA.safetensors"  # the fake gives titles with a hash, as the WebUI
+    first = service.merge_and_load(Recipe(titles["modelA.safetensors"], titles["modelB.safetensors"], alpha=0.3))
+    assert first.plan.recipe.model_a == "modelA.safetensors" and first.plan.recipe.model_b == "modelB.safetensors"
+    for names in (("modelA", "modelB"), ("modelA.safetensors", "modelB.safetensors")):
+        again = service.merge_and_load(Recipe(*names, alpha=0.3))
+        assert again.recomputed == 0 and again.identity == first.identity
+    assert_live_is(webui, expected(webui, RECIPE))
+
+
 # -- failures and cancel leave the old weights ------------------------------------------------------------------
 
 

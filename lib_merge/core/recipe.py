@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import untrusted_json
@@ -184,6 +184,11 @@ class Recipe:
 
     def with_seed(self, seed: int) -> Recipe:
         return dataclasses.replace(self, seed=seed)
+
+    def with_model_names(self, rename: Callable[[str], str]) -> Recipe:
+        """The same recipe with every model name passed through `rename` (blank names stay blank)."""
+        a, b, c = (rename(m) if m else m for m in (self.model_a, self.model_b, self.model_c))
+        return dataclasses.replace(self, model_a=a, model_b=b, model_c=c, models=tuple(map(rename, self.models)))
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

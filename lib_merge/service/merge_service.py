@@ -132,8 +132,21 @@ class MergeService:
 
     # -- merging --------------------------------------------------------------------------------------------------
 
+    def canonical(self, recipe: Recipe) -> Recipe:
+        """The recipe naming each model by its file's path under the models folder. The tab gives WebUI titles
+        (`sdA.safetensors [6357d68e0f]`), the API and pasted recipes often a bare `sdA`: one name per file gives the
+        same merge one fingerprint, so it is not recomputed, logged or titled as another. A file outside the models
+        folder keeps the name it was given."""
+        folder = self.host.models_folder().resolve()
+
+        def rename(name: str) -> str:
+            path = self.host.resolve_model(name).resolve()
+            return path.relative_to(folder).as_posix() if folder in path.parents else name
+
+        return recipe.with_model_names(rename)
+
     def plan(self, recipe: Recipe) -> tuple[MergePlan, Models]:
-        recipe = recipe.validate(self.presets)
+        recipe = self.canonical(recipe.validate(self.presets))
         models = self.models(recipe)
         return plan_merge(recipe, models, self.presets), models
 
