@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,36 @@ def test_a_stop_signal_mid_merge_leaves_no_file(models, tmp_path, signame, suffi
     assert res.returncode in (128 + signum, 130), res.stderr
     assert "cancelled" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() and leftovers(tmp_path) == [] and not history.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a PID is never taken for gone on Windows")
+def test_a_save_killed_outright_leaves_a_file_the_next_save_removes(models, tmp_path):
+    """SIGKILL (or the WebUI's os._exit on Ctrl+C, or a power cut) runs no clean-up: the temporary file stays. The
+    next save into that folder removes it once its process is gone and it has lain untouched for ten minutes; a
+    file of a running process, or a recent one, is kept."""
+    killed = tmp_path / "killed.safetensors"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_DATA_HOME=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", SIGNAL_AT_KEY, str(signal.SIGKILL), *merge_args(models, killed,
+                          "--threads", "1", "--no-history")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "signalled" in res.stdout and res.returncode == -signal.SIGKILL, res.stderr
+    [orphan] = leftovers(tmp_path)
+    running = tmp_path / f".other.safetensors.tmp-{os.getpid()}-0123abcd"  # this test's own process: running
+    running.write_bytes(b"x")
+    long_ago = time.time() - 11 * 60
+    for path in (tmp_path / orphan, running):
+        os.utime(path, (long_ago, long_ago))
+
+    from lib_merge.cli.main import main
+
+    assert main(list(merge_args(models, tmp_path / "recent.safetensors", "--no-history"))) == 0
+    assert leftovers(tmp_path) == [running.name]  # the orphan is gone, the running writer's file stays
+    assert not killed.exists()
+    # a file of a gone process that changed within ten minutes stays too (another namespace's writer, maybe)
+    recent_orphan = tmp_path / orphan
+    recent_orphan.write_bytes(b"x")
+    assert main(list(merge_args(models, tmp_path / "third.safetensors", "--no-history"))) == 0
+    assert sorted(leftovers(tmp_path)) == sorted([running.name, orphan])
 
 
 # -- 16. the merged file is fsynced before the rename that publishes it -----------------------------------------

@@ -9,9 +9,12 @@ each tensor, in any order, as soon as it is computed.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,8 @@ from .format import CheckpointError, encode_header
 from .metadata import check_name_encoding
 
 SAVE_EXTS = (".safetensors", ".ckpt")
+
+log = logging.getLogger(__name__)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -93,15 +98,58 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+ORPHAN_AGE = 600  # seconds a temporary file lies untouched before its writer can be taken for gone
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the temporary files that writers ended without cleaning up left in `folder`, and return them.
+
+    A process can end without running any clean-up: the WebUI exits on SIGTERM or Ctrl+C (os._exit), a merge
+    thread dies with its process, the machine loses power. Its temporary file (named with its PID) is removed by
+    the next save into the same folder, when that PID no longer runs and the file has not changed for ten minutes
+    (a writer in another PID namespace sharing the folder keeps writing, so its file stays recent)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if match is None or int(match[1]) == os.getpid() or _process_runs(int(match[1])):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and time.time() - entry.stat().st_mtime > ORPHAN_AGE:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+                log.warning("Block Merger: removed %s, left by a save that was killed", entry.path)
+        except OSError:
+            continue
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: never taken for gone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it becomes `path`, on any exception it is removed."""
     path = Path(path)
     check_name_encoding(path, "output")
     _check_target(path, overwrite)
+    remove_orphans(path.parent)
     # Keep the temporary name within the usual 255-byte limit even for a 250-character target name.
     stem = path.name.encode("utf-8")[:200].decode("utf-8", "ignore")
-    tmp = path.parent / f".{stem}.tmp-{secrets.token_hex(4)}"
+    tmp = path.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         yield tmp
         if not tmp.is_file():
