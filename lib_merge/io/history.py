@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -55,6 +56,7 @@ LOCK_TIMEOUT = 60  # seconds another process may hold the log (an append takes m
 MAX_LINE = 4 << 20  # bytes; a longer line is no row of ours and is skipped unread
 TAIL_BLOCK = 64 << 10  # bytes read at a time, backwards, to find the last row
 TAIL_LIMIT = 2 * MAX_LINE  # past this many bytes of unreadable tail, the next ID comes from a full scan
+DAMAGED_ROW_ID = re.compile(r"^([1-9][0-9]{0,17}),")  # the ID a damaged or torn row still shows
 MAX_SEARCH = 1_000  # characters of search words: each word is looked for in every row
 
 
@@ -258,8 +260,9 @@ class History:
                 yield row
 
     def _last_id(self, f, start: int, size: int) -> int:
-        """The ID of the last readable row, reading backwards from the end: a row torn by a crash is passed over,
-        and only when none of the last TAIL_LIMIT bytes is a row does it fall back to a scan."""
+        """The ID of the last row, reading backwards from the end: a row damaged or torn by a crash still counts
+        when its ID can be read, and only when none of the last TAIL_LIMIT bytes is a row does it fall back to a
+        scan."""
         pos, partial = size, b""
         while pos > start:
             step = min(TAIL_BLOCK, pos - start)
@@ -272,6 +275,9 @@ class History:
                 row = self._parse(text) if text else None
                 if row is not None:
                     return int(row["id"])
+                damaged = DAMAGED_ROW_ID.match(text)
+                if damaged:  # its merge may be named by this ID elsewhere (an image's infotext): never reused
+                    return int(damaged[1])
             if size - pos > TAIL_LIMIT:
                 return max((int(r["id"]) for r in self._scan()), default=0)
         return 0
