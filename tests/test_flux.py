@@ -186,7 +186,7 @@ def test_block_weight_counts_are_checked_against_the_family():
     models = Models(DictCheckpoint(a, "A"), DictCheckpoint(b, "B"))
     with pytest.raises(MergeError, match="this model is Flux dev and needs 61"):
         plan_merge(Recipe("A", "B", weights_alpha=",".join(["0.5"] * 26)), models)
-    sd_a = synth.make_state_dict("sd1", 16, seed=1)
+    sd_a = synth.make_state_dict("sd1", factor=16, seed=1)
     sd = Models(DictCheckpoint(sd_a, "A"), DictCheckpoint(sd_a, "B"))
     with pytest.raises(MergeError, match="61 values, but this model is SD1"):
         plan_merge(Recipe("A", "B", weights_alpha=",".join(["0.5"] * 61)), sd)

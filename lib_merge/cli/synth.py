@@ -182,26 +182,8 @@ def iter_state_dict(
     in_channels: int = 4,
     components: Iterable[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` one key at a time; see :func:`make_state_dict`."""
-    for key, (shape, dt) in layout_shapes(family, factor, dtype, in_channels, components).items():
-        if base is None:
-            yield key, make_tensor(key, shape, dt, seed)
-        else:
-            yield key, _perturb(key, base[key], shape, dt, seed, noise)
-
-
-def make_state_dict(
-    family: str,
-    factor: int = 1,
-    dtype: torch.dtype = torch.float16,
-    seed: int = 0,
-    base: Mapping[str, torch.Tensor] | None = None,
-    noise: float = 0.0,
-    in_channels: int = 4,
-    components: Iterable[str] | None = None,
-) -> dict[str, torch.Tensor]:
     """A synthetic checkpoint of ``family`` ("sd1", "sdxl", "flux-dev", "flux-schnell") with every key of the real
-    layout.
+    layout, as ``(key, tensor)`` one key at a time (a full-size model never has to be in memory at once).
 
     - ``factor``: divide each dimension >= 64 by it (8 or 16 give models of a few MB; 1 is full size).
     - ``dtype``: the dtype of floating-point model tensors. Integer keys (position_ids) stay int64 and schedule
@@ -211,7 +193,16 @@ def make_state_dict(
     - ``in_channels``: 9 (inpainting) or 8 (instruct-pix2pix) widens dimension 1 of the U-Net's conv_in.
     - ``components``: only these parts of the layout (Flux: "diffuser", "clip_l", "t5xxl", "vae").
     """
-    return dict(iter_state_dict(family, factor, dtype, seed, base, noise, in_channels, components))
+    for key, (shape, dt) in layout_shapes(family, factor, dtype, in_channels, components).items():
+        if base is None:
+            yield key, make_tensor(key, shape, dt, seed)
+        else:
+            yield key, _perturb(key, base[key], shape, dt, seed, noise)
+
+
+def make_state_dict(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """:func:`iter_state_dict` (same arguments) gathered into a dict: for small models."""
+    return dict(iter_state_dict(*args, **kwargs))
 
 
 def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
