@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import untrusted_json
 from .errors import MergeError
 from .kernels import ADD_DIFF, CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM, CalcMode
-from .methods import check_params, get_method
+from .methods import METHODS, check_params, get_method
 from .weights import INEX_MODES, Presets, parse_adjust
 
 RECIPE_TYPE = "block-merger"
@@ -204,11 +204,15 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
+        """A recipe from its JSON object. A method recipe without "alpha" takes the method's own default (λ = 1,
+        slerp's t = 0.5), as the CLI does; a merge-mode recipe keeps alpha's 0.5."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known - {"type"}
         if unknown:
             raise MergeError(f"Recipe has unknown fields: {', '.join(sorted(unknown))}.")
         values = {k: v for k, v in data.items() if k in known}
+        if "alpha" not in values and isinstance(values.get("method"), str) and values["method"] in METHODS:
+            values["alpha"] = METHODS[values["method"]].default_alpha  # λ 1 (slerp's t 0.5), as on the CLI
         for name, value in values.items():
             kind = _FIELD_KINDS[name]
             if kind is tuple and isinstance(value, list):

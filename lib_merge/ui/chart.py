@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
+from ..core.arch import BLOCKS_FLUX
 from ..core.weights import Presets
 from .values import SD1, XL_POSITIONS, block_labels, fmt, number_or_none, weight_tokens
 
@@ -18,12 +19,13 @@ ALPHA_COLOUR, BETA_COLOUR = "#2563eb", "#ea580c"
 
 
 def parse_curve(text: str, presets: Presets | None = None) -> list[float | None] | None:
-    """Weights text (or a preset name) -> its values (None for R/U entries), or None if it is not 20 or 26 values."""
+    """Weights text (or a preset name) -> its values (None for R/U entries), or None if it is not 20, 26 or 61 (Flux)
+    values."""
     text = (text or "").strip()
     if presets is not None and text and "," not in text:
         text = presets.get(text) or text
     tokens = weight_tokens(text)
-    if len(tokens) not in (20, 26):
+    if len(tokens) not in (20, 26, len(BLOCKS_FLUX)):
         return None
     values = [number_or_none(t) for t in tokens]
     if any(v is None and t not in ("R", "U") for v, t in zip(values, tokens, strict=True)):
@@ -43,9 +45,11 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
         return _message("Block weights are off (tick \"use MBW\"): alpha applies to every block.")
     alpha = parse_curve(alpha_text, presets)
     if alpha is None:
-        return _message("The chart appears when the alpha weights hold 26 values (SDXL: 20) or a preset name.")
+        return _message("The chart appears when the alpha weights hold 26 values (SDXL: 20, Flux: 61) or a preset "
+                        "name.")
     beta = parse_curve(beta_text, presets) if (beta_text or "").strip() else None
-    labels = block_labels(block_type)
+    labels = BLOCKS_FLUX if len(alpha) == len(BLOCKS_FLUX) else block_labels(block_type)
+    label_size = 10 if len(labels) <= 26 else 7
     curves = [(alpha, ALPHA_COLOUR, "alpha", "")]
     if beta is not None:
         curves.append((beta, BETA_COLOUR, "beta", "6 4"))
@@ -77,10 +81,10 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
         parts.append(f'<text x="{LEFT - 4}" y="{y(tick) + 3.5:.1f}" font-size="10" text-anchor="end" '
                      f'fill="currentColor">{fmt(tick)}</text>')
     for i, label in enumerate(labels):
-        if label in ("M00", "IN00", "OUT00"):
+        if label in ("M00", "IN00", "OUT00", "D00", "S00"):
             parts.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{TOP}" y2="{TOP + plot_h}" stroke="#9ca3af" '
                          f'stroke-width="0.4"/>')
-        parts.append(f'<text x="{x(i):.1f}" y="{TOP + plot_h + 8}" font-size="10" fill="currentColor" '
+        parts.append(f'<text x="{x(i):.1f}" y="{TOP + plot_h + 8}" font-size="{label_size}" fill="currentColor" '
                      f'text-anchor="end" transform="rotate(-55 {x(i):.1f} {TOP + plot_h + 8})">{label}</text>')
     for values, colour, name, dash in curves:
         points = [(x(i), y(v)) for i, v in enumerate(values) if v is not None]
@@ -102,7 +106,8 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
 
 
 def _fit(values: Sequence[float | None], count: int) -> list[float | None]:
-    """26 values shown on the 20-block SDXL axis keep the SDXL blocks (as the merge converts them)."""
+    """26 values shown on the 20-block SDXL axis keep the SDXL blocks (as the merge converts them); a curve of
+    another family's length (SD beta beside Flux alpha) is not drawn."""
     if len(values) == 26 and count == 20:
         return [values[i] for i in XL_POSITIONS]
     if len(values) == 20 and count == 26:
@@ -110,7 +115,7 @@ def _fit(values: Sequence[float | None], count: int) -> list[float | None]:
         for pos, v in zip(XL_POSITIONS, values, strict=True):
             full[pos] = v
         return full
-    return list(values)
+    return list(values) if len(values) == count else [None] * count
 
 
 def _ticks(lo: float, hi: float) -> list[float]:

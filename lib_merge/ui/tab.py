@@ -25,6 +25,8 @@ from ..hosts.base import model_choices
 from ..io.history import History
 from ..io.write import OutputExists
 from ..service.merge_service import MergeService
+from . import method_values as mv
+from . import methods_panel
 from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
@@ -43,7 +45,7 @@ CONFIRM_OVERWRITE_JS = ("(...args) => { const ask = window.blockMergerConfirmOve
 #: the widgets a recipe is made of, in the order handlers receive them
 RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta", "use_mbw", "weights_alpha",
                "weights_beta", "block_type", "elemental", "adjust", "inex", "inex_blocks", "inex_elements", "gamma",
-               "seed")
+               "seed", *mv.METHOD_KEYS)
 SAVE_KEYS = ("save_flags", "save_dtype", "bake_vae", "custom_name")
 GEN_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "gen_seed",
             "batch_size")
@@ -105,7 +107,8 @@ class Handlers:
 
     def _saved(self, result) -> str:
         logged = f", merge ID {result.history_id}" if result.history_id is not None else ""
-        return f"Saved {result.path} ({result.plan.arch.describe()}{logged})."
+        warnings = "".join(f"\nWarning: {w}" for w in result.warnings)
+        return f"Saved {result.path} ({result.plan.arch.describe()}{logged}).{warnings}"
 
     # -- actions ------------------------------------------------------------------------------------------------
 
@@ -296,6 +299,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                     w[key] = gr.Dropdown(models, value=None, label=label, elem_id=f"bm_{key}", scale=4,
                                          min_width=160)
                 refresh = gr.Button("Refresh", elem_id="bm_refresh", size="sm", scale=1, min_width=70)
+            method_panel = methods_panel.build(w, models)
             w["mode"] = gr.Radio(list(MERGE_MODES), value=WEIGHT_SUM, label="Merge mode",
                                  info=uv.mode_info(WEIGHT_SUM), elem_id="bm_mode")
             w["calc"] = gr.Radio(list(CALC_MODES), value="normal", label="Calc mode", elem_id="bm_calc")
@@ -337,7 +341,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                                max_lines=2, elem_id="bm_weights_beta")
                 chart = gr.HTML(weights_svg("", enabled=False), elem_id="bm_chart")
                 sliders: dict[str, gr.Slider] = {}
-                with gr.Row(elem_id="bm_blocks"):
+                with gr.Row(elem_id="bm_blocks") as blocks_row:
                     # A U, as the U-Net is drawn: IN blocks down the left, OUT blocks up the right, so skip
                     # connections face each other (IN00 <-> OUT11), M00 at the bottom. style.css turns the two
                     # columns into one grid with BASE above and M00 below both.
@@ -349,6 +353,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                 sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
                                                            elem_id=f"bm_w_{label}")
                 block_sliders = [sliders[label] for label in BLOCKS_26]
+                methods_panel.build_block_weights(w)
 
             with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
                 w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
@@ -456,6 +461,8 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
         history = gr.Dataframe(headers=list(uv.HISTORY_COLUMNS), datatype=["str"] * len(uv.HISTORY_COLUMNS),
                                value=_initial_history(h), interactive=False, wrap=True, elem_id="bm_history")
 
+    methods_panel.wire(h, w, method_panel, calc_note=calc_note, refresh=refresh, blocks_row=blocks_row,
+                       preset=preset, chart=chart)
     return dict(block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
                 calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
                 history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
@@ -588,6 +595,8 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
             if key in ("model_a", "model_b", "model_c"):
                 names = [values[k] for k in ("model_a", "model_b", "model_c")]
                 updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
+            elif key == "models":
+                updates.append(gr.update(choices=model_choices(h.host, values[key]), value=values[key]))
             elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
                 updates.append(_skip())  # the merge used no block weights: keep what the fields hold
             elif key == "inex_blocks":
@@ -661,7 +670,7 @@ def handler_values(**values: Any) -> dict[str, Any]:
                     save_flags=list(uv.DEFAULT_SAVE_FLAGS), save_dtype="keep", bake_vae=uv.NO_VAE, custom_name="",
                     prompt="", negative_prompt="", steps=0, sampler="", cfg_scale=0, width=0, height=0, gen_seed=-1,
                     batch_size=1, x_type="alpha", x_values="", y_type="none", y_values="", z_type="none",
-                    z_values="")
+                    z_values="", **mv.METHOD_DEFAULTS)
     unknown = set(values) - set(defaults)
     if unknown:
         raise TypeError(f"unknown widget(s): {', '.join(sorted(unknown))}")

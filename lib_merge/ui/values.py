@@ -18,6 +18,7 @@ from ..core.recipe import NEEDS_C, Recipe, check_text_size
 from ..core.weights import ADJUST_NAMES, INEX_EXTRAS, Presets, parse_adjust, parse_block_weights, random_table
 from ..hosts.base import GenerationRequest
 from ..io.checkpoint import SaveOptions
+from . import method_values as mv
 
 SD1, SDXL = "SD1", "SDXL"
 BLOCK_TYPES = (SD1, SDXL)
@@ -38,7 +39,7 @@ ADJUST_LABELS = {
 }
 SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids")
 DEFAULT_SAVE_FLAGS = ("safetensors", "save metadata")
-SAVE_DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32")
+SAVE_DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 NO_VAE = "None"
 DEFAULT_WEIGHT = 0.5
 
@@ -238,12 +239,14 @@ def recipe_from_values(
     alpha: float = 0.5, beta: float = 0.25, use_mbw: bool = False, weights_alpha: str = "", weights_beta: str = "",
     block_type: str = SD1, elemental: str = "", adjust: str = "", inex: str = "Off",
     inex_blocks: Sequence[str] = (), inex_elements: str = "", gamma: float = 0.3, seed: float | int = -1,
-    presets: Presets | None = None, **_ignored: Any,
+    presets: Presets | None = None, method: str = mv.OFF, **others: Any,
 ) -> Recipe:
     """The tab's widget values -> a validated Recipe (MergeError with the message to show when they cannot merge).
 
-    MBW off ignores both weight fields. A preset name in a weight field becomes its values. Unknown keyword
-    arguments (other widgets) are ignored so callers can pass every widget by name.
+    MBW off ignores every weight field. A preset name in a weight field becomes its values. A merge method (see
+    `method_values`) takes model A as its base and its own widgets from `others`; models B/C, the merge and calc
+    modes and beta then do not apply. Unknown keyword arguments (other widgets) are ignored so callers can pass every
+    widget by name.
     """
     presets = presets or Presets.load()
     if isinstance(inex_elements, (list, tuple)):  # a multiselect's list of element names
@@ -259,10 +262,13 @@ def recipe_from_values(
         raise MergeError(f"Choose a merge mode ({', '.join(MERGE_MODES)}).")
     alpha, beta, gamma = (_number(v, name) for v, name in ((alpha, "alpha"), (beta, "beta"), (gamma, "gamma")))
     seed = _int(seed, "seed", None)
+    fields = mv.method_fields(method, others)
     wa = wb = ""
     if use_mbw:
         wa = check_weights(weights_alpha or "", "alpha", block_type, presets)
-        if not wa:
+        for name in (n for n in fields if n.startswith("weights_")):
+            fields[name] = check_weights(fields[name], name.removeprefix("weights_"), block_type, presets)
+        if not wa and not any(fields.get(n) for n in fields if n.startswith("weights_")):
             raise MergeError("use MBW is on but the block weights for alpha are empty; enter 26 values, pick a "
                              "preset, or turn MBW off.")
         wb = check_weights(weights_beta or "", "beta", block_type, presets)
@@ -270,6 +276,15 @@ def recipe_from_values(
         raise MergeError(f"Include/Exclude is {inex} but no blocks or elements are chosen; tick blocks (e.g. IN01, "
                          f"OUT02) or type elements (e.g. attn), or set it to Off.")
     parse_adjust(adjust)
+    if fields:
+        if not use_mbw:
+            fields.update({n: "" for n in fields if n.startswith("weights_")})
+        recipe = Recipe(
+            model_a=model_a or "", alpha=alpha, weights_alpha=wa, elemental=(elemental or "").strip(),
+            adjust=(adjust or "").strip(), inex=inex, inex_blocks=split_list(inex_blocks) if inex != "Off" else (),
+            inex_elements=split_list(inex_elements) if inex != "Off" else (), seed=seed, **fields,
+        )
+        return recipe.validate(presets)
     recipe = Recipe(
         model_a=model_a or "", model_b=model_b or "", model_c=model_c or "", mode=mode, calc=calc,
         alpha=alpha, beta=beta, weights_alpha=wa, weights_beta=wb, elemental=(elemental or "").strip(),
@@ -283,13 +298,17 @@ def values_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """A logged recipe (History.recipe) -> widget values by name, the inverse of `recipe_from_values`."""
     r = Recipe.from_dict(dict(recipe))
     wa, wb = r.weights_alpha, r.weights_beta
-    block_type = SDXL if len(weight_tokens(wa)) == 20 or len(weight_tokens(wb)) == 20 else SD1
+    method = mv.widget_values(r)
+    texts = [wa, wb, *(method[k] for k in method if k.startswith("weights_"))]
+    block_type = SDXL if any(len(weight_tokens(t)) == 20 for t in texts) else SD1
     inex_blocks = [b for b in r.inex_blocks]
     return {
         "model_a": r.model_a, "model_b": r.model_b, "model_c": r.model_c, "mode": r.mode, "calc": r.calc,
-        "alpha": r.alpha, "beta": r.beta, "use_mbw": r.mbw, "weights_alpha": wa, "weights_beta": wb,
+        "alpha": r.alpha, "beta": r.beta, "use_mbw": any(t.strip() for t in texts), "weights_alpha": wa,
+        "weights_beta": wb,
         "block_type": block_type, "elemental": r.elemental, "adjust": r.adjust, "inex": r.inex,
         "inex_blocks": inex_blocks, "inex_elements": ",".join(r.inex_elements), "gamma": r.gamma, "seed": r.seed,
+        **method,
     }
 
 
@@ -358,6 +377,11 @@ HISTORY_COLUMNS = ("id", "time", "name", "mode", "calc", "alpha", "beta", "weigh
 
 def history_table(rows: Sequence[Mapping[str, Any]], limit: int = 50) -> list[list[str]]:
     """History rows (oldest first) -> table rows, newest first."""
-    table = [[str(row.get(c, "")) for c in HISTORY_COLUMNS] for row in list(rows)[-limit:]] if limit > 0 else []
+    def cells(row: Mapping[str, Any]) -> list[str]:
+        recipe = row.get("recipe")
+        shown = {**row, **mv.history_cells(recipe if isinstance(recipe, Mapping) else {})}
+        return [str(shown.get(c, "")) for c in HISTORY_COLUMNS]
+
+    table = [cells(row) for row in list(rows)[-limit:]] if limit > 0 else []
     table.reverse()
     return table or [["" for _ in HISTORY_COLUMNS]]
