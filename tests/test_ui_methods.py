@@ -7,11 +7,10 @@ chart, presets and plots; the fp8 note and warning.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
+import test_ui
 import torch
 from safetensors import safe_open
 from test_ui import FakeHost
@@ -34,6 +33,7 @@ from lib_merge.ui import methods_panel  # noqa: E402 - needs gradio
 from lib_merge.ui.tab import Handlers, handler_values  # noqa: E402
 
 PRESETS = Presets.load()
+folder = test_ui.folder  # the fixture: hard links to this module's model_dir
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def test_method_block_weights_follow_use_mbw_and_resolve_presets():
 
 @pytest.mark.parametrize("change, message", [
     (dict(models=[]), "pick them under \"Models\""),
-    (dict(model_weights="1, x"), "numbers separated by commas"),
+    (dict(model_weights="1, x"), "Model weights: 'x' is not a number"),
     (dict(model_weights="1"), "one model weight per model"),
     (dict(density=0), r"density in \(0, 1\]"),
     (dict(method="nope"), "Unknown merge method"),
@@ -129,21 +129,11 @@ def test_method_recipe_json_without_alpha_takes_the_methods_default():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("method_models")
-    base = synth.make_checkpoint(folder / "base.safetensors", "sd1", factor=16, seed=1)
+    path = tmp_path_factory.mktemp("method_models")
+    base = synth.make_checkpoint(path / "base.safetensors", "sd1", factor=16, seed=1)
     for i, name in enumerate(("m1", "m2", "m3")):
-        synth.make_checkpoint(folder / f"{name}.safetensors", "sd1", factor=16, seed=2 + i, base=base, noise=1.0)
-    return folder
-
-
-@pytest.fixture
-def folder(model_dir, tmp_path):
-    for p in model_dir.iterdir():
-        try:
-            os.link(p, tmp_path / p.name)
-        except OSError:
-            shutil.copy(p, tmp_path / p.name)
-    return tmp_path
+        synth.make_checkpoint(path / f"{name}.safetensors", "sd1", factor=16, seed=2 + i, base=base, noise=1.0)
+    return path
 
 
 def test_cli_method_without_alpha_uses_lambda_1(folder, monkeypatch, capsys):

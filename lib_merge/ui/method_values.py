@@ -14,6 +14,7 @@ from typing import Any
 from ..core.errors import MergeError
 from ..core.methods import METHODS, get_method
 from ..core.recipe import METHOD_PARAMS, Recipe
+from ..core.weights import parse_number
 
 OFF = "Off (merge modes)"
 METHOD_CHOICES = (OFF, *METHODS)
@@ -102,12 +103,7 @@ def parse_model_weights(text: Any) -> tuple[float, ...]:
         token = token.strip()
         if not token:
             continue
-        try:
-            number = float(token)
-        except ValueError:
-            raise MergeError(f"Model weights must be numbers separated by commas, not {token!r:.40}.") from None
-        if not math.isfinite(number):
-            raise MergeError(f"Model weights must be finite numbers, not {token!r:.40}.")
+        number = parse_number(token, "Model weights")
         out.append(number)
     return tuple(out)
 
