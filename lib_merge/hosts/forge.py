@@ -30,6 +30,8 @@ Forge internals relied on (HEAD dfdcbab6, see ../shared/reference/webui-integrat
   LoRA'd weights would be undone then. So the merge first takes LoRAs out (`refresh` with no patches, forced) and
   resets `sd_model.current_lora_hash` so the next generation's `load_networks` applies them again, on top of the
   merge, with fresh backups.
+- `forge_model_reload` and `forge_loader` run under `torch.inference_mode`: the parameters are inference tensors,
+  written through plain tensors on the same storage (`writable`).
 - nf4/gguf storage (`bnb_quantized`, `gguf_cls` on the parameter) cannot take a merge in place: refused.
 """
 
@@ -131,6 +133,18 @@ def writable_tensors(m, keys: Iterable[str], skip: tuple[str, ...] = ()) -> dict
     return out
 
 
+def writable(t: torch.Tensor) -> torch.Tensor:
+    """A tensor the engine may write into, on `t`'s own memory. Forge loads models under `torch.inference_mode`, so
+    their parameters are inference tensors, which refuse in-place writes outside inference mode (a thread-local
+    mode, and the engine writes from its worker threads); a plain tensor set on the same storage takes them."""
+    if not t.is_inference():
+        return t.detach()
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return alias
+
+
 def is_quantized(t: torch.Tensor) -> bool:
     """nf4/fp4 (bitsandbytes) and gguf parameters: their storage is not the weight itself."""
     return hasattr(t, "bnb_quantized") or hasattr(t, "gguf_cls")
@@ -227,7 +241,7 @@ class ForgeHost(A1111Host):
                 raise MergeError("None of the merged tensors belongs to the loaded model; choose the merge's base "
                                  "checkpoint in Forge first.")
             on_device = {t.device for t in tensors.values() if t.device.type != "cpu"}
-            yield LiveWeights({k: t.detach() for k, t in tensors.items()}, base_file,
+            yield LiveWeights({k: writable(t) for k, t in tensors.items()}, base_file,
                               next(iter(on_device)) if len(on_device) == 1 else None)
         finally:
             self.busy -= 1

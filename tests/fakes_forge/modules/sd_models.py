@@ -8,6 +8,7 @@ loader splits a checkpoint into Forge's parts and names: U-Net `model.diffusion_
 import os
 
 import safetensors.torch
+import torch
 
 from modules import script_callbacks, shared
 from modules.forge_model import ForgeEngine, Tree
@@ -89,6 +90,7 @@ def forge_loader(path, additional_state_dicts=()):
     return ForgeEngine(Tree.from_flat(unet), Tree.from_flat(clip), Tree.from_flat(vae))
 
 
+@torch.inference_mode()  # as Forge's: the parameters it loads are inference tensors
 def forge_model_reload():
     current_hash = str(model_data.forge_loading_parameters)
     if model_data.forge_hash == current_hash:
