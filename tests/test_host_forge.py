@@ -359,3 +359,22 @@ def test_bare_flux_diffusion_models_merge_into_forges_prefixed_names(forge):
         assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-6), key
         checked += not torch.equal(a, bare["fluxB"][key])
     assert checked > 100
+
+
+def test_a_merge_cancelled_half_way_puts_the_previous_merge_back_in_place(forge):
+    forge.txt2img()
+    service = MergeService(host_of(forge), log_merges=False, threads=1)
+    service.merge_and_load(RECIPE)
+    merged = forge.txt2img()
+    asked = []
+
+    def cancel_later():  # lets a few hundred keys be written first
+        asked.append(1)
+        return len(asked) > 300
+
+    other = Recipe("modelA.safetensors", "modelC.safetensors", alpha=0.8)
+    with pytest.raises(MergeCancelled):
+        service.merge_and_load(other, cancel=cancel_later)
+    assert len(asked) > 300  # it did stop half-way, after writing
+    assert_live_is(forge.shared.sd_model, expected(forge, RECIPE))
+    assert forge.txt2img() == merged
