@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {"ours": [], "mecha": []}
     try:
         for run in range(args.runs):
-            for who in (("ours", "mecha") if run % 2 == 0 else ("mecha", "ours")):
+            order = ("ours", "mecha") if run % 2 == 0 else ("mecha", "ours")
+            for who in order:
                 for p in out.values():  # one output on disk at a time
                     p.unlink(missing_ok=True)
                 _sync()
@@ -169,8 +170,7 @@ def main(argv=None) -> int:
                 print(f"run {run + 1} {who:5}: {r['time']:.1f} s, peak RSS {r['maxrss'] / GB:.2f} GB "
                       f"(others' CPU use before: {busy:.0%})", flush=True)
             if run == args.runs - 1:  # both outputs of the last run are compared (the last contender's is on disk)
-                last = "ours" if run % 2 == 0 else "mecha"
-                other = "mecha" if last == "ours" else "ours"
+                other = order[0]  # its output was deleted before the last contender ran
                 spec = {"who": other, "a": str(a), "b": str(b), "out": str(out[other]),
                         "hash_cache": str(args.workdir / "hashes.json")}
                 run_subprocess([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
