@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from fakes import stubs
 
@@ -263,3 +264,117 @@ def test_flux_in_forge(forge):
     recipe = Recipe("fluxA.safetensors", "fluxB.safetensors", weights_alpha=",".join(["0.2"] * 30 + ["0.7"] * 31))
     MergeService(host, log_merges=False).merge_and_load(recipe)
     assert_live_is(forge.shared.sd_model, expected(forge, recipe))
+
+
+def params_of(m):
+    """Checkpoint key -> the model's Parameter object itself (not a copy)."""
+    objects = m.forge_objects_original
+    modules = {"unet": objects.unet.model.diffusion_model, "clip": objects.clip.cond_stage_model,
+               "vae": objects.vae.first_stage_model}
+    out = {}
+    for prefix, part, inner in FORGE_NAMES[:3]:
+        for name, p in modules[part].named_parameters():
+            if not inner or name.startswith(inner):
+                out[prefix + name[len(inner):]] = p
+    return out
+
+
+def test_the_merge_is_written_into_the_models_own_tensors_no_second_copy(forge, monkeypatch):
+    forge.txt2img()
+    m = forge.shared.sd_model
+    before = {k: (p, p.data_ptr()) for k, p in params_of(m).items()}
+    host = host_of(forge)
+    monkeypatch.setattr(host, "load_weights", lambda *a: pytest.fail("the whole merge was built and loaded"))
+    MergeService(host, log_merges=False).merge_and_load(RECIPE)
+    after = params_of(m)
+    assert all(after[k] is p and p.data_ptr() == ptr for k, (p, ptr) in before.items())
+    assert_live_is(m, expected(forge, RECIPE))
+
+
+def test_restore_copies_the_base_back_in_place_without_a_reload(forge):
+    base = forge.txt2img()
+    service = MergeService(host_of(forge), log_merges=False)
+    service.merge_and_load(RECIPE)
+    assert forge.txt2img() != base
+    loads = [e for e in forge.sd_models.events if e[0] == "forge_load"]
+    service.restore_base()
+    assert [e for e in forge.sd_models.events if e[0] == "forge_load"] == loads
+    assert forge.txt2img() == base
+    with open_checkpoint(forge.folder / "modelA.safetensors") as a:
+        assert_live_is(forge.shared.sd_model, {k: a.get(k) for k in a.keys()})
+
+
+def test_a_vae_chosen_beside_the_checkpoint_is_neither_merged_nor_restored_over(forge):
+    vae_path = forge.tmp / "external.vae.safetensors"
+    vae = {k[len("first_stage_model."):]: torch.randn(v.shape, generator=torch.Generator().manual_seed(5))
+           for k, v in expected(forge, RECIPE).items() if k.startswith("first_stage_model.")}
+    safetensors.torch.save_file(vae, vae_path)
+    forge.main_entry.module_list["external.vae.safetensors"] = str(vae_path)
+    forge.main_entry.modules_change(["external.vae.safetensors"])
+    forge.txt2img()
+    want_vae = {"first_stage_model." + k: v for k, v in vae.items()}
+    assert_live_is(forge.shared.sd_model, want_vae)
+    service = MergeService(host_of(forge), log_merges=False)
+    service.merge_and_load(RECIPE)
+    assert_live_is(forge.shared.sd_model, want_vae)
+    assert_live_is(forge.shared.sd_model, {k: v for k, v in expected(forge, RECIPE).items()
+                                           if not k.startswith("first_stage_model.")})
+    service.restore_base()
+    assert_live_is(forge.shared.sd_model, want_vae)
+
+
+def test_a_quantized_model_is_refused_before_anything_is_computed(forge):
+    forge.txt2img()
+    m = forge.shared.sd_model
+    params_of(m)[UNET].gguf_cls = object()  # how Forge marks a gguf parameter
+    before = live(m)
+    service = MergeService(host_of(forge), log_merges=False)
+    with pytest.raises(MergeError, match="quantized"):
+        service.merge_and_load(RECIPE)
+    after = live(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert service.host.loaded_identity() is None
+
+
+def test_bare_flux_diffusion_models_merge_into_forges_prefixed_names(forge):
+    folder = forge.folder
+    prefix = "model.diffusion_model."
+    bare = {}
+    for name, seed in (("fluxA", 1), ("fluxB", 2)):
+        full = synth.make_checkpoint(forge.tmp / f"{name}-full.safetensors", "flux-dev", 64, torch.bfloat16,
+                                     seed=seed, components=["diffuser"])
+        with open_checkpoint(full) as ckpt:
+            bare[name] = {k[len(prefix):]: ckpt.get(k) for k in ckpt.keys() if k.startswith(prefix)}
+        safetensors.torch.save_file(bare[name], folder / f"{name}.safetensors")
+    forge.sd_models.list_models()
+    forge.main_entry.checkpoint_change("fluxA.safetensors")
+    forge.txt2img()
+    recipe = Recipe("fluxA.safetensors", "fluxB.safetensors", alpha=0.25)
+    MergeService(host_of(forge), log_merges=False).merge_and_load(recipe)
+    now = live(forge.shared.sd_model)
+    checked = 0
+    for key, a in bare["fluxA"].items():  # float64 from the formula; the model stores fp16 (one rounding or two)
+        want = a.double() * 0.75 + bare["fluxB"][key].double() * 0.25
+        got = now[prefix + key].double()
+        assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-6), key
+        checked += not torch.equal(a, bare["fluxB"][key])
+    assert checked > 100
+
+
+def test_a_merge_cancelled_half_way_puts_the_previous_merge_back_in_place(forge):
+    forge.txt2img()
+    service = MergeService(host_of(forge), log_merges=False, threads=1)
+    service.merge_and_load(RECIPE)
+    merged = forge.txt2img()
+    asked = []
+
+    def cancel_later():  # lets a few hundred keys be written first
+        asked.append(1)
+        return len(asked) > 300
+
+    other = Recipe("modelA.safetensors", "modelC.safetensors", alpha=0.8)
+    with pytest.raises(MergeCancelled):
+        service.merge_and_load(other, cancel=cancel_later)
+    assert len(asked) > 300  # it did stop half-way, after writing
+    assert_live_is(forge.shared.sd_model, expected(forge, RECIPE))
+    assert forge.txt2img() == merged

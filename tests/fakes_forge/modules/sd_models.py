@@ -8,6 +8,7 @@ loader splits a checkpoint into Forge's parts and names: U-Net `model.diffusion_
 import os
 
 import safetensors.torch
+import torch
 
 from modules import script_callbacks, shared
 from modules.forge_model import ForgeEngine, Tree
@@ -61,9 +62,19 @@ class SdModelData:
 model_data = SdModelData()
 
 
-def forge_loader(path):
-    """backend.loader.forge_loader: a file path in, a ForgeDiffusionEngine out."""
+def forge_loader(path, additional_state_dicts=()):
+    """backend.loader.forge_loader: a file path (and additional module files) in, a ForgeDiffusionEngine out. As
+    backend/loader.py: a file with no `model.diffusion_model.` key is a bare diffusion model (every key gets that
+    prefix, preprocess_state_dict); an additional file with `decoder.conv_in.weight` is a VAE that replaces the
+    checkpoint's (replace_state_dict)."""
     state = safetensors.torch.load_file(path)
+    if not any(k.startswith("model.diffusion_model") for k in state):
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    for extra in additional_state_dicts or ():
+        module = safetensors.torch.load_file(extra)
+        if "decoder.conv_in.weight" in module:
+            state = {k: v for k, v in state.items() if not k.startswith(("first_stage_model.", "vae."))}
+            state.update({"first_stage_model." + k: v for k, v in module.items()})
     unet, clip, vae = {}, {}, {}
     for key, tensor in state.items():
         if not tensor.is_floating_point():
@@ -79,6 +90,7 @@ def forge_loader(path):
     return ForgeEngine(Tree.from_flat(unet), Tree.from_flat(clip), Tree.from_flat(vae))
 
 
+@torch.inference_mode()  # as Forge's: the parameters it loads are inference tensors
 def forge_model_reload():
     current_hash = str(model_data.forge_loading_parameters)
     if model_data.forge_hash == current_hash:
@@ -86,7 +98,7 @@ def forge_model_reload():
         return model_data.sd_model, False
     model_data.sd_model = None
     checkpoint_info = model_data.forge_loading_parameters["checkpoint_info"]
-    sd_model = forge_loader(checkpoint_info.filename)
+    sd_model = forge_loader(checkpoint_info.filename, model_data.forge_loading_parameters.get("additional_modules"))
     sd_model.extra_generation_params = {}
     sd_model.sd_checkpoint_info = checkpoint_info
     sd_model.filename = checkpoint_info.filename
