@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--elements", default="", help="key substrings for --inex, e.g. attn,norm")
     merge.add_argument("--gamma", type=float, default=0.3, help="extract's selectivity")
     merge.add_argument("--seed", type=int, default=-1, help="weight seed for R/U ratios and plus random")
+    dice = merge.add_argument_group("random weights (the seed's \"Let the Dice roll\"; see README)")
+    dice.add_argument("--random", default="", metavar="MODE",
+                      help="draw the block weights from --seed: R, U, X, D, ER, EU, EX, or custom (--template)")
+    dice.add_argument("--template", default="", help="custom: one token per block (numbers, R/U/X/D/ER/EU/EX)")
+    dice.add_argument("--upper", default="1", help="X: upper limit; D: mid point (one value or one per block)")
+    dice.add_argument("--lower", default="0", help="X: lower limit (xRp: x with probability p, else 0); D: range")
+    dice.add_argument("--clamp-upper", default="", help="clamp every drawn weight to at most this")
+    dice.add_argument("--clamp-lower", default="", help="clamp every drawn weight to at least this")
+    dice.add_argument("--round", type=int, default=3, help="decimals of the drawn weights (default 3)")
+    dice.add_argument("--random-targets", default="alpha", help="alpha, beta or alpha,beta")
+    dice.add_argument("--extend-xl", action="store_true", help="SDXL: draw the 110 fine-block weights")
     merge.add_argument("--output", required=True, help="output .safetensors or .ckpt")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     merge.add_argument("--save-dtype", default="keep", choices=tuple(SAVE_DTYPES),
@@ -146,6 +157,28 @@ def _recipe_from_args(args):
                      ("elemental", "elemental")) for n in ("density", "drop", "epsilon")}, **common)
 
 
+def _random_recipe(recipe, args):
+    """With --random: the recipe with block weights drawn from --seed (one is drawn and printed for -1)."""
+    if not args.random:
+        return recipe
+    import secrets
+
+    from ..core.arch import detect_arch
+    from ..core.random_weights import RandomSpec, apply
+    from ..io.checkpoint import open_checkpoint
+
+    spec = RandomSpec(args.random, args.template, args.upper, args.lower, args.clamp_upper, args.clamp_lower,
+                      args.round, tuple(t.strip() for t in args.random_targets.split(",") if t.strip()),
+                      args.extend_xl).check()
+    seed = secrets.randbelow(2**32) if args.seed == -1 else args.seed
+    with open_checkpoint(Path(recipe.model_a)) as ckpt:
+        arch = detect_arch(set(ckpt.keys()), ckpt.shape, f"Model A ({recipe.model_a})")
+    recipe = apply(recipe, spec, seed, arch)
+    drawn = f"alpha {recipe.weights_alpha}" + (f"; beta {recipe.weights_beta}" if "beta" in spec.targets else "")
+    print(f"Random weights (seed {seed}): {drawn}")
+    return recipe
+
+
 def _model_weights(text: str) -> tuple[float, ...]:
     from ..core.weights import parse_number
 
@@ -193,7 +226,7 @@ def cmd_merge(args) -> int:
     from ..io.history import History
     from ..service.pipeline import merge_to_file
 
-    recipe = _recipe_from_args(args)
+    recipe = _random_recipe(_recipe_from_args(args), args)
     options = SaveOptions(dtype=args.save_dtype, prune=args.prune, bake_vae=args.bake_vae,
                           reset_clip_ids=args.reset_clip_ids)
     data = default_data_dir()

@@ -20,6 +20,38 @@ from .errors import MergeError
 
 BLOCKS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 BLOCKS_XL = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+
+def _fine(prefix: str, block: str, depth: int) -> tuple[str, ...]:
+    """A transformer block's fine labels: its own (e.g. IN41: norm and projections) and one per transformer block."""
+    return (f"{prefix}{block}", *(f"{prefix}{block}{i}" for i in range(depth)))
+
+
+#: SDXL's 110 fine block labels (the seed's extended XL weights, §3.3), in weight-string order. IN0 is never produced
+#: by a key (input_blocks.0 is IN00); CLIPL and VAE take the first value, the base value.
+BLOCKS_XL_FINE = (
+    "CLIPL", "CLIPG", "IN0", "IN00", "IN10", "IN20", "IN30", "IN40", *_fine("IN", "41", 2), "IN50",
+    *_fine("IN", "51", 2), "IN60", "IN70", *_fine("IN", "71", 10), "IN80", *_fine("IN", "81", 10),
+    "MID00", *_fine("MID", "10", 10), "MID20",
+    "OUT00", *_fine("OUT", "01", 10), "OUT10", *_fine("OUT", "11", 10), "OUT20", *_fine("OUT", "21", 10), "OUT22",
+    "OUT30", *_fine("OUT", "31", 2), "OUT40", *_fine("OUT", "41", 2), "OUT50", *_fine("OUT", "51", 2), "OUT52",
+    "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE",
+)
+
+
+def xl_group(fine: str) -> str:
+    """The 20-block label an SDXL fine label belongs to (IN413 -> IN04, MID105 -> M00, OUT9 -> OUT08)."""
+    if fine in ("CLIPL", "CLIPG", "VAE"):
+        return "BASE"
+    if fine in ("TIME", "LABEL", "IN0"):
+        return "IN00"
+    if fine.startswith("MID"):
+        return "M00"
+    if fine == "OUT9":
+        return "OUT08"
+    prefix = "OUT" if fine.startswith("OUT") else "IN"
+    return f"{prefix}0{fine[len(prefix)]}"
+
+
 #: the seed's 61 Flux blocks: CLIP (takes the first, "base" value), T5, IN, 19 double blocks, 38 single blocks, OUT
 BLOCKS_FLUX = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT")
 

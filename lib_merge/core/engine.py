@@ -32,6 +32,8 @@ from .weights import (
     ElementalRule,
     InExRule,
     Presets,
+    beta_offset,
+    block_weight,
     has_random,
     parse_adjust,
     parse_block_values,
@@ -181,7 +183,8 @@ def plan_merge(recipe: Recipe, models: Models, presets: Presets | None = None) -
     randoms = random_table(recipe.seed, len(keys_a)) if needs_seed else None
 
     weights_a = parse_block_weights(recipe.weights_alpha, arch, "alpha", randoms, 0) if recipe.mbw else None
-    weights_b = (parse_block_weights(recipe.weights_beta, arch, "beta", randoms, 50)
+    weights_b = (parse_block_weights(recipe.weights_beta, arch, "beta", randoms,
+                                     beta_offset(len(recipe.weights_beta.split(","))))
                  if recipe.mbw and recipe.weights_beta.strip() else None)
     base_alpha = weights_a[0] if weights_a else recipe.alpha
     base_beta = weights_b[0] if weights_b else recipe.beta
@@ -222,8 +225,8 @@ def _plan_key(key, index, recipe: Recipe, arch: Arch, a, b, c, weights_a, weight
         return keep
     if calc.name in ("tensor", "tensor2") and len(a.shape(key)) == 0:
         return keep
-    alpha = weights_a[arch.blocks.index(block)] if weights_a else base_alpha
-    beta = weights_b[arch.blocks.index(block)] if weights_b else base_beta
+    alpha = block_weight(weights_a, arch, fine, block) if weights_a else base_alpha
+    beta = block_weight(weights_b, arch, fine, block) if weights_b else base_beta
     for rule in elemental:
         if rule.matches(key, fine, block):
             alpha = rule.value(index, randoms)

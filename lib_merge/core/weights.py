@@ -7,13 +7,14 @@ that says how to fix it, where the seed system silently guessed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .arch import ADJUST_KEYS, Arch
+from .arch import ADJUST_KEYS, BLOCKS_XL_FINE, Arch
 from .errors import MergeError
 
 DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "data" / "mbwpresets.tsv"
@@ -21,6 +22,10 @@ DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "data" / "mbwpresets.
 INEX_EXTRAS = ("Adjust", "VAE")
 INEX_MODES = ("Off", "Include", "Exclude")
 RANDOM_TOKENS = ("R", "U")
+#: an elemental ratio drawn between two limits: `X` (0..1) or `X[lower upper]`, e.g. `X[0.2 0.8]`
+_ELEMENTAL_X = re.compile(r"X(?:\[\s*(\S+)\s+(\S+)\s*\])?")
+#: presets every list has (the seed adds them at runtime): every block drawn with R, U or X (X: between 0 and 1)
+RANDOM_PRESETS = {f"ALL_{t}": ",".join([t] * 26) for t in ("R", "U", "X")}
 _RANDOM_DRAWS = 3000  # the seed's table size; longer tables keep these first values, so recipes stay reproducible
 
 
@@ -28,7 +33,7 @@ class Presets:
     """Named block-weight lists from `NAME<TAB>values` or `NAME:values` lines (the first line is a header)."""
 
     def __init__(self, table: dict[str, str], paths: Sequence[Path] = ()):
-        self._table = dict(table)
+        self._table = {**RANDOM_PRESETS, **table}
         self.paths = tuple(paths)  # the files read (a merge reads them: none may be its output)
 
     @classmethod
@@ -83,28 +88,56 @@ def parse_number(token: str, what: str) -> float:
 
 
 def has_random(text: str) -> bool:
-    """Whether a weights string or elemental text draws R/U ratios (and so needs a weight seed)."""
-    return any(t.rsplit(":", 1)[-1].strip() in RANDOM_TOKENS for t in (text or "").replace("\n", ",").split(","))
+    """Whether a weights string or elemental text draws R/U/X ratios (and so needs a weight seed)."""
+    return any(_is_random_ratio(t.rsplit(":", 1)[-1].strip()) for t in (text or "").replace("\n", ",").split(","))
+
+
+def _is_random_ratio(token: str) -> bool:
+    return token in RANDOM_TOKENS or _ELEMENTAL_X.fullmatch(token) is not None
+
+
+def beta_offset(count: int) -> int:
+    """Where beta's random draws start: 50 as in the seed, or after alpha's for the 110 extended SDXL weights (the
+    seed's 50 made alpha's and beta's draws overlap there)."""
+    return 50 if count <= 50 else count
+
+
+def sdxl_from_26(values: Sequence) -> list:
+    """26 SD1-layout block values -> the 20 SDXL blocks (IN09-IN11 and OUT09-OUT11 dropped), as the seed does."""
+    return [*values[0:10], *values[13:23]]
+
+
+def block_weight(values: Sequence[float], arch: Arch, fine: str, block: str) -> float:
+    """A key's value from parsed block weights: by block label, or for the 110 extended SDXL weights by fine label
+    (the VAE takes the first, base, value)."""
+    if len(values) == len(BLOCKS_XL_FINE) and arch.is_sdxl:
+        return values[0] if fine == "VAE" else values[BLOCKS_XL_FINE.index(fine)]
+    return values[arch.blocks.index(block)]
 
 
 def parse_block_weights(
     text: str, arch: Arch, what: str = "alpha", randoms: np.ndarray | None = None, offset: int = 0
 ) -> tuple[float, ...]:
-    """Turn a resolved weights string into one value per block of `arch` (26 for SD1/SD2, 20 for SDXL, 61 for Flux).
+    """Turn a resolved weights string into one value per block of `arch` (26 for SD1/SD2, 20 for SDXL, 61 for Flux),
+    or for SDXL the 110 extended fine-block values (BLOCKS_XL_FINE order; see `block_weight`).
 
     The first value is BASE (Flux: CLIP, which also serves as the base value). 26 values given for SDXL are converted
     as the seed does (IN09-IN11 and OUT09-OUT11 dropped). `R` and `U` draw from the seeded random table at the
-    value's position (+50 for beta), as the seed does.
+    value's position plus `offset` (beta: `beta_offset`), as the seed does.
     """
     tokens = [t.strip() for t in text.split(",")]
-    if tokens and tokens[-1] == "" and len(tokens) in (21, 27, 62):
+    if tokens and tokens[-1] == "" and len(tokens) in (21, 27, 62, 111):
         tokens.pop()  # a trailing comma
-    if len(tokens) not in (20, 26, 61):
+    if len(tokens) not in (20, 26, 61, len(BLOCKS_XL_FINE)):
         raise MergeError(
             f"Block weights for {what} have {len(tokens)} values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11), "
-            f"for SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08), or for Flux 61 (CLIP, T5, IN, D00-D18, S00-S37, "
-            f"OUT)."
+            f"for SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08) or the 110 extended SDXL weights, or for Flux 61 "
+            f"(CLIP, T5, IN, D00-D18, S00-S37, OUT)."
         )
+    if len(tokens) == len(BLOCKS_XL_FINE) and not arch.is_sdxl:
+        raise MergeError(f"Block weights for {what} have 110 values, the extended SDXL fine blocks; this model is "
+                         f"{arch.describe()} and needs {len(arch.blocks)} (give {len(arch.blocks)} values, or use "
+                         f"an SDXL model).")
     if arch.is_flux != (len(tokens) == 61):
         raise MergeError(f"Block weights for {what} have {len(tokens)} values, but this model is {arch.describe()} "
                          f"and needs {len(arch.blocks) if arch.is_flux else '26'}"
@@ -114,15 +147,19 @@ def parse_block_weights(
                          f"{arch.describe()} and needs 26.")
     values = []
     for i, token in enumerate(tokens):
-        if token in RANDOM_TOKENS:
+        if _is_random_ratio(token):
             if randoms is None:
                 raise MergeError(f"Block weights for {what} use {token!r}, which needs a weight seed.")
             r = float(randoms[i + offset])
-            values.append(round(r if token == "R" else 1.5 - 2 * r, 3))
+            if token.startswith("X"):  # as in the dice's X mode, with the limits written in the token
+                lower, upper = elemental_x_limits(token, f"Block weight {i + 1} for {what}")
+                values.append(round((lower - upper) * r + upper, 3))
+            else:
+                values.append(round(r if token == "R" else 1.5 - 2 * r, 3))
         else:
             values.append(parse_number(token, f"Block weight {i + 1} for {what}"))
     if arch.is_sdxl and len(values) == 26:
-        values = values[0:10] + values[13:23]
+        values = sdxl_from_26(values)
     return tuple(values)
 
 
@@ -165,12 +202,30 @@ class ElementalRule:
         return True
 
     def value(self, key_index: int, randoms: np.ndarray | None) -> float:
-        if self.ratio in RANDOM_TOKENS:
-            if randoms is None:
-                raise MergeError("Elemental ratio R/U needs a weight seed.")
-            r = float(randoms[key_index + 100])
-            return round(r if self.ratio == "R" else 1 - 2 * r, 3)
-        return float(self.ratio)
+        """The ratio; R/U/X draw the key's own value (the seed's draw at key index + 100; elemental U is 1 - 2r, X
+        runs from the upper limit at r = 0 to the lower at r = 1, both as in the seed)."""
+        if not _is_random_ratio(self.ratio):
+            return float(self.ratio)
+        if randoms is None:
+            raise MergeError("Elemental ratio R/U/X needs a weight seed.")
+        r = float(randoms[key_index + 100])
+        if self.ratio == "R":
+            return round(r, 3)
+        if self.ratio == "U":
+            return round(1 - 2 * r, 3)
+        lower, upper = elemental_x_limits(self.ratio)
+        return round((lower - upper) * r + upper, 3)
+
+
+def elemental_x_limits(ratio: str, what: str = "Elemental ratio") -> tuple[float, float]:
+    """(lower, upper) of an elemental `X` ratio: `X` is 0..1, `X[lower upper]` gives both."""
+    m = _ELEMENTAL_X.fullmatch(ratio)
+    if m is None:
+        raise MergeError(f"{what}: {ratio!r} is not a ratio; write a number, R, U, X or X[lower upper] "
+                         f"(e.g. X[0.2 0.8]).")
+    if m.group(1) is None:
+        return 0.0, 1.0
+    return parse_number(m.group(1), f"{what}: lower limit"), parse_number(m.group(2), f"{what}: upper limit")
 
 
 def _split_not(text: str) -> tuple[list[str], bool]:
@@ -196,7 +251,9 @@ def parse_elemental(text: str, arch: Arch, fine_labels: frozenset[str] = frozens
         blocks_text, elements_text, ratio = (p.strip() for p in entry.split(":"))
         blocks, blocks_not = _split_not(blocks_text)
         elements, elements_not = _split_not(elements_text)
-        if ratio not in RANDOM_TOKENS:
+        if ratio.startswith("X"):
+            elemental_x_limits(ratio, f"Elemental entry {entry!r}")
+        elif ratio not in RANDOM_TOKENS:
             parse_number(ratio, f"Elemental entry {entry!r}: ratio")
         chosen = expand_blocks(blocks, labels, extra, f"Elemental entry {entry!r}")
         rules.append(ElementalRule(
@@ -296,7 +353,10 @@ class BlockValues:
 
     def at(self, labels: Sequence[str], key: str, fine: str, block: str, key_index: int,
            randoms: np.ndarray | None) -> float:
-        value = self.blocks[labels.index(block)] if self.blocks else self.value
+        value = self.value
+        if self.blocks:
+            value = (block_weight(self.blocks, Arch("sdxl"), fine, block) if len(self.blocks) == len(BLOCKS_XL_FINE)
+                     else self.blocks[labels.index(block)])
         for rule in self.rules:
             if rule.matches(key, fine, block):
                 value = rule.value(key_index, randoms)
