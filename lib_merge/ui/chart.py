@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from ..core.arch import BLOCKS_FLUX
+from ..core.arch import BLOCKS_FLUX, BLOCKS_XL_FINE, xl_group
 from ..core.weights import Presets
 from .values import SD1, XL_POSITIONS, block_labels, fmt, number_or_none, weight_tokens
 
@@ -19,13 +19,13 @@ ALPHA_COLOUR, BETA_COLOUR = "#2563eb", "#ea580c"
 
 
 def parse_curve(text: str, presets: Presets | None = None) -> list[float | None] | None:
-    """Weights text (or a preset name) -> its values (None for R/U entries), or None if it is not 20, 26 or 61 (Flux)
-    values."""
+    """Weights text (or a preset name) -> its values (None for R/U entries), or None if it is not 20, 26, 61 (Flux)
+    or 110 (extended SDXL) values."""
     text = (text or "").strip()
     if presets is not None and text and "," not in text:
         text = presets.get(text) or text
     tokens = weight_tokens(text)
-    if len(tokens) not in (20, 26, len(BLOCKS_FLUX)):
+    if len(tokens) not in (20, 26, len(BLOCKS_FLUX), len(BLOCKS_XL_FINE)):
         return None
     values = [number_or_none(t) for t in tokens]
     if any(v is None and t not in ("R", "U") for v, t in zip(values, tokens, strict=True)):
@@ -48,7 +48,8 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
         return _message("The chart appears when the alpha weights hold 26 values (SDXL: 20, Flux: 61) or a preset "
                         "name.")
     beta = parse_curve(beta_text, presets) if (beta_text or "").strip() else None
-    labels = BLOCKS_FLUX if len(alpha) == len(BLOCKS_FLUX) else block_labels(block_type)
+    labels = (BLOCKS_FLUX if len(alpha) == len(BLOCKS_FLUX) else BLOCKS_XL_FINE if len(alpha) == len(BLOCKS_XL_FINE)
+              else block_labels(block_type))
     label_size = 10 if len(labels) <= 26 else 7
     curves = [(alpha, ALPHA_COLOUR, "alpha", "")]
     if beta is not None:
@@ -80,8 +81,11 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
                      f'stroke-dasharray="{"" if tick in (0, 1) else "2 3"}"/>')
         parts.append(f'<text x="{LEFT - 4}" y="{y(tick) + 3.5:.1f}" font-size="10" text-anchor="end" '
                      f'fill="currentColor">{fmt(tick)}</text>')
+    shown = _shown_labels(labels)
     for i, label in enumerate(labels):
-        if label in ("M00", "IN00", "OUT00", "D00", "S00"):
+        if label not in shown:
+            continue
+        if label in ("M00", "IN00", "OUT00", "D00", "S00", "MID00"):
             parts.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{TOP}" y2="{TOP + plot_h}" stroke="#9ca3af" '
                          f'stroke-width="0.4"/>')
         parts.append(f'<text x="{x(i):.1f}" y="{TOP + plot_h + 8}" font-size="{label_size}" fill="currentColor" '
@@ -103,6 +107,16 @@ def weights_svg(alpha_text: str, beta_text: str = "", block_type: str = SD1, pre
         parts.append(f'<text x="{lx + 22}" y="{TOP - 6.5}" font-size="11" fill="currentColor">{name}</text>')
     parts.append("</svg>")
     return f'<div class="bm-chart">{"".join(parts)}</div>'
+
+
+def _shown_labels(labels: Sequence[str]) -> set[str]:
+    """Every label of 20/26 blocks; of the 110 fine SDXL blocks only each block's first (they would overlap)."""
+    if len(labels) != len(BLOCKS_XL_FINE):
+        return set(labels)
+    firsts: dict[str, str] = {}
+    for label in labels:
+        firsts.setdefault(xl_group(label), label)
+    return set(firsts.values())
 
 
 def _fit(values: Sequence[float | None], count: int) -> list[float | None]:

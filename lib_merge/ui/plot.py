@@ -12,10 +12,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..core.engine import ScratchPool
-from ..core.xyz import Axis, Cell, GenParams, axis_label, draw_grid, merge_order, parse_axis, plan_cells
+from ..core.errors import MergeError
+from ..core.random_weights import RandomSpec
+from ..core.recipe import Recipe
+from ..core.xyz import (
+    RANDOM_ROW,
+    Axis,
+    Cell,
+    GenParams,
+    axis_label,
+    draw_grid,
+    is_run_rand,
+    merge_order,
+    parse_axis,
+    plan_cells,
+)
 from ..hosts.base import GenerationRequest
 from ..service.merge_service import MergeService
 
@@ -38,7 +53,14 @@ class PlotResult:
 
 def parse_axes(service: MergeService, base_recipe, specs: Sequence[tuple[str, str]], seed: int | None = None) \
         -> tuple[list[Axis | None], object]:
-    """Parse (type, text) for X, Y, Z against model A's architecture."""
+    """Parse (type, text) for X, Y, Z against model A's architecture (a merge ID axis: the first logged merge's)."""
+    ids = next((text for kind, text in specs if kind == "merge ID" and (text or "").strip()), "")
+    if ids:
+        first = ids.split(",")[0].strip()
+        try:
+            base_recipe = logged_recipe(service)(int(first))
+        except ValueError:
+            raise MergeError(f"Plot axis 'merge ID': {first!r} is not a merge ID (a whole number).") from None
     plan, _ = service.plan(base_recipe)
     rng = random.Random(seed)
     return [parse_axis(kind, text, plan.arch, service.presets, rng) for kind, text in specs], plan.arch
@@ -49,13 +71,22 @@ def caption_for(base_recipe, axes: Sequence[Axis | None]) -> str:
     return f"{base_recipe.title()}  |  {varied}" if varied else base_recipe.title()
 
 
-def run_plot(service: MergeService, base_recipe, request: GenerationRequest, specs: Sequence[tuple[str, str]]) \
-        -> PlotResult:
-    """Plot in the tab (the caller holds the host's lock and job)."""
+def logged_recipe(service: MergeService):
+    """A merge ID -> the recipe the history logged for it (everything is replayed: the log holds whole recipes)."""
+    history = service.history()
+
+    def get(merge_id: int) -> Recipe:
+        return Recipe.from_dict(dict(history.recipe(merge_id)))
+    return get
+
+
+def run_plot(service: MergeService, base_recipe, request: GenerationRequest, specs: Sequence[tuple[str, str]],
+             random_spec: RandomSpec | None = None) -> PlotResult:
+    """Plot in the tab (the caller holds the host's lock and job). `random_spec` draws the "random" cells."""
     host = service.host
     axes, arch = parse_axes(service, base_recipe, specs)
     gen = GenParams(seed=request.seed if request.seed != -1 else random.randrange(2**32), prompt=request.prompt)
-    cells = plan_cells(base_recipe, gen, axes, arch, service.presets)
+    cells = plan_cells(base_recipe, gen, axes, arch, service.presets, random_spec, logged_recipe(service))
     images: dict[tuple[int, int, int], Image.Image] = {}
     first_info = ""
     merges, done, stopped = 0, 0, False
@@ -71,11 +102,11 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
                 if host.interrupted():
                     stopped = True
                     break
-                result = service.generate(_request(request, cell))
-                if not result.images:  # the host was interrupted inside generation
+                image, result = _generate_cell(service, request, cell)
+                if image is None:  # the host was interrupted inside generation
                     stopped = True
                     break
-                images[(cell.x, cell.y, cell.z)] = result.images[0]
+                images[(cell.x, cell.y, cell.z)] = image
                 first_info = first_info or (result.infotexts[0] if result.infotexts else "")
                 done += 1
                 host.progress(done, len(cells), f"X/Y/Z plot: {outcome.identity.name}")
@@ -84,12 +115,66 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
     finally:
         service.reconcile(None)  # back to the user's own choice: their merge, or the base checkpoint
     grids, saved = _grids(cells, images, axes, base_recipe, host)
-    info = "\n".join(t for t in (caption_for(base_recipe, axes), first_info and f"First cell: {first_info}") if t)
+    seeds = [f"({c.x},{c.y}) {c.label}: merge {c.recipe.fingerprint()[:10]}" for c in cells if c.label]
+    info = "\n".join(t for t in (caption_for(base_recipe, axes), "\n".join(seeds),
+                                 first_info and f"First cell: {first_info}") if t)
     return PlotResult(grids, saved, done, len(cells), merges, stopped, info)
 
 
-def _request(request: GenerationRequest, cell: Cell) -> GenerationRequest:
-    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt)
+def _request(request: GenerationRequest, cell: Cell, prompt: str | None = None) -> GenerationRequest:
+    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt if prompt is None else prompt)
+
+
+def _generate_cell(service: MergeService, request: GenerationRequest, cell: Cell):
+    """(the cell's image, the last generation result); a prompt3 cell generates each of its prompts and shows them
+    side by side as one image. (None, result) when the host was interrupted."""
+    prompts = cell.gen.prompts or (None,)
+    images, result = [], None
+    for prompt in prompts:
+        result = service.generate(_request(request, cell, prompt))
+        if not result.images:
+            return None, result
+        images.append(result.images[0])
+    if len(images) == 1:
+        return images[0], result
+    w, h = images[0].size
+    strip = Image.new("RGB", (w * len(images), h), "black")
+    for i, image in enumerate(images):
+        strip.paste(image.convert("RGB").resize((w, h)), (i * w, 0))
+    return strip, result
+
+
+#: the effective checker: a pixel counts as changed when a channel differs from the baseline's by more than this
+DIFF_THRESHOLD = 20
+
+
+def changed_share(image: Image.Image, baseline: Image.Image) -> tuple[float, Image.Image]:
+    """(percent of pixels that differ from the baseline by more than DIFF_THRESHOLD in any channel, the inverted
+    difference image), the seed's "effective" check."""
+    a = np.asarray(image.convert("RGB").resize(baseline.size), dtype=np.int16)
+    b = np.asarray(baseline.convert("RGB"), dtype=np.int16)
+    diff = np.abs(a - b)
+    changed = (diff > DIFF_THRESHOLD).any(axis=2)
+    return 100.0 * float(changed.mean()), Image.fromarray((255 - diff).astype(np.uint8))
+
+
+def _effective(cells, images, axes) -> tuple[dict, dict]:
+    """For an "effective" axis: per cell, the changed share against the baseline cell of its row/column, and the
+    inverted difference images (keyed like `images`)."""
+    index = next((i for i, a in enumerate(axes) if a is not None and a.kind == "effective"), None)
+    labels, diffs = {}, {}
+    if index is None:
+        return labels, diffs
+    for cell in cells:
+        pos = (cell.x, cell.y, cell.z)
+        base = list(pos)
+        base[index] = 0
+        if pos == tuple(base) or pos not in images or tuple(base) not in images:
+            continue
+        share, diff = changed_share(images[pos], images[tuple(base)])
+        labels[pos] = f"Diff: {share:.1f}%"
+        diffs[pos] = diff
+    return labels, diffs
 
 
 def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], list[Path]]:
@@ -97,13 +182,26 @@ def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], l
         return [], []
     x_axis, y_axis, z_axis = (list(axes) + [None, None, None])[:3]
     size = next(iter(images.values())).size
+    own = {(c.x, c.y, c.z): c.label for c in cells if c.label}
+    diff_labels, diffs = _effective(cells, images, axes)
+    for pos, text in diff_labels.items():
+        own[pos] = "\n".join(filter(None, [own.get(pos, ""), text]))
+    shape = None
+    if is_run_rand(axes):
+        count = len(cells)
+        shape = (min(count, RANDOM_ROW), -(-count // RANDOM_ROW))
+    caption = caption_for(base_recipe, axes)
     grids, saved = [], []
-    for z in sorted({c.z for c in cells}):
-        title = axis_label(z_axis, z) if z_axis else ""
-        layer = {(x, y): image for (x, y, zz), image in images.items() if zz == z}
-        grid = draw_grid(layer, x_axis, y_axis, title, caption_for(base_recipe, axes), size)
-        grids.append(grid)
-        path = host.save_grid(grid, caption_for(base_recipe, axes))
-        if path is not None:
-            saved.append(path)
+    for layer_images, what in ((images, ""), (diffs, "differences from the baseline (inverted)")):
+        for z in sorted({c.z for c in cells}):
+            layer = {(x, y): image for (x, y, zz), image in layer_images.items() if zz == z}
+            if not layer:
+                continue
+            title = "  ".join(filter(None, [axis_label(z_axis, z) if z_axis else "", what]))
+            labels = {(x, y): text for (x, y, zz), text in own.items() if zz == z}
+            grid = draw_grid(layer, x_axis, y_axis, title, caption, size, labels or None, shape)
+            grids.append(grid)
+            path = host.save_grid(grid, caption)
+            if path is not None:
+                saved.append(path)
     return grids, saved

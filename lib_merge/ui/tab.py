@@ -30,6 +30,7 @@ from . import methods_panel
 from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
+from .random_panel import Panels
 
 log = logging.getLogger("block_merger")
 
@@ -172,14 +173,17 @@ class Handlers:
                                                                  flags["safetensors"]))
         return ActionResult(self._saved(result))
 
-    def plot(self, values: dict[str, Any]) -> ActionResult:
-        """The tab's X/Y/Z plot: grids in the gallery, the cells' merges loaded one after another."""
+    def plot(self, values: dict[str, Any], specs: Sequence[tuple[str, str]] | None = None,
+             random_spec=None) -> ActionResult:
+        """The tab's X/Y/Z plot (or the given axes): grids in the gallery, the cells' merges loaded one after
+        another; `random_spec` draws the "random" axis's cells (the dice settings)."""
         if self.host.generation_unavailable:
             raise MergeError(f"X/Y/Z plots generate images: {self.host.generation_unavailable}")
-        specs = [(values.get(f"{axis}_type") or "none", values.get(f"{axis}_values") or "") for axis in "xyz"]
+        if specs is None:
+            specs = [(values.get(f"{axis}_type") or "none", values.get(f"{axis}_values") or "") for axis in "xyz"]
         request = uv.request_from_values(*(values.get(k) for k in GEN_KEYS))
         with self.host.lock(), self.host.job(f"{TITLE}: X/Y/Z plot"):
-            result = run_plot(self.service, self.recipe(values), request, specs)
+            result = run_plot(self.service, self.recipe(values), request, specs, random_spec)
         saved = "".join(f"\nSaved {path}" for path in result.saved)
         return ActionResult(result.message() + saved, list(result.grids), result.info)
 
@@ -243,12 +247,13 @@ def _skip() -> dict:
     return gr.update()
 
 
-def make_action(h: Handlers, method: Callable[[dict[str, Any]], ActionResult]) -> Callable[..., tuple]:
-    """A button callback: ACTION_KEYS-ordered widget values in; (message, gallery, infotext, loaded model, history)
+def make_action(h: Handlers, method: Callable[[dict[str, Any]], ActionResult],
+                keys: Sequence[str] = ACTION_KEYS) -> Callable[..., tuple]:
+    """A button callback: widget values in `keys` order in; (message, gallery, infotext, loaded model, history)
     out. Failures become the message and leave the other outputs as they were."""
 
     def run(*values):
-        result = method(dict(zip(ACTION_KEYS, values, strict=True)))
+        result = method(dict(zip(keys, values, strict=True)))
         images = gr.update(value=result.images) if result.images is not None else _skip()
         info = result.infotext if result.infotext is not None else _skip()
         return result.message, images, info, h.loaded_model(), _history_or_skip(h)
@@ -270,7 +275,9 @@ def build_tab(service: MergeService) -> gr.Blocks:
         with gr.Tabs(elem_id="bm_tabs"):
             with gr.Tab("Merge", elem_id="bm_tab_merge"):
                 parts = _merge_tab(h, w)
+        panels = parts.pop("panels")  # random merges, plot helpers, extended SDXL weights (ui/random_panel.py)
         _wire(h, w, **parts)
+        panels.wire(h, w, parts, tab, ACTION_KEYS)
 
         # values computed when the tab was built go stale (a merge made through the API, another browser tab):
         # every page load asks again
@@ -290,6 +297,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
     live_off = host.live_model_unavailable
     gen_off = host.generation_unavailable
     models = model_choices(host)
+    panels = Panels()
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=560):
@@ -355,6 +363,8 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                 block_sliders = [sliders[label] for label in BLOCKS_26]
                 methods_panel.build_block_weights(w)
 
+            panels.extended_editor()
+
             with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
                 w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
                                             placeholder="OUT06:attn:0.5\nIN04 IN05:attn2.to_k:0.2", lines=3,
@@ -406,6 +416,8 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                                          elem_id=f"bm_{axis}_values", scale=3)
                 gr.Markdown(XYZ_HELP, elem_id="bm_xyz_help")
                 plot_btn = gr.Button("Run X/Y/Z plot", elem_id="bm_xyz_run", interactive=not gen_off)
+                panels.plot_extras(gen_off)
+            panels.dice(gen_off, live_off)
 
         with gr.Column(scale=2, min_width=360):
             with gr.Row():
@@ -463,7 +475,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
 
     methods_panel.wire(h, w, method_panel, calc_note=calc_note, refresh=refresh, blocks_row=blocks_row,
                        preset=preset, chart=chart)
-    return dict(block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
+    return dict(panels=panels, block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
                 calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
                 history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
                 inspect_model=inspect_model, inspect_out=inspect_out,

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..core.arch import BLOCKS_26, BLOCKS_XL, Arch
+from ..core.arch import BLOCKS_26, BLOCKS_XL, BLOCKS_XL_FINE, Arch
 from ..core.errors import MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES, MODE_FORMULAS, WEIGHT_SUM
 from ..core.recipe import NEEDS_C, Recipe, check_text_size
@@ -226,9 +226,10 @@ def check_weights(text: str, what: str, block_type: str, presets: Presets) -> st
     single_number = "," not in text and number_or_none(text) is not None and presets.get(text) is None
     resolved = text if single_number else presets.resolve(text)  # "0.5" is one weight, not an unknown preset
     if resolved:
-        if block_type == SD1 and len(weight_tokens(resolved)) == 20:
-            raise MergeError(f"Block weights for {what} have 20 values (the SDXL layout) but the block type is SD1; "
-                             f"choose block type SDXL or give 26 values.")
+        if block_type == SD1 and len(weight_tokens(resolved)) in (20, len(BLOCKS_XL_FINE)):
+            layout = "SDXL" if len(weight_tokens(resolved)) == 20 else "extended SDXL"
+            raise MergeError(f"Block weights for {what} have {len(weight_tokens(resolved))} values (the {layout} "
+                             f"layout) but the block type is SD1; choose block type SDXL or give 26 values.")
         layout = _FLUX_LAYOUT if len(weight_tokens(resolved)) == len(_FLUX_LAYOUT.blocks) else _ANY_LAYOUT
         parse_block_weights(resolved, layout, what, random_table(0))
     return resolved
