@@ -329,3 +329,43 @@ def test_tab_builds_with_the_new_controls(models):
                  "bm_queue_add", "bm_queue_run", "bm_queue", "bm_xyz_preset", "bm_ext_text", "bm_ext_IN07"):
         assert name in ids, name
     assert isinstance(tab, gr.Blocks)
+
+
+# -- the WebUI's X/Y/Z axes -----------------------------------------------------------------------------------
+
+
+def _cell_request(**fields):
+    import types
+
+    from lib_merge.hosts.webui_xyz import REQUEST_ATTR
+
+    p = types.SimpleNamespace()
+    setattr(p, REQUEST_ATTR, fields)
+    return p
+
+
+def test_webui_axes_for_inex_elemental_random_and_merge_id():
+    from lib_merge.core.arch import BLOCKS_26
+    from lib_merge.hosts.webui_xyz import requested_recipe
+
+    base = Recipe("a", "b", inex="Exclude", inex_blocks=("IN01",), elemental="OUT00::0.3")
+    got = requested_recipe(_cell_request(**{"add exclude": "OUT02 IN05-IN06"}), base, "a", BLOCKS_26)
+    assert (got.inex, got.inex_blocks) == ("Exclude", ("IN01", "IN05", "IN06", "OUT02"))
+    got = requested_recipe(_cell_request(include="M00 VAE"), base, "a", BLOCKS_26)
+    assert (got.inex, got.inex_blocks) == ("Include", ("M00", "VAE"))
+    got = requested_recipe(_cell_request(**{"add elemental": "IN04::0.1\nIN05::0.2"}), base, "a", BLOCKS_26)
+    assert got.elemental == "OUT00::0.3,IN04::0.1,IN05::0.2"
+    got = requested_recipe(_cell_request(random=9), base, "a", BLOCKS_26)
+    assert got.seed == 9 and got.weights_alpha == ",".join(repr(v) for v in expected_r(9))
+    dice = dict(RandomSpec("D", upper="0.5", lower="0.2", decimals=2).to_dict())
+    drawn = Recipe("a", "b", extra={"random": dice})  # a random merge's recipe: its dice settings are reused
+    got = requested_recipe(_cell_request(random=9), drawn, "a", BLOCKS_26)
+    r = np.random.RandomState(9).rand(3000)
+    assert got.weights_alpha == ",".join(repr(round(0.5 + 0.2 * (float(r[i]) - 0.5), 2)) for i in range(26))
+    logged = {5: Recipe("x", "y", alpha=0.7)}
+    got = requested_recipe(_cell_request(**{"merge ID": 5, "alpha": 0.1}), base, "a", BLOCKS_26, logged.__getitem__)
+    assert (got.model_a, got.model_b, got.alpha) == ("x", "y", 0.1)
+    with pytest.raises(MergeError, match="unknown block"):
+        requested_recipe(_cell_request(include="IN99"), base, "a", BLOCKS_26)
+    with pytest.raises(MergeError, match="needs the merge history"):
+        requested_recipe(_cell_request(**{"merge ID": 5}), base, "a", BLOCKS_26)

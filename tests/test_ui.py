@@ -493,8 +493,8 @@ def test_errors_become_messages_not_tracebacks(folder, caplog):
     out = make_action(h, h.save_to_file)(*handler_values(model_a="a.safetensors", use_mbw=True,
                                                          weights_alpha=",".join(["1"] * 25)).values())
     assert out[0] == "Error: Block weights for alpha have 25 values; give 26 (BASE, IN00-IN11, M00, OUT00-OUT11), " \
-                     "for SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08), or for Flux 61 (CLIP, T5, IN, D00-D18, " \
-                     "S00-S37, OUT)."
+                     "for SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08) or the 110 extended SDXL weights, or for " \
+                     "Flux 61 (CLIP, T5, IN, D00-D18, S00-S37, OUT)."
     assert error_message(MergeError("x")) == "Error: x"
 
 

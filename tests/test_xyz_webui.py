@@ -44,7 +44,7 @@ def test_axes_registered_exactly_once_with_merges_outermost():
     assert register(xyz, options(xyz)) is True
     assert register(xyz, options(xyz)) is False  # on_before_ui after import: no duplicates
     labels = [o.label for o in xyz.axis_options]
-    assert len(labels) == len(set(labels)) == 15
+    assert len(labels) == len(set(labels)) == 24
     for suffix in ("Model A", "Model B", "Model C", "Merge mode", "Calc mode", "Alpha", "Beta",
                    "Block weights (| separated)", "Pinpoint block (BLOCK=value)", "Elemental (| separated)",
                    "Method", "Density", "Drop", "Epsilon"):

@@ -49,9 +49,9 @@ def ours(xyz):
 
 
 def test_axes_added_at_load_and_not_again_before_ui(webui, xyz, entry):
-    assert len(ours(xyz)) == 14
+    assert len(ours(xyz)) == 23
     webui.script_callbacks.before_ui_callback()
-    assert len(ours(xyz)) == 14
+    assert len(ours(xyz)) == 23
     model_a = next(o for o in ours(xyz) if o.label == PREFIX + "Model A")
     model_a.confirm(None, ["modelB.safetensors"])  # a real checkpoint name passes
     with pytest.raises(Exception, match="nosuchmodel"):

@@ -643,7 +643,9 @@ class Extension:
         """The recipe a generation asks for (its field, a script's attribute, X/Y/Z cells), or None."""
         recipe = self._field_recipe(p, requested)
         base = recipe or self.service().committed()
-        return webui_xyz.requested_recipe(p, base, self.host.base_title(), self.host.model_blocks()) or recipe
+        history = self.service().history()
+        return webui_xyz.requested_recipe(p, base, self.host.base_title(), self.host.model_blocks(),
+                                          lambda merge_id: Recipe.from_dict(history.recipe(merge_id))) or recipe
 
     @staticmethod
     def _field_recipe(p, requested) -> Recipe | None:

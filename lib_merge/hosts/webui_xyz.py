@@ -12,11 +12,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from ..core.arch import Arch
 from ..core.errors import MergeError
 from ..core.kernels import CALC_MODES, MERGE_MODES
 from ..core.methods import METHODS
+from ..core.random_weights import RandomSpec, spec_from_dict
 from ..core.recipe import Recipe
-from ..core.weights import Presets, parse_number
+from ..core.weights import INEX_EXTRAS, Presets, expand_blocks, parse_number
+from ..core.xyz import GenParams, build_cell
 
 PREFIX = "[Block Merger] "
 REQUEST_ATTR = "block_merger_xyz"
@@ -111,7 +114,21 @@ def axis_options(xyz: Any, resolve_model: Callable[[str], object], list_models: 
         axis("Elemental (| separated)", str, "elemental", cost=1.1, prepare=_split("|")),
         axis("Method", str, "method", cost=1.2, choices=choices(METHODS)),
         *(axis(name.capitalize(), float, name, cost=1.1) for name in ("density", "drop", "epsilon")),
+        axis("Block weights beta (| separated)", str, "weights_beta", weights, cost=1.1, prepare=_split("|")),
+        axis("Include blocks (| separated)", str, "include", cost=1.1, prepare=_blocks),
+        axis("Exclude blocks (| separated)", str, "exclude", cost=1.1, prepare=_blocks),
+        axis("Add include blocks (| separated)", str, "add include", cost=1.1, prepare=_blocks),
+        axis("Add exclude blocks (| separated)", str, "add exclude", cost=1.1, prepare=_blocks),
+        axis("Add elemental (| separated)", str, "add elemental", cost=1.1, prepare=_split("|")),
+        axis("Adjust (| separated)", str, "adjust", cost=1.1, prepare=_split("|")),
+        axis("Random weights seed", int, "random", cost=1.1),
+        axis("Merge ID", int, "merge ID", cost=1.3),
     ]
+
+
+def _blocks(text: str) -> list[str]:
+    """Cells of space- or comma-separated block names, separated by `|` (e.g. `IN01 IN02 | OUT05`)."""
+    return [" ".join(v.replace(",", " ").split()) for v in text.split("|") if v.strip()]
 
 
 def register(xyz: Any, options: list[Any]) -> bool:
@@ -122,14 +139,39 @@ def register(xyz: Any, options: list[Any]) -> bool:
     return True
 
 
-def requested_recipe(p: Any, base: Recipe | None, default_model_a: str, blocks: tuple[str, ...]) -> Recipe | None:
-    """The recipe a cell asks for: the base recipe (the user's merge) with the cell's fields; None if none asked."""
+#: request fields that are not recipe fields: handled like the tab's plot axes of the same names (core.xyz)
+CELL_AXES = {"include": "include blocks", "exclude": "exclude blocks", "add include": "add include",
+             "add exclude": "add exclude", "add elemental": "add elemental", "random": "random"}
+
+
+def requested_recipe(p: Any, base: Recipe | None, default_model_a: str, blocks: tuple[str, ...],
+                     logged: Callable[[int], Recipe] | None = None) -> Recipe | None:
+    """The recipe a cell asks for: the base recipe (the user's merge; a Merge ID cell: the logged merge) with the
+    cell's fields; None if none asked. A random seed draws with the dice settings the base recipe was made with
+    (R on every block when it was not a random merge)."""
     fields = dict(getattr(p, REQUEST_ATTR, {}) or {})
     if not fields:
         return None
     pinpoint = fields.pop("pinpoint", None)
+    merge_id = fields.pop("merge ID", None)
+    cell = {CELL_AXES[k]: fields.pop(k) for k in list(fields) if k in CELL_AXES}
     recipe = base or Recipe(default_model_a)
+    if merge_id is not None:
+        if logged is None:
+            raise MergeError("A Merge ID axis needs the merge history.")
+        recipe = logged(int(merge_id))
     recipe = dataclasses.replace(recipe, **fields)
+    if cell:
+        arch = {len(a.blocks): a for a in (Arch("sd1"), Arch("sdxl"), Arch("flux"))}.get(len(blocks), Arch("sd1"))
+        for kind in ("include blocks", "exclude blocks", "add include", "add exclude"):
+            if kind in cell:
+                cell[kind] = frozenset(expand_blocks(str(cell[kind]).split(), arch.blocks,
+                                                     frozenset(INEX_EXTRAS), "Include/Exclude blocks"))
+        if "add elemental" in cell:
+            cell["add elemental"] = str(cell["add elemental"]).replace("\n", ",")
+        random = recipe.extra.get("random")
+        spec = spec_from_dict(random) if isinstance(random, dict) else RandomSpec()
+        recipe, _ = build_cell(recipe, GenParams(), cell, arch, Presets({}), spec)
     if pinpoint is not None:
         block, _, value = pinpoint.partition("=")
         block = block.strip()
