@@ -138,22 +138,29 @@ class PlotTools:
         specs = [("random", run_rand_axis(values)), ("none", ""), ("none", "")]
         return self.h.plot(values, specs, spec_from_values(values))
 
-    def random_merge(self, values: dict[str, Any]):
-        """One merge with weights drawn from the dice seed (-1: a new one), e.g. a Run Rand cell's seed."""
+    def random_merge(self, values: dict[str, Any], to_file: bool = False):
+        """One merge with weights drawn from the dice seed (-1: a new one), e.g. a Run Rand cell's seed: loaded, or
+        (`to_file`, also outside the WebUI) saved like "Merge to file"."""
         import secrets
 
         from .tab import TITLE, ActionResult
 
+        h = self.h
         spec = spec_from_values(values)
         seed = _whole(values.get("rand_seed", -1), "The weight seed", -1, 2**32 - 1)
         seed = secrets.randbelow(2**32) if seed == -1 else seed
-        recipe = self.h.recipe({**values, "use_mbw": False})
-        with self.h.host.lock(), self.h.host.job(TITLE):
-            plan, _ = self.h.service.plan(recipe)
-            recipe = apply(recipe, spec, seed, plan.arch, self.h.service.presets)
-            outcome = self.h.service.merge_and_load(recipe)
+        recipe = h.recipe({**values, "use_mbw": False})
+        options, flags, name = h._save_args(values)
+        with h.host.lock(), h.host.job(TITLE):
+            plan, _ = h.service.plan(recipe)
+            recipe = apply(recipe, spec, seed, plan.arch, h.service.presets)
+            if to_file:
+                message = h._saved(h._save(lambda: h.service.save(recipe, name, options, flags["overwrite"],
+                                                                  flags["safetensors"], flags["metadata"])))
+            else:
+                message = h.service.merge_and_load(recipe).message()
         drawn = f"alpha {recipe.weights_alpha}" + (f"; beta {recipe.weights_beta}" if "beta" in spec.targets else "")
-        return ActionResult(f"{outcome.message()}\nWeight seed {seed}: {drawn}")
+        return ActionResult(f"{message}\nWeight seed {seed}: {drawn}")
 
     def reserve(self, values: dict[str, Any], run_rand: bool = False) -> str:
         """Queue the plot the widgets describe (or, with `run_rand`, the dice's Run Rand)."""
@@ -269,6 +276,7 @@ class Panels:
             with gr.Row():
                 d["rand_load"] = gr.Button("Upper limit from alpha weights", size="sm", elem_id="bm_rand_load")
                 d["rand_merge"] = gr.Button("Random merge", elem_id="bm_rand_merge", interactive=not live_off)
+                d["rand_file"] = gr.Button("Random merge to file", elem_id="bm_rand_file")
                 d["rand_run"] = gr.Button("Run Rand", variant="primary", elem_id="bm_rand_run",
                                           interactive=not gen_off)
                 d["rand_reserve"] = gr.Button("Reserve Run Rand", elem_id="bm_rand_reserve")
@@ -282,6 +290,8 @@ class Panels:
         outputs = [parts["message"], parts["gallery"], parts["infotext"], parts["loaded"], parts["history"]]
         d["rand_run"].click(make_action(h, tools.run_rand, keys), inputs, outputs)
         d["rand_merge"].click(make_action(h, tools.random_merge, keys), inputs, outputs)
+        d["rand_file"].click(make_action(h, lambda values: tools.random_merge(values, to_file=True), keys), inputs,
+                             outputs)
         d["rand_load"].click(lambda text: text, w["weights_alpha"], d["rand_upper"], queue=False)
 
         # queue
