@@ -322,11 +322,11 @@ class Panels:
         # Set X / Set Y
         for button, axis, field in ((d["set_x"], "x", "weights_alpha"), (d["set_y"], "y", "weights_beta")):
             def copy(kind, text, weights, new_kind="mbw alpha" if axis == "x" else "mbw beta"):
-                return set_axis(kind, text, weights, new_kind)
+                return (*set_axis(kind, text, weights, new_kind), "")
 
-            button.click(_guard(copy, lambda msg: (_skip(), _skip())),
-                         [w[f"{axis}_type"], w[f"{axis}_values"], w[field]], [w[f"{axis}_type"], w[f"{axis}_values"]],
-                         queue=False)
+            button.click(_guard(copy, lambda msg: (_skip(), _skip(), msg)),
+                         [w[f"{axis}_type"], w[f"{axis}_values"], w[field]],
+                         [w[f"{axis}_type"], w[f"{axis}_values"], parts["message"]], queue=False)
 
         # plot presets
         axis_widgets = [w[f] for f in FIELDS]
