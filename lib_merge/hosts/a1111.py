@@ -45,6 +45,8 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
+from ..lora.files import find_lora, list_lora_files
+from ..service.lora_service import is_lora_record
 from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
 from .base import GenerationRequest, GenerationResult, LiveWeights, MergeIdentity
@@ -242,6 +244,16 @@ class A1111Host:
 
     def models_folder(self) -> Path:
         return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path)
+
+    def lora_folder(self) -> Path:
+        """The built-in Lora extension's folder (`--lora-dir`, which that extension adds; models/Lora by default)."""
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+    def list_loras(self) -> list[str]:
+        return list_lora_files(self.lora_folder())
+
+    def resolve_lora(self, name: str) -> Path:
+        return find_lora(self.lora_folder(), name)
 
     def history_path(self) -> Path:
         configured = str(option(OPT_HISTORY) or "").strip()
@@ -558,6 +570,10 @@ def parse_request(data) -> tuple[Recipe, str]:
     if "recipe" in data and "model_a" not in data:
         name = str(data.get("name") or "")
         return parse_request(data["recipe"])[0], name
+    if is_lora_record(data):
+        raise MergeError(f"This is the record of a {data['operation']}, not a merge recipe; one generation cannot "
+                         f"ask for it. Bake LoRAs in the Block Merger tab's LoRA sub-tab, or put <lora:name:1> in "
+                         f"the prompt.")
     if not data.get("model_a"):
         raise MergeError("The recipe names no model A (field model_a).")
     try:
