@@ -9,6 +9,7 @@ bit-identical to before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -21,6 +22,7 @@ from ..core.errors import MergeCancelled, MergeError
 from ..core.recipe import Recipe
 from ..hosts.base import MergeIdentity
 from ..io.checkpoint import SaveOptions, validate_custom_name
+from ..io.write import OutputExists
 from ..lora.bake import BakePlan, bake_recipe, bake_to_file
 from ..lora.blocks import LoraSpec, load_presets, parse_spec, split_specs
 from ..lora.combine import combine_to_file
@@ -180,6 +182,16 @@ class LoraTools:
 
         return report
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _named_output():
+        """A taken output name, said in the tab's and the API's words (the writer's own speak of --overwrite)."""
+        try:
+            yield
+        except OutputExists as e:
+            raise MergeError(f"{e.path.name} already exists in {e.path.parent}; type another name, or tick "
+                             f"\"overwrite\" (API: \"overwrite\": true) to replace it.") from e
+
     # -- the tools ----------------------------------------------------------------------------------------------
 
     def bake_loaded(self, text: str, name: str = "", cancel: Callable[[], bool] | None = None):
@@ -191,18 +203,20 @@ class LoraTools:
             raise MergeError("Choose the checkpoint to bake the LoRAs into.")
         specs = self.specs(text)
         out = self._output(self.host.models_folder(), name, "baked checkpoint")
-        return bake_to_file(self.host.resolve_model(model), specs, out, SaveOptions(dtype=dtype), overwrite=overwrite,
-                            presets=self.presets(), hashes=self.service.hashes, history=self._history(),
-                            progress=self._progress("LoRA bake", cancel))
+        with self._named_output():
+            return bake_to_file(self.host.resolve_model(model), specs, out, SaveOptions(dtype=dtype),
+                                overwrite=overwrite, presets=self.presets(), hashes=self.service.hashes,
+                                history=self._history(), progress=self._progress("LoRA bake", cancel))
 
     def merge(self, text: str, rank: str, name: str, dtype: str = "fp16", metadata: str = "new",
               overwrite: bool = False, cancel: Callable[[], bool] | None = None):
         specs = self.specs(text)
         choice = None if (rank or "concat").strip().lower() == "concat" else RankChoice.parse(rank)
         out = self._output(self.host.lora_folder(), name, "merged LoRA")
-        return combine_to_file(specs, out, choice, presets=self.presets(), dtype=dtype, metadata=metadata,
-                               overwrite=overwrite, history=self._history(), progress=self._progress("LoRA merge",
-                                                                                                      cancel))
+        with self._named_output():
+            return combine_to_file(specs, out, choice, presets=self.presets(), dtype=dtype, metadata=metadata,
+                                   overwrite=overwrite, history=self._history(),
+                                   progress=self._progress("LoRA merge", cancel))
 
     def extract(self, model_a: str, model_b: str, name: str, alpha: float = 1.0, beta: float = 1.0,
                 rank: str = "128", conv_rank: str = "", dtype: str = "fp16", overwrite: bool = False,
@@ -211,10 +225,11 @@ class LoraTools:
             raise MergeError("Choose both models to extract from (A: the tuned one, B: its base).")
         out = self._output(self.host.lora_folder(), name, "extracted LoRA")
         conv = RankChoice.parse(conv_rank) if (conv_rank or "").strip() else None
-        return extract_to_file(self.host.resolve_model(model_a), self.host.resolve_model(model_b), out,
-                               alpha=float(alpha), beta=float(beta), rank=RankChoice.parse(rank or "128"),
-                               conv_rank=conv, dtype=dtype, overwrite=overwrite, history=self._history(),
-                               progress=self._progress("LoRA extract", cancel))
+        with self._named_output():
+            return extract_to_file(self.host.resolve_model(model_a), self.host.resolve_model(model_b), out,
+                                   alpha=float(alpha), beta=float(beta), rank=RankChoice.parse(rank or "128"),
+                                   conv_rank=conv, dtype=dtype, overwrite=overwrite, history=self._history(),
+                                   progress=self._progress("LoRA extract", cancel))
 
     def inspect(self, name: str) -> str:
         return describe_lora(self.host.resolve_lora(name))
