@@ -224,13 +224,13 @@ def test_bad_inputs_are_one_clear_message_and_the_model_is_unchanged(webui, bad,
     tools = LoraTools(service)
     service.merge_and_load(RECIPE)
     before, identity = webui.live(), service.host.loaded_identity()
-    rows = len(service.history().rows(0))
+    rows = len(service.history().rows())
     with pytest.raises(MergeError, match=message) as caught:
         tools.bake_loaded(spec)
     assert "\n" not in str(caught.value)
     assert_same(webui.live(), before)
     assert service.host.loaded_identity() == identity
-    assert len(service.history().rows(0)) == rows
+    assert len(service.history().rows()) == rows
 
 
 def test_saving_the_merge_with_loras_baked_in_is_refused_clearly(webui, loras):
