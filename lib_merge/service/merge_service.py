@@ -205,30 +205,36 @@ class MergeService:
         """Merge `todo` into the loaded model's tensors; on any failure (cancel included) put back every tensor it
         touched. Returns a note when the host refused in-place writing and loaded the whole merge instead."""
         before = self.host.loaded_identity()
-        touched: set[str] = set()
-        try:
+        with self._undone_on_failure(previous, before, "Merge") as touched:
             with self.host.writable_weights(output_shapes(todo, models)) as live:
                 if not live.refused:
                     jobs = tuple(job for job in todo.jobs if job.key in live.tensors)
                     sink = TensorSink(live.tensors)
-                    touched = sink.touched
+                    sink.touched = touched
                     if jobs:
                         run_merge(dataclasses.replace(todo, jobs=jobs), models, sink, report, cancel, self.threads,
                                   self._device(live), scratch)
             if not live.refused:
                 self.host.weights_written(identity, touched)
                 return ""
+        device = check_device(self.device)
+        state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
+        self.host.load_weights(state, identity)
+        return live.refused
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self, previous: MergePlan | None, before: MergeIdentity | None, what: str):
+        """Yields the set of keys the body writes; on any failure (Stop included) puts those keys back."""
+        touched: set[str] = set()
+        try:
+            yield touched
         except BaseException as e:
             if not touched:
                 raise
             self._put_back(touched, previous, before, self._baked)
             if isinstance(e, MergeCancelled):
-                raise MergeCancelled("Merge cancelled; the model's previous weights were put back.") from e
+                raise MergeCancelled(f"{what} cancelled; the model's previous weights were put back.") from e
             raise
-        device = check_device(self.device)
-        state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
-        self.host.load_weights(state, identity)
-        return live.refused
 
     def _device(self, live: LiveWeights):
         """Compute where the model's tensors are (a GPU), else where the merge device setting says."""
@@ -353,8 +359,7 @@ class MergeService:
             merge = self.loaded_plan()
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Baking LoRAs"))
-            touched: set[str] = set()
-            try:
+            with self._undone_on_failure(merge, before, "LoRA bake") as touched:
                 with self.host.writable_weights() as live:
                     if live.refused:
                         raise MergeError(f"LoRAs cannot be baked into this model in place {live.refused.strip('()')} "
@@ -368,13 +373,6 @@ class MergeService:
                     identity = live_identity(record, base_name if not self._baked else before.name, [bake], name)
                     apply_bake(live.tensors, plan, plan.changes, touched, cancel, report)
                 self.host.weights_written(identity, touched)
-            except BaseException as e:
-                if not touched:
-                    raise
-                self._put_back(touched, merge, before, self._baked)
-                if isinstance(e, MergeCancelled):
-                    raise MergeCancelled("LoRA bake cancelled; the model's previous weights were put back.") from e
-                raise
             self._baked = bakes
             if commit:
                 self._committed_loras = (*self._committed_loras, specs)
