@@ -25,10 +25,9 @@ class StandaloneHost:
     def __init__(self, folder: Path, data_dir: Path | None = None, lora_dir: Path | None = None):
         self.folder = Path(folder)
         self.data_dir = Path(data_dir) if data_dir else self.folder
-        # LoRAs: the given folder, else a "Lora" folder beside the models (as the WebUI's models/Lora), else the
-        # models folder itself
-        default = self.folder / "Lora"
-        self.loras = Path(lora_dir) if lora_dir else default if default.is_dir() else self.folder
+        # LoRAs: the given folder, else a "Lora" folder inside the models folder (as the WebUI's models/Lora); never
+        # the models folder itself, whose checkpoints the LoRA list would read whole
+        self.loras = Path(lora_dir) if lora_dir else self.folder / "Lora"
         self._stop = False
 
     def _files(self) -> list[Path]:
