@@ -77,7 +77,10 @@ def test_every_registration(webui, entry):
     assert webui.call_queue.queue_lock.acquisitions == 0  # building the tab takes no lock
 
     assert set(routes(webui)) == {("GET", "/block-merger/presets"), ("POST", "/block-merger/merge"),
-                                  ("POST", "/block-merger/restore"), ("GET", "/block-merger/history")}
+                                  ("POST", "/block-merger/restore"), ("GET", "/block-merger/history"),
+                                  *(("POST", f"/block-merger/lora/{p}") for p in ("bake-loaded", "bake", "merge",
+                                                                                  "extract")),
+                                  ("GET", "/block-merger/lora/inspect"), ("GET", "/block-merger/lora/list")}
 
 
 def test_one_service_per_process(webui, entry):

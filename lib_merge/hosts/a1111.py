@@ -45,6 +45,8 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
+from ..lora.files import find_lora, list_lora_files
+from ..service.lora_service import LoraTools, is_lora_record
 from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
 from .base import GenerationRequest, GenerationResult, LiveWeights, MergeIdentity
@@ -242,6 +244,16 @@ class A1111Host:
 
     def models_folder(self) -> Path:
         return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path)
+
+    def lora_folder(self) -> Path:
+        """The built-in Lora extension's folder (`--lora-dir`, which that extension adds; models/Lora by default)."""
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+    def list_loras(self) -> list[str]:
+        return list_lora_files(self.lora_folder())
+
+    def resolve_lora(self, name: str) -> Path:
+        return find_lora(self.lora_folder(), name)
 
     def history_path(self) -> Path:
         configured = str(option(OPT_HISTORY) or "").strip()
@@ -558,6 +570,10 @@ def parse_request(data) -> tuple[Recipe, str]:
     if "recipe" in data and "model_a" not in data:
         name = str(data.get("name") or "")
         return parse_request(data["recipe"])[0], name
+    if is_lora_record(data):
+        raise MergeError(f"This is the record of a {data['operation']}, not a merge recipe; one generation cannot "
+                         f"ask for it. Bake LoRAs in the Block Merger tab's LoRA sub-tab, or put <lora:name:1> in "
+                         f"the prompt.")
     if not data.get("model_a"):
         raise MergeError("The recipe names no model A (field model_a).")
     try:
@@ -573,6 +589,7 @@ class Extension:
         self.root = Path(root)
         self.host = host_class(self.root)
         self._service: MergeService | None = None
+        self._lora_tools: LoraTools | None = None
         self._guard = threading.Lock()
 
     def service(self) -> MergeService:
@@ -584,6 +601,13 @@ class Extension:
         service.keep_models = max(1, int(option(OPT_KEEP) or 1))
         service.device = str(option(OPT_DEVICE) or "cpu")
         return service
+
+    def lora_tools(self) -> LoraTools:
+        service = self.service()
+        with self._guard:
+            if self._lora_tools is None:
+                self._lora_tools = LoraTools(service)
+            return self._lora_tools
 
     def model_loaded(self, sd_model) -> None:
         """The WebUI loaded a checkpoint by itself (the user chose another one): that is now the user's choice."""
@@ -707,6 +731,52 @@ class Extension:
         rows = history.search(search, mode) if search.strip() else history.rows(limit)
         return {"rows": rows[-limit:] if limit > 0 else rows}
 
+    # LoRA tools: bodies are checked field by field (an unknown field is an error, not ignored)
+
+    def api_lora_bake_loaded(self, body) -> dict:
+        args = lora_body(body, {"loras": None, "name": ""})
+        with self.host.lock(), self.host.job("Block Merger: LoRA bake"):
+            outcome = self.lora_tools().bake_loaded(args["loras"], args["name"])
+        identity = outcome.identity
+        return {"name": identity.name, "hash": identity.short_hash, "message": outcome.message(),
+                "history_id": outcome.history_id, "recipe": json.loads(identity.recipe_json)}
+
+    def api_lora_bake(self, body) -> dict:
+        args = lora_body(body, {"model": None, "loras": None, "name": None, "save_dtype": "keep", "overwrite": False})
+        with self.host.job("Block Merger: LoRA bake to file"):
+            result = self.lora_tools().bake_to_file(args["model"], args["loras"], args["name"], args["save_dtype"],
+                                                    args["overwrite"])
+        return {"path": str(result.path), "history_id": result.history_id,
+                "loras": [use.summary() for use in result.plan.uses]}
+
+    def api_lora_merge(self, body) -> dict:
+        args = lora_body(body, {"loras": None, "name": None, "rank": "concat", "save_dtype": "fp16",
+                                "metadata": "new", "overwrite": False})
+        with self.host.job("Block Merger: LoRA merge"):
+            result = self.lora_tools().merge(args["loras"], args["rank"], args["name"], args["save_dtype"],
+                                             args["metadata"], args["overwrite"])
+        return {"path": str(result.path), "history_id": result.history_id, "modules": result.modules,
+                "ranks": result.ranks}
+
+    def api_lora_extract(self, body) -> dict:
+        args = lora_body(body, {"model_a": None, "model_b": None, "name": None, "alpha": 1.0, "beta": 1.0,
+                                "rank": "128", "conv_rank": "", "save_dtype": "fp16", "overwrite": False})
+        with self.host.job("Block Merger: LoRA extract"):
+            result = self.lora_tools().extract(args["model_a"], args["model_b"], args["name"], args["alpha"],
+                                               args["beta"], str(args["rank"]), str(args["conv_rank"] or ""),
+                                               args["save_dtype"], args["overwrite"])
+        return {"path": str(result.path), "history_id": result.history_id, "modules": result.modules,
+                "text_encoder": result.text_encoder, "ranks": result.ranks}
+
+    def api_lora_inspect(self, name: str) -> dict:
+        return {"name": name, "text": self.lora_tools().inspect(name)}
+
+    def api_lora_list(self, kind: str = "All", family: str = "All") -> dict:
+        entries = self.lora_tools().catalog(kind, family)
+        return {"loras": [{"name": e.name, "label": e.label(), "type": e.summary.kind if e.summary else None,
+                           "families": list(e.summary.families) if e.summary else [],
+                           "ranks": list(e.summary.ranks) if e.summary else []} for e in entries]}
+
     def add_api_routes(self, app) -> None:
         """The REST routes, added as the WebUI adds its own API (modules/api/api.py): not at all unless the API is
         on (`--api`, or `--nowebui`, which serves only the API), and behind `--api-auth`'s credentials when it is
@@ -738,6 +808,59 @@ class Extension:
         app.add_api_route("/block-merger/merge", merge, methods=["POST"], **options)
         app.add_api_route("/block-merger/restore", restore, methods=["POST"], **options)
         app.add_api_route("/block-merger/history", history, methods=["GET"], **options)
+        for path, handler in (("bake-loaded", self.api_lora_bake_loaded), ("bake", self.api_lora_bake),
+                              ("merge", self.api_lora_merge), ("extract", self.api_lora_extract)):
+            app.add_api_route(f"/block-merger/lora/{path}", _post_route(call, handler), methods=["POST"], **options)
+
+        def lora_inspect(name: str = ""):
+            return call(self.api_lora_inspect, name)
+
+        def lora_list(kind: str = "All", family: str = "All"):
+            return call(self.api_lora_list, kind, family)
+
+        app.add_api_route("/block-merger/lora/inspect", lora_inspect, methods=["GET"], **options)
+        app.add_api_route("/block-merger/lora/list", lora_list, methods=["GET"], **options)
+
+
+def _post_route(call, handler):
+    """A FastAPI POST endpoint taking a JSON object body (a plain function: FastAPI reads its annotation)."""
+
+    def route(body: dict):
+        return call(handler, body)
+
+    return route
+
+
+def lora_body(body, fields: dict) -> dict:
+    """A LoRA route's JSON body with its defaults; None marks a required field. `loras` may be a list of specs or one
+    text (a spec per line). Raises MergeError naming an unknown, missing or mistyped field."""
+    if not isinstance(body, dict):
+        raise MergeError("The body must be a JSON object.")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise MergeError(f"Unknown fields: {', '.join(unknown)} (known: {', '.join(fields)}).")
+    missing = [k for k, v in fields.items() if v is None and body.get(k) in (None, "", [])]
+    if missing:
+        raise MergeError(f"Missing field(s): {', '.join(missing)}.")
+    args = {**fields, **body}
+    loras = args.get("loras")
+    if isinstance(loras, list):
+        if not all(isinstance(item, str) for item in loras):
+            raise MergeError("Field loras must be a list of 'name:ratio[:block weights]' strings.")
+        args["loras"] = "\n".join(loras)
+    for key, default in fields.items():
+        value = args[key]
+        if key == "loras" or default is None:
+            if not isinstance(value, str):
+                raise MergeError(f"Field {key} must be a string.")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise MergeError(f"Field {key} must be true or false.")
+        elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MergeError(f"Field {key} must be a number.")
+        elif isinstance(default, str) and not isinstance(value, (str, int)) or isinstance(value, bool) and \
+                not isinstance(default, bool):
+            raise MergeError(f"Field {key} must be a string.")
+    return args
 
 
 def api_route_options() -> dict | None:

@@ -81,6 +81,15 @@ class Host(Protocol):
     def models_folder(self) -> Path:
         """Where merged models are saved by default."""
 
+    def lora_folder(self) -> Path:
+        """Where LoRA files are listed from and LoRAs made by the LoRA tools are saved."""
+
+    def list_loras(self) -> list[str]:
+        """LoRA names (paths relative to `lora_folder`) for the LoRA list."""
+
+    def resolve_lora(self, name: str) -> Path:
+        """The file of a LoRA name, relative path or prompt stem (raise MergeError naming it if unknown)."""
+
     def history_path(self) -> Path: ...
 
     def live_weights(self) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import MergeError
+from ..lora.files import find_lora, list_lora_files
 from .base import GenerationRequest, GenerationResult, LiveWeights, MergeIdentity
 
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -21,9 +22,12 @@ class StandaloneHost:
     generation_unavailable = "Generating images needs the Stable Diffusion WebUI; here models can be merged and saved."
     live_model_unavailable = "No model is loaded outside the WebUI; save the merge to use it."
 
-    def __init__(self, folder: Path, data_dir: Path | None = None):
+    def __init__(self, folder: Path, data_dir: Path | None = None, lora_dir: Path | None = None):
         self.folder = Path(folder)
         self.data_dir = Path(data_dir) if data_dir else self.folder
+        # LoRAs: the given folder, else a "Lora" folder inside the models folder (as the WebUI's models/Lora); never
+        # the models folder itself, whose checkpoints the LoRA list would read whole
+        self.loras = Path(lora_dir) if lora_dir else self.folder / "Lora"
         self._stop = False
 
     def _files(self) -> list[Path]:
@@ -54,6 +58,15 @@ class StandaloneHost:
 
     def history_path(self) -> Path:
         return self.data_dir / "mergehistory.csv"
+
+    def lora_folder(self) -> Path:
+        return self.loras
+
+    def list_loras(self) -> list[str]:
+        return list_lora_files(self.loras)
+
+    def resolve_lora(self, name: str) -> Path:
+        return find_lora(self.loras, name)
 
     @contextlib.contextmanager
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:

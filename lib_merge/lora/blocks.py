@@ -97,3 +97,31 @@ def parse_spec(text: str) -> LoraSpec:
         raise LoraError(f"LoRA spec {text!r} has too many ':'; write it as file:ratio[:block weights].")
     ratio = parse_number(parts[1].strip(), f"ratio of LoRA {Path(path).stem}") if len(parts) > 1 else 1.0
     return LoraSpec(path, ratio, parts[2].strip() if len(parts) > 2 else "")
+
+
+def _starts_spec(piece: str) -> bool:
+    """Whether a comma-separated piece starts a new spec (`name:...`) rather than continuing block values."""
+    head, sep, _ = piece.partition(":")
+    if not sep or not head.strip():
+        return False
+    try:
+        float(head)
+    except ValueError:
+        return True
+    return False
+
+
+def split_specs(text: str) -> list[str]:
+    """Spec texts from a field: one per line, or several on a line separated by commas (the seed's format); a comma
+    followed by a plain value continues the previous spec's block weights (`a:1:1,0,0,...`)."""
+    specs: list[str] = []
+    for line in (text or "").splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        start = len(specs)
+        for piece in line.split(","):
+            if len(specs) > start and not _starts_spec(piece):
+                specs[-1] += "," + piece
+            elif piece.strip():
+                specs.append(piece)
+    return [s.strip() for s in specs if s.strip()]

@@ -6,11 +6,13 @@ base model version). Unlike the seed's Make LoRA it does not claim v-prediction 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from ..io.checkpoint import check_output_path, save_state_dict
@@ -61,11 +63,27 @@ def check_lora_output(output: str | Path, inputs: Iterable[str | Path], overwrit
     return check_output_path(output, list(inputs), overwrite)
 
 
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) as kohya's trainer stamps them and the WebUI's Lora extension reads
+    the first as the LoRA's hash: SHA-256 of the tensor bytes after the header (what `modules.hashes.
+    addnet_hash_safetensors` computes from the file), and the first 8 hex digits of the SHA-256 of the 64 KiB at
+    offset 1 MiB of the file serialized with only the `ss_*` metadata (kohya's `addnet_hash_legacy`)."""
+    data = hashlib.sha256()
+    for tensor in tensors.values():  # the file's data section: the tensors back to back in this order
+        data.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    blob = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    legacy = hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8]
+    return data.hexdigest(), legacy
+
+
 def write_lora(output: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], dtype: str,
                overwrite: bool) -> Path:
-    """Save factors in `dtype` (fp16/bf16/fp32); alphas are saved in that dtype too, as kohya does."""
+    """Save factors in `dtype` (fp16/bf16/fp32); alphas are saved in that dtype too, as kohya does. Tensors are laid
+    out by name, as the safetensors library lays out tensors of one dtype, so the stamped hashes are the file's."""
     if dtype not in SAVE_DTYPES:
         raise LoraError(f"Unknown LoRA save dtype {dtype!r}; choose fp16, bf16 or fp32.")
     target = SAVE_DTYPES[dtype]
-    cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    cast = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in sorted(tensors.items())}
+    model_hash, legacy_hash = addnet_hashes(cast, metadata)
+    metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
     return save_state_dict(cast, output, metadata, overwrite)

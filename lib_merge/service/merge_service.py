@@ -40,6 +40,9 @@ from ..hosts.base import GenerationRequest, GenerationResult, Host, LiveWeights,
 from ..io.checkpoint import Checkpoint, SaveOptions, default_output_name, open_checkpoint, validate_custom_name
 from ..io.hashes import HashCache
 from ..io.history import History
+from ..lora.bake import plan_bake
+from ..lora.blocks import LoraSpec, load_presets
+from .lora_service import LiveBake, LiveModel, apply_bake, live_identity, live_record
 from .pipeline import SaveResult, check_device, check_files, merge_to_file
 
 INFOTEXT_RECIPE = "Merge recipe"
@@ -62,6 +65,20 @@ class MergeOutcome:
         note = f" {self.note}" if self.note else ""
         return (f"Loaded {self.identity.name} ({self.plan.arch.describe()}; {part} of {len(self.plan.jobs)} tensors "
                 f"computed in {self.seconds:.1f} s{logged}).{note}")
+
+
+@dataclass(frozen=True)
+class LoraOutcome:
+    bake: LiveBake
+    identity: MergeIdentity
+    seconds: float
+    history_id: int | None = None
+
+    def message(self) -> str:
+        logged = f", merge ID {self.history_id}" if self.history_id is not None else ""
+        uses = "; ".join(use.summary() for use in self.bake.plan.uses)
+        return (f"Loaded {self.identity.name} ({len(self.bake.plan.changes)} tensors changed in "
+                f"{self.seconds:.1f} s{logged}). {uses}.")
 
 
 def _same_merge(a: Recipe, b: Recipe) -> bool:
@@ -100,6 +117,8 @@ class MergeService:
         self._needed = 3  # checkpoints the current merge reads (A, B, C, or a method's base and models)
         self._loaded: MergePlan | None = None
         self._committed: Recipe | None = None  # what the user chose (tab/API merge); None = the base checkpoint
+        self._baked: list[LiveBake] = []  # LoRAs baked into the loaded model on top of its merge (or base)
+        self._committed_loras: tuple[tuple[LoraSpec, ...], ...] = ()  # the LoRA bakes the user chose, in order
         self._mutex = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------------------------
@@ -166,7 +185,7 @@ class MergeService:
             if self.log_merges and log:  # a history that cannot take the row is refused before any tensor is read
                 check_files(plan.recipe, None, self.host.resolve_model, presets=self.presets, history=self.history())
             todo = plan
-            if previous is not None:
+            if previous is not None and not self._baked:  # keys under baked LoRAs are all recomputed
                 with contextlib.suppress(ValueError):
                     todo = changed_jobs(previous, plan)
             cancel = cancel or self.host.interrupted
@@ -174,8 +193,10 @@ class MergeService:
             identity = identity_of(plan, name)
             note = self._write(todo, models, previous, identity, report, cancel, scratch)
             self._loaded = plan
+            self._baked = []  # the merge replaced every tensor the LoRAs had changed
             if commit:
                 self._committed = plan.recipe
+                self._committed_loras = ()
         history_id = self._log(plan, identity) if self.log_merges and log else None
         return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id, note)
 
@@ -184,38 +205,46 @@ class MergeService:
         """Merge `todo` into the loaded model's tensors; on any failure (cancel included) put back every tensor it
         touched. Returns a note when the host refused in-place writing and loaded the whole merge instead."""
         before = self.host.loaded_identity()
-        touched: set[str] = set()
-        try:
+        with self._undone_on_failure(previous, before, "Merge") as touched:
             with self.host.writable_weights(output_shapes(todo, models)) as live:
                 if not live.refused:
                     jobs = tuple(job for job in todo.jobs if job.key in live.tensors)
                     sink = TensorSink(live.tensors)
-                    touched = sink.touched
+                    sink.touched = touched
                     if jobs:
                         run_merge(dataclasses.replace(todo, jobs=jobs), models, sink, report, cancel, self.threads,
                                   self._device(live), scratch)
             if not live.refused:
                 self.host.weights_written(identity, touched)
                 return ""
-        except BaseException as e:
-            if not touched:
-                raise
-            self._put_back(touched, previous, before)
-            if isinstance(e, MergeCancelled):
-                raise MergeCancelled("Merge cancelled; the model's previous weights were put back.") from e
-            raise
         device = check_device(self.device)
         state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
         self.host.load_weights(state, identity)
         return live.refused
 
+    @contextlib.contextmanager
+    def _undone_on_failure(self, previous: MergePlan | None, before: MergeIdentity | None, what: str):
+        """Yields the set of keys the body writes; on any failure (Stop included) puts those keys back."""
+        touched: set[str] = set()
+        try:
+            yield touched
+        except BaseException as e:
+            if not touched:
+                raise
+            self._put_back(touched, previous, before, self._baked)
+            if isinstance(e, MergeCancelled):
+                raise MergeCancelled(f"{what} cancelled; the model's previous weights were put back.") from e
+            raise
+
     def _device(self, live: LiveWeights):
         """Compute where the model's tensors are (a GPU), else where the merge device setting says."""
         return live.device if live.device is not None else check_device(self.device)
 
-    def _put_back(self, keys: set[str], previous: MergePlan | None, identity: MergeIdentity | None) -> None:
-        """Give `keys` their values from before a failed merge: recomputed with the previous merge's recipe, or
-        copied from the base checkpoint file (nothing is kept in memory for this). Never cancelled."""
+    def _put_back(self, keys: set[str], previous: MergePlan | None, identity: MergeIdentity | None,
+                  baked: list[LiveBake] = ()) -> None:
+        """Give `keys` their values from before a failed merge or bake: recomputed with the previous merge's recipe,
+        or copied from the base checkpoint file, then the LoRAs baked before applied again in order (nothing is kept
+        in memory for this). Never cancelled."""
         try:
             with self.host.writable_weights() as live:
                 rest = set(keys)
@@ -226,9 +255,12 @@ class MergeService:
                     rest -= {job.key for job in jobs}
                 if rest:
                     self._copy_from_base(live, rest)
+                for bake in baked:
+                    apply_bake(live.tensors, bake.plan, keys)
             self.host.weights_written(identity, keys)
         except Exception as e:
             self._loaded = None
+            self._baked = []
             raise MergeError(f"The merge failed, and putting the previous weights back failed too ({e}); press "
                              f"'Restore base model' before generating.") from e
 
@@ -258,8 +290,10 @@ class MergeService:
             if not self._restore_in_place():
                 self.host.restore_base()
             self._loaded = None
+            self._baked = []
             if commit:
                 self._committed = None
+                self._committed_loras = ()
 
     def _restore_in_place(self) -> bool:
         with self.host.writable_weights() as live:
@@ -278,17 +312,21 @@ class MergeService:
         if requested is not None:
             loaded = self.loaded_plan()
             wanted = requested.validate(self.presets)
-            if loaded is not None and _same_merge(loaded.recipe, wanted):
+            if loaded is not None and not self._baked and _same_merge(loaded.recipe, wanted):
                 return None
             return self.merge_and_load(wanted, commit=False, log=False)
         loaded = self.loaded_plan()
+        baked = tuple(b.specs for b in self._baked)
+        outcome = None
         if self._committed is None:
-            if loaded is not None:
+            if loaded is not None or (baked and baked != self._committed_loras):
                 self.restore_base(commit=False)
-            return None
-        if loaded is None or not _same_merge(loaded.recipe, self._committed):
-            return self.merge_and_load(self._committed, commit=False, log=False)
-        return None
+        elif loaded is None or not _same_merge(loaded.recipe, self._committed) or baked != self._committed_loras:
+            outcome = self.merge_and_load(self._committed, commit=False, log=False)
+        if tuple(b.specs for b in self._baked) != self._committed_loras:  # the user's LoRAs, baked again
+            for specs in self._committed_loras:
+                self.bake_loras(specs, commit=False, log=False)
+        return outcome
 
     def committed(self) -> Recipe | None:
         return self._committed
@@ -298,6 +336,54 @@ class MergeService:
         user's choice (`reconcile(None)` keeps it), and the next merge is a full one."""
         self._loaded = None
         self._committed = None
+        self._baked = []
+        self._committed_loras = ()
+
+    # -- LoRAs baked into the loaded model ------------------------------------------------------------------------
+
+    def bake_loras(self, specs: list[LoraSpec] | tuple[LoraSpec, ...], name: str = "", presets=None,
+                   cancel: Callable[[], bool] | None = None, progress: Callable[[int, int], None] | None = None,
+                   log: bool = True, commit: bool = True) -> LoraOutcome:
+        """Add LoRAs (resolved paths) to the loaded model's tensors, on top of its merge or base and of LoRAs baked
+        before. Everything is checked before the first tensor is written; a failure or Stop puts back every tensor
+        written, bit for bit. `commit=False`: a re-bake by `reconcile` (the user's choice does not change)."""
+        if self.host.live_model_unavailable:
+            raise MergeError(self.host.live_model_unavailable)
+        start = time.perf_counter()
+        specs = tuple(specs)
+        with self._mutex:
+            history = self.history() if self.log_merges and log else None
+            if history is not None:  # a history that cannot take the row is refused before any tensor is written
+                history.check([(f"LoRA {s.name}", s.path) for s in specs])
+            before = self.host.loaded_identity()
+            merge = self.loaded_plan()
+            cancel = cancel or self.host.interrupted
+            report = progress or (lambda done, total: self.host.progress(done, total, "Baking LoRAs"))
+            with self._undone_on_failure(merge, before, "LoRA bake") as touched:
+                with self.host.writable_weights() as live:
+                    if live.refused:
+                        raise MergeError(f"LoRAs cannot be baked into this model in place {live.refused.strip('()')} "
+                                         f"Bake them into a checkpoint file instead.")
+                    under = before.name if before is not None else (live.base.stem if live.base else "model")
+                    plan = plan_bake(LiveModel(live.tensors, under), specs, presets or load_presets())
+                    bake = LiveBake(specs, plan)
+                    bakes = [*self._baked, bake]
+                    record = live_record(live.base, merge.recipe if merge else None, bakes)
+                    base_name = merge.recipe.title() if merge is not None else under
+                    identity = live_identity(record, base_name if not self._baked else before.name, [bake], name)
+                    apply_bake(live.tensors, plan, plan.changes, touched, cancel, report)
+                self.host.weights_written(identity, touched)
+            self._baked = bakes
+            if commit:
+                self._committed_loras = (*self._committed_loras, specs)
+        history_id = None
+        if history is not None:
+            title = f"LoRA bake into the loaded model: {identity.name}"
+            history_id = history.append(title, {**record, "loras_added": [s.text() for s in specs]})
+        return LoraOutcome(bake, identity, time.perf_counter() - start, history_id)
+
+    def baked_loras(self) -> list[LiveBake]:
+        return list(self._baked)
 
     # -- saving ---------------------------------------------------------------------------------------------------
 
@@ -336,6 +422,9 @@ class MergeService:
         plan = self.loaded_plan()
         if plan is None:
             raise MergeError("No merge is loaded; merge first (the loaded model is a plain checkpoint).")
+        if self._baked:
+            raise MergeError("LoRAs are baked into the loaded model; 'Save current merge' would leave them out. Use "
+                             "the LoRA tab's 'Bake into a checkpoint file' with the merge saved first, or restore.")
         return self.save(plan.recipe, custom_name, options, overwrite, safetensors)
 
     def history(self) -> History:

@@ -24,6 +24,7 @@ from ..core.xyz import AXIS_TYPES
 from ..hosts.base import model_choices
 from ..io.history import History
 from ..io.write import OutputExists
+from ..service.lora_service import is_lora_record
 from ..service.merge_service import MergeService
 from . import method_values as mv
 from . import methods_panel
@@ -31,6 +32,7 @@ from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
 from .random_panel import Panels
+from .tab_lora import build_lora_tab
 
 log = logging.getLogger("block_merger")
 
@@ -220,6 +222,9 @@ class Handlers:
             raise MergeError(f"Merge ID must be a whole number (-1 for the last merge), not {merge_id!r:.60}.") \
                 from None
         row = self.history().get(number)
+        if is_lora_record(row["recipe"]):
+            raise MergeError(f"Merge ID {row['id']} is a {row['recipe']['operation']}, not a merge: load it in the "
+                             f"LoRA tab (History ID, then 'Load LoRAs from history').")
         return row["id"], uv.values_from_recipe(row["recipe"])
 
     def inspect(self, name: str) -> str:
@@ -275,6 +280,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
         with gr.Tabs(elem_id="bm_tabs"):
             with gr.Tab("Merge", elem_id="bm_tab_merge"):
                 parts = _merge_tab(h, w)
+            with gr.Tab("LoRA", elem_id="bm_tab_lora"):
+                build_lora_tab(service, _guard)
         panels = parts.pop("panels")  # random merges, plot helpers, extended SDXL weights (ui/random_panel.py)
         _wire(h, w, **parts)
         panels.wire(h, w, parts, tab, ACTION_KEYS)
