@@ -90,7 +90,7 @@ class MergeService:
     def __init__(self, host: Host, presets: Presets | None = None, keep_models: int = 3, threads: int | None = None,
                  hashes: HashCache | None = None, log_merges: bool = True, device: str | None = None):
         self.host = host
-        self.presets = presets or Presets.load()
+        self.presets = presets or Presets.load_with_user()
         self.keep_models = max(1, keep_models)
         self.threads = threads
         self.device = device  # "cuda" computes each key on the GPU (the merge device setting)

@@ -30,6 +30,11 @@ from . import methods_panel
 from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
+from .tab_analysis import build_analysis_tab
+from .tab_elements import build_elements_tab
+from .tab_images import build_images_tab
+from .tab_metadata import build_metadata_tab
+from .tab_weight_tools import build_weight_tools
 
 log = logging.getLogger("block_merger")
 
@@ -270,6 +275,15 @@ def build_tab(service: MergeService) -> gr.Blocks:
         with gr.Tabs(elem_id="bm_tabs"):
             with gr.Tab("Merge", elem_id="bm_tab_merge"):
                 parts = _merge_tab(h, w)
+            with gr.Tab("Analysis", elem_id="bm_tab_analysis"):
+                build_analysis_tab(h.host, error_message)
+            with gr.Tab("Elements", elem_id="bm_tab_elements"):
+                build_elements_tab(h.host, w["elemental"], error_message)
+            with gr.Tab("Metadata", elem_id="bm_tab_metadata"):
+                build_metadata_tab(h.host, error_message)
+            with gr.Tab("IDs from images", elem_id="bm_tab_images"):
+                build_images_tab(h, settings_updates, settings_outputs(w, parts["block_sliders"],
+                                 parts["adjust_sliders"]), parts["block_sliders"], error_message)
         _wire(h, w, **parts)
 
         # values computed when the tab was built go stale (a merge made through the API, another browser tab):
@@ -354,6 +368,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                                            elem_id=f"bm_w_{label}")
                 block_sliders = [sliders[label] for label in BLOCKS_26]
                 methods_panel.build_block_weights(w)
+                build_weight_tools(h, w, block_sliders, preset, error_message)
 
             with gr.Accordion("Elemental", open=False, elem_id="bm_elemental_acc"):
                 w["elemental"] = gr.Textbox(label="Blocks:Elements:Ratio, one rule per line or comma",
@@ -583,30 +598,11 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
         event(adjust_typed, w["adjust"], adjust_sliders, queue=False)
 
     # load settings from a merge ID
-    load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]
+    load_outputs = [*settings_outputs(w, block_sliders, adjust_sliders), message]
 
     def load_settings(merge_id, *current):
         resolved, values = h.settings_from_id(merge_id)
-        sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
-            if values["use_mbw"] else None
-        adjust = uv.text_to_adjust(values["adjust"])
-        updates = []
-        for key in RECIPE_KEYS:
-            if key in ("model_a", "model_b", "model_c"):
-                names = [values[k] for k in ("model_a", "model_b", "model_c")]
-                updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
-            elif key == "models":
-                updates.append(gr.update(choices=model_choices(h.host, values[key]), value=values[key]))
-            elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
-                updates.append(_skip())  # the merge used no block weights: keep what the fields hold
-            elif key == "inex_blocks":
-                choices = uv.inex_choices(values["block_type"])
-                updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))
-            else:
-                updates.append(gr.update(value=values[key]))
-        updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
-        updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
-        return [*updates, f"Loaded the settings of merge {resolved}."]
+        return [*settings_updates(h, values, current), f"Loaded the settings of merge {resolved}."]
 
     buttons["load"].click(_guard(load_settings, lambda msg: [*([_skip()] * (len(load_outputs) - 1)), msg]),
                           [merge_id, *block_sliders], load_outputs, queue=False)
@@ -628,6 +624,37 @@ def slider_to_text_js(position: int) -> str:
     visible = {block_type: list(uv.visible_positions(block_type)) for block_type in uv.BLOCK_TYPES}
     return (f"(text, blockType, ...sliders) => window.blockMergerSliderMoved({position}, "
             f"{json.dumps(visible)}[blockType] || {json.dumps(visible[uv.SD1])}, text, sliders.slice(0, 26))")
+
+
+def settings_updates(h: Handlers, values: dict[str, Any], current: Sequence[float]) -> list:
+    """Updates that put a recipe's widget values (`values_from_recipe`) into the Merge tab: one per RECIPE_KEYS
+    widget, then the 26 block sliders (`current`: where they are now) and the 8 adjust sliders (`settings_outputs`)."""
+    presets = h.service.presets
+    sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
+        if values["use_mbw"] else None
+    adjust = uv.text_to_adjust(values["adjust"])
+    updates = []
+    for key in RECIPE_KEYS:
+        if key in ("model_a", "model_b", "model_c"):
+            names = [values[k] for k in ("model_a", "model_b", "model_c")]
+            updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
+        elif key == "models":
+            updates.append(gr.update(choices=model_choices(h.host, values[key]), value=values[key]))
+        elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
+            updates.append(_skip())  # the merge used no block weights: keep what the fields hold
+        elif key == "inex_blocks":
+            choices = uv.inex_choices(values["block_type"])
+            updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))
+        else:
+            updates.append(gr.update(value=values[key]))
+    updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
+    updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
+    return updates
+
+
+def settings_outputs(w: dict[str, Any], block_sliders: list, adjust_sliders: list) -> list:
+    """The widgets `settings_updates` updates, in its order."""
+    return [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders
 
 
 def js_event(code: str) -> dict[str, str]:
