@@ -6,7 +6,9 @@
 //  - Ctrl+Enter (Cmd+Enter) inside the tab runs Merge (where no model can be loaded, as in the standalone app:
 //    Merge to file);
 //  - blockMergerConfirmOverwrite: asked by the tab before "Merge to file" replaces an existing file;
-//  - blockMergerSliderMoved: a block slider's value written into the weights text, in the page.
+//  - blockMergerSliderMoved: a block slider's value written into the weights text, in the page;
+//  - blockMergerTxt2img: the txt2img tab's live values, read when Generate, Merge & Generate or a plot is pressed
+//    (ui/tab_generation.py): the tab's blank generation fields take them.
 (function() {
     "use strict";
 
@@ -145,7 +147,8 @@
             "safetensors": "Write .safetensors (off: .ckpt)",
             "prune": "Leave out EMA and training-only keys",
             "save metadata": "Write the recipe and the models' hashes into the file",
-            "Reset CLIP ids": "Write position_ids as 0..76"
+            "Reset CLIP ids": "Write position_ids as 0..76",
+            "log ratios": "Print every key's block, alpha and beta to the console when merging (the seed's debug)"
         },
         "bm_inex": {
             "Off": "Merge every key",
@@ -228,6 +231,38 @@
             button.click();
         }, 50);
     }, true);
+
+    // The txt2img tab's current values by the WebUI's elem_ids (v1.10: the sampler and seed are scripts' fields,
+    // the hires fix an InputAccordion whose state is a hidden checkbox). Missing elements are left out.
+    window.blockMergerTxt2img = function() {
+        const doc = app();
+        const out = {};
+        const field = function(id) {
+            return doc.querySelector("#" + id + " textarea, #" + id + " input[type=number], #" + id + " input");
+        };
+        const text = {prompt: "txt2img_prompt", negative_prompt: "txt2img_neg_prompt", sampler: "txt2img_sampling",
+            scheduler: "txt2img_scheduler", hr_upscaler: "txt2img_hr_upscaler"};
+        const numbers = {steps: "txt2img_steps", cfg_scale: "txt2img_cfg_scale", width: "txt2img_width",
+            height: "txt2img_height", batch_count: "txt2img_batch_count", batch_size: "txt2img_batch_size",
+            hr_steps: "txt2img_hires_steps", denoising: "txt2img_denoising_strength", hr_scale: "txt2img_hr_scale"};
+        Object.keys(text).forEach(function(name) {
+            const el = field(text[name]);
+            if (el) out[name] = el.value;
+        });
+        Object.keys(numbers).forEach(function(name) {
+            const el = field(numbers[name]);
+            if (el && el.value !== "" && !isNaN(Number(el.value))) out[name] = Number(el.value);
+        });
+        const hires = doc.querySelector("#txt2img_hr-checkbox input[type=checkbox]");
+        if (hires) out.enable_hr = hires.checked;
+        const styles = doc.querySelector("#txt2img_styles");
+        if (styles) {
+            out.styles = Array.from(styles.querySelectorAll(".token span")).map(function(s) {
+                return s.textContent.trim();
+            }).filter(Boolean);
+        }
+        return out;
+    };
 
     // Asked by the tab (tab.CONFIRM_OVERWRITE_JS) with the file "Merge to file" would replace ("" if none).
     window.blockMergerConfirmOverwrite = function(path) {

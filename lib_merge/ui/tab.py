@@ -32,6 +32,8 @@ from .chart import weights_svg
 from .plot import run_plot
 from .tab_analysis import build_analysis_tab
 from .tab_elements import build_elements_tab
+from .tab_generation import GEN_EXTRA_DEFAULTS, GEN_EXTRA_KEYS, build_generation_extras, live_js
+from .tab_housekeeping import build_housekeeping
 from .tab_images import build_images_tab
 from .tab_metadata import build_metadata_tab
 from .tab_weight_tools import build_weight_tools
@@ -53,7 +55,7 @@ RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta",
                "seed", *mv.METHOD_KEYS)
 SAVE_KEYS = ("save_flags", "save_dtype", "bake_vae", "custom_name")
 GEN_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "gen_seed",
-            "batch_size")
+            "batch_size") + GEN_EXTRA_KEYS
 PLOT_KEYS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values")
 ACTION_KEYS = RECIPE_KEYS + SAVE_KEYS + GEN_KEYS + PLOT_KEYS
 HISTORY_LIMIT = 50
@@ -120,7 +122,7 @@ class Handlers:
     def _merge(self, values: dict[str, Any]) -> list[str]:
         recipe = self.recipe(values)
         options, flags, name = self._save_args(values)
-        outcome = self.service.merge_and_load(recipe, name=name)
+        outcome = self.service.merge_and_load(recipe, name=name, log_ratios=flags["log ratios"])
         lines = [outcome.message()]
         if flags["save model"]:
             result = self._save(lambda: self.service.save(outcome.plan.recipe, name, options, flags["overwrite"],
@@ -155,7 +157,8 @@ class Handlers:
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
             result = self._save(lambda: self.service.save(recipe, name, options, flags["overwrite"],
-                                                          flags["safetensors"], flags["metadata"]))
+                                                          flags["safetensors"], flags["metadata"],
+                                                          log_ratios=flags["log ratios"]))
         return ActionResult(self._saved(result))
 
     def overwrite_target(self, values: dict[str, Any]) -> str:
@@ -409,7 +412,8 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                     w["width"] = gr.Number(0, label="Width", precision=0, elem_id="bm_width")
                     w["height"] = gr.Number(0, label="Height", precision=0, elem_id="bm_height")
                     w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
-                    w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
+                    w["batch_size"] = gr.Number(0, label="Batch size", precision=0, elem_id="bm_batch")
+                build_generation_extras(host, w)
 
             with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
                 for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
@@ -478,6 +482,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
 
     methods_panel.wire(h, w, method_panel, calc_note=calc_note, refresh=refresh, blocks_row=blocks_row,
                        preset=preset, chart=chart)
+    build_housekeeping(h, error_message)
     return dict(block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
                 calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
                 history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
@@ -505,9 +510,11 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     action_inputs = [w[k] for k in ACTION_KEYS]
     action_outputs = [message, gallery, infotext, loaded, history]
 
+    live = js_event(live_js(ACTION_KEYS.index("txt2img_live")))  # generating buttons read txt2img's live values
     for name, method in (("merge", h.merge), ("merge_gen", h.merge_and_generate), ("generate", h.generate),
                          ("save", h.save_current), ("restore", h.restore), ("plot", h.plot)):
-        buttons[name].click(make_action(h, method), action_inputs, action_outputs)
+        buttons[name].click(make_action(h, method), action_inputs, action_outputs,
+                            **(live if name in ("merge_gen", "generate", "plot") else {}))
     _wire_merge_to_file(h, w, action_inputs, action_outputs, buttons["file"])
     buttons["stop"].click(_guard(h.stop, lambda msg: msg), None, message, queue=False)
 
@@ -697,7 +704,7 @@ def handler_values(**values: Any) -> dict[str, Any]:
                     save_flags=list(uv.DEFAULT_SAVE_FLAGS), save_dtype="keep", bake_vae=uv.NO_VAE, custom_name="",
                     prompt="", negative_prompt="", steps=0, sampler="", cfg_scale=0, width=0, height=0, gen_seed=-1,
                     batch_size=1, x_type="alpha", x_values="", y_type="none", y_values="", z_type="none",
-                    z_values="", **mv.METHOD_DEFAULTS)
+                    z_values="", **mv.METHOD_DEFAULTS, **GEN_EXTRA_DEFAULTS)
     unknown = set(values) - set(defaults)
     if unknown:
         raise TypeError(f"unknown widget(s): {', '.join(sorted(unknown))}")
