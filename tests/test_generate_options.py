@@ -75,3 +75,16 @@ def test_model_to_ram_and_back(webui, monkeypatch):
     host.model_to_device()
     assert moved == ["cpu", str(webui.devices.device)] and webui.shared.sd_model is model
     assert host.list_upscalers()[:2] == ["Latent", "Latent (nearest)"] and "Lanczos" in host.list_upscalers()
+
+
+def test_supermerger_history_is_found_beside_the_extension(webui, tmp_path):
+    from lib_merge.hosts.a1111 import A1111Host
+
+    extension = tmp_path / "extensions" / "block-merger"
+    extension.mkdir(parents=True)
+    host = A1111Host(extension)
+    assert host.supermerger_history() is None
+    log = tmp_path / "extensions" / "sd-webui-supermerger" / "mergehistory.csv"
+    log.parent.mkdir()
+    log.write_text("ID\n")
+    assert host.supermerger_history() == log

@@ -31,7 +31,7 @@ from lib_merge.service.ratio_log import ratio_lines
 from lib_merge.ui import values as uv
 from lib_merge.ui.bar_chart import value_range
 from lib_merge.ui.image_recipe import parse_parameters, recipe_of_image, values_from_supermerger
-from lib_merge.ui.tab_analysis import block_chart, block_table, key_table, run_analysis
+from lib_merge.ui.tab_analysis import analysis_outputs, block_chart, block_table, key_table, run_analysis
 from lib_merge.ui.tab_elements import add_rule, element_rows, rule_for
 from lib_merge.ui.tab_images import recipes_of_files
 from lib_merge.ui.tab_metadata import metadata_text
@@ -109,6 +109,17 @@ def test_block_table_and_chart_show_the_float64_measures(host, folder):
     assert drawn == pytest.approx([want[g.group][0] for g in result.groups], abs=1e-4)
     with pytest.raises(MergeError, match="Unknown measure"):
         block_chart(result, "median")
+
+
+def test_the_tables_are_values_gradio_takes(host):
+    gr = pytest.importorskip("gradio")
+    result = run_analysis(host, ["a.safetensors", "b.safetensors", ""])
+    text, chart, blocks, keys = analysis_outputs(result)
+    shown = gr.Dataframe(headers=["block"], value=[[""]], interactive=False).postprocess(blocks)
+    assert shown["headers"] == block_table(result)[0] and shown["data"] == block_table(result)[1]
+    shown = gr.Dataframe(headers=["key"], value=[[""]], interactive=False).postprocess(keys)
+    assert [row[1] for row in shown["data"]] == [k.key for k in result.keys]
+    assert "tensors compared" in text and "bm-bar" in chart
 
 
 def test_three_models_give_three_pairs_per_key(host, folder):

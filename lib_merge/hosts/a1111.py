@@ -515,6 +515,12 @@ class A1111Host:
             raise MergeError("No model is loaded; choose a checkpoint in the WebUI.")
         sd_models.send_model_to_device(shared.sd_model)
 
+    def supermerger_history(self) -> Path | None:
+        """SuperMerger's merge log, when SuperMerger is installed beside this extension (IDs from images reads
+        the recipes of its images there)."""
+        path = self.root.parent / "sd-webui-supermerger" / "mergehistory.csv"
+        return path if path.is_file() else None
+
     def list_styles(self) -> list[str]:
         return list(shared.prompt_styles.styles)
 

@@ -70,6 +70,15 @@ def summary(result: Comparison) -> str:
     return "\n".join(lines)
 
 
+def analysis_outputs(result: Comparison, measure: str = DEFAULT_MEASURE) -> tuple[str, str, dict, dict]:
+    """What the sub-tab shows of a result: the summary, the chart, and the two tables as gr.Dataframe values
+    ({"headers", "data"}: gradio 3.41's update() takes no headers)."""
+    tables = []
+    for headers, rows in (block_table(result), key_table(result)):
+        tables.append({"headers": headers, "data": rows or [["" for _ in headers]]})
+    return summary(result), block_chart(result, measure), tables[0], tables[1]
+
+
 def run_analysis(host, names: list[str]) -> Comparison:
     """Compare the named models (two or three; blanks left out) as a host job: progress shown, Stop honoured."""
     chosen = [n for n in names if n]
@@ -90,10 +99,10 @@ def build_analysis_tab(host, error_message) -> None:
         pickers = [gr.Dropdown(models, value=None, label=label, elem_id=f"bm_an_model_{key}", scale=4, min_width=160)
                    for key, label in (("a", "Model A"), ("b", "Model B"), ("c", "Model C (optional)"))]
         refresh = gr.Button("Refresh", elem_id="bm_an_refresh", size="sm", scale=1, min_width=70)
-    with gr.Row():
-        run = gr.Button("Run analysis", variant="primary", elem_id="bm_an_run")
-        stop = gr.Button("Stop", variant="stop", elem_id="bm_an_stop")
-        measure = gr.Radio(list(MEASURES), value=DEFAULT_MEASURE, label="Chart", elem_id="bm_an_measure")
+    with gr.Row(equal_height=True):
+        run = gr.Button("Run analysis", variant="primary", elem_id="bm_an_run", scale=1, min_width=120)
+        stop = gr.Button("Stop", variant="stop", elem_id="bm_an_stop", scale=1, min_width=80)
+        measure = gr.Radio(list(MEASURES), value=DEFAULT_MEASURE, label="Chart", elem_id="bm_an_measure", scale=4)
     message = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="bm_an_message")
     chart = gr.HTML("", elem_id="bm_an_chart")
     blocks = gr.Dataframe(headers=["block"], value=[[""]], interactive=False, wrap=True, label="Per block",
@@ -105,10 +114,7 @@ def build_analysis_tab(host, error_message) -> None:
 
     def analyse(a, b, c, chosen_measure):
         result = run_analysis(host, [a, b, c])
-        b_head, b_rows = block_table(result)
-        k_head, k_rows = key_table(result)
-        return (summary(result), block_chart(result, chosen_measure), gr.update(headers=b_head, value=b_rows),
-                gr.update(headers=k_head, value=k_rows), result)
+        return (*analysis_outputs(result, chosen_measure), result)
 
     def analyse_guarded(*args):
         try:
