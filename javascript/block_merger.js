@@ -136,6 +136,8 @@
         "bm_el_message": "How many keys match; what a click added",
         "bm_el_table": "Click a row to add Block:key:ratio to the Merge tab's Elemental field",
         "bm_md_model": "The model whose metadata to show",
+        "bm_md_refresh": "Read the models folder again (a merge just saved appears)",
+        "bm_el_refresh": "Read the models folder again (a merge just saved appears)",
         "bm_md_show": "Show the model's metadata: merge recipe, the models it came from, training metadata",
         "bm_md_text": "The metadata, one section per kind",
         "bm_img_files": "Drop PNG images generated with a merge: the first one's recipe fills the Merge tab",

@@ -16,6 +16,7 @@ from ..analysis.similarity import Comparison, compare_models
 from ..core.errors import MergeError
 from ..hosts.base import model_choices
 from .bar_chart import bars_svg, value_range
+from .model_refresh import wire_refresh
 
 #: the chart's measures: (label, the GroupResult field, y-axis floor, ceiling)
 MEASURES = {
@@ -125,10 +126,6 @@ def build_analysis_tab(host, error_message) -> None:
     def redraw(result: Any, chosen_measure):
         return gr.update() if result is None else block_chart(result, chosen_measure)
 
-    def refresh_models(*names):
-        choices = model_choices(host, names)
-        return [gr.update(choices=choices, value=n or None) for n in names]
-
     run.click(analyse_guarded, [*pickers, measure], [message, chart, blocks, keys, state])
     def stop_analysis():
         host.request_stop()
@@ -136,4 +133,4 @@ def build_analysis_tab(host, error_message) -> None:
 
     stop.click(stop_analysis, None, message, queue=False)
     measure.change(redraw, [state, measure], chart, queue=False)
-    refresh.click(refresh_models, pickers, pickers, queue=False)
+    wire_refresh(host, refresh, pickers)

@@ -13,6 +13,7 @@ import gradio as gr
 from ..analysis.elements import Element, list_elements
 from ..core.errors import MergeError
 from ..hosts.base import model_choices
+from .model_refresh import wire_refresh
 from .values import fmt, number_or_none
 
 HEADERS = ("No.", "block", "fine", "key", "shape", "dtype")
@@ -54,6 +55,7 @@ def build_elements_tab(host, elemental: gr.Textbox, error_message) -> None:
     """The sub-tab over `host`; rules go into `elemental` (the Merge tab's field)."""
     with gr.Row(equal_height=True):
         model = gr.Dropdown(model_choices(host), value=None, label="Model", elem_id="bm_el_model", scale=3)
+        refresh = gr.Button("Refresh", elem_id="bm_el_refresh", size="sm", scale=1, min_width=70)
         contains = gr.Textbox(label="Filter (key text, block or fine label: attn2, OUT11, IN410)", max_lines=1,
                               elem_id="bm_el_filter", scale=3)
         ratio = gr.Number(0.5, label="Ratio of an added rule", elem_id="bm_el_ratio", scale=1, min_width=120)
@@ -85,4 +87,5 @@ def build_elements_tab(host, elemental: gr.Textbox, error_message) -> None:
 
     for event in (show.click, contains.submit):
         event(guarded_listing, [model, contains], [table, message])
+    wire_refresh(host, refresh, [model])
     table.select(clicked, [table, elemental, ratio], [elemental, message], queue=False)
