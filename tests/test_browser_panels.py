@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import test_browser
+from conftest import sd1_block
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file
 from test_browser import ARTIFACTS, Tab, pytestmark, wait_until  # noqa: F401  (pytestmark: the same skips)
@@ -40,19 +40,7 @@ def group(key: str) -> str | None:
         return None
     if key.startswith("cond_stage_model."):
         return "TE"
-    if key.startswith("first_stage_model."):
-        return "VAE"
-    if "time_embed" in key:
-        return "IN00"
-    if ".out." in key:
-        return "OUT11"
-    if m := re.search(r"\.input_blocks\.(\d+)\.", key):
-        return f"IN{int(m.group(1)):02d}"
-    if ".middle_block." in key:
-        return "M00"
-    if m := re.search(r"\.output_blocks\.(\d+)\.", key):
-        return f"OUT{int(m.group(1)):02d}"
-    return "BASE"
+    return "VAE" if key.startswith("first_stage_model.") else sd1_block(key)
 
 
 def test_analysis_chart_in_the_browser(app, browser):

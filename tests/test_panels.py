@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import sd1_block, sd1_model
 from PIL import Image, PngImagePlugin
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from test_analysis import save
 
 from lib_merge.analysis.metadata import describe_metadata, model_metadata
 from lib_merge.analysis.similarity import compare_models
@@ -39,11 +40,6 @@ from lib_merge.ui.tab_weight_tools import apply_helper, slider_limits
 
 UNET = "model.diffusion_model."
 BLOCKS = ["BASE", *[f"IN{i:02d}" for i in range(12)], "M00", *[f"OUT{i:02d}" for i in range(12)]]
-
-
-def save(state, path):
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,14 @@ def _short(value: object) -> str:
     return text if len(text) <= LONG_LIMIT else f"{text[:LONG_LIMIT]}… ({len(text):,} characters)"
 
 
+def _entry(name: str, value: object) -> list[str]:
+    """One metadata entry: `name: value`, or the name (with the size of a long table) over its indented items."""
+    if not isinstance(value, dict):
+        return [f"  {name}: {_short(value)}"]
+    size = f" {len(value)} entries" if name in LONG_TRAINING_KEYS else ""
+    return [f"  {name}:{size}", *_lines(value, "    ")]
+
+
 def describe_metadata(metadata: Mapping[str, str]) -> str:
     """The metadata as readable text in sections: merge recipe, merged from, training, other."""
     if not metadata:
@@ -73,26 +81,13 @@ def describe_metadata(metadata: Mapping[str, str]) -> str:
     if training:
         lines = [f"Training metadata ({len(training)} fields):"]
         for name in training:
-            value = _decoded(metadata[name])
-            if name in LONG_TRAINING_KEYS and isinstance(value, dict):
-                lines.append(f"  {name}: {len(value)} entries")
-                lines += _lines(value, "    ")
-            elif isinstance(value, dict):
-                lines.append(f"  {name}:")
-                lines += _lines(value, "    ")
-            else:
-                lines.append(f"  {name}: {_short(value)}")
+            lines += _entry(name, _decoded(metadata[name]))
         sections.append("\n".join(lines))
     other = sorted(k for k in metadata if k not in (RECIPE_KEY, MODELS_KEY) and not k.startswith(TRAINING_PREFIX))
     if other:
         lines = ["Other:"]
         for name in other:
-            value = _decoded(metadata[name])
-            if isinstance(value, dict):
-                lines.append(f"  {name}:")
-                lines += _lines(value, "    ")
-            else:
-                lines.append(f"  {name}: {_short(value)}")
+            lines += _entry(name, _decoded(metadata[name]))
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 

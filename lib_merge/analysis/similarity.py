@@ -168,8 +168,8 @@ def _num(value: float, digits: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def format_comparison(result: Comparison, per_key: bool = False) -> str:
-    """A text table per group (and per key with `per_key`): for each pair cosine mean/min [%] and relative L2."""
+def summary_lines(result: Comparison) -> list[str]:
+    """The models, the architecture and what was compared or skipped (the head of every report)."""
     lines = [f"{NAMES[i]}: {p}" for i, p in enumerate(result.paths)]
     lines.append(f"Architecture: {result.arch.describe()}; {len(result.keys)} tensors compared")
     if result.missing:
@@ -177,6 +177,12 @@ def format_comparison(result: Comparison, per_key: bool = False) -> str:
     if result.shape_mismatch:
         lines.append(f"Skipped {len(result.shape_mismatch)} tensors of different shapes "
                      f"(first: {result.shape_mismatch[0]})")
+    return lines
+
+
+def format_comparison(result: Comparison, per_key: bool = False) -> str:
+    """A text table per group (and per key with `per_key`): for each pair cosine mean/min [%] and relative L2."""
+    lines = summary_lines(result)
     head = f"{'group':<8}{'keys':>6}" + "".join(
         f"  {p + ' cos mean%':>14}{'min%':>9}{'rel L2':>9}" for p in result.pairs)
     lines += ["", head]

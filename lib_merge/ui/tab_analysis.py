@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..analysis.similarity import Comparison, compare_models
+from ..analysis.similarity import Comparison, compare_models, summary_lines
 from ..core.errors import MergeError
 from ..hosts.base import model_choices
 from .bar_chart import bars_svg, value_range
@@ -60,24 +60,13 @@ def block_chart(result: Comparison, measure: str = DEFAULT_MEASURE) -> str:
     return bars_svg(labels, series, measure, y_range)
 
 
-def summary(result: Comparison) -> str:
-    lines = [f"{'ABC'[i]}: {p.name}" for i, p in enumerate(result.paths)]
-    lines.append(f"{result.arch.describe()}: {len(result.keys)} tensors compared in {len(result.groups)} blocks.")
-    if result.missing:
-        lines.append(f"Skipped {len(result.missing)} tensors missing from B or C (first: {result.missing[0]}).")
-    if result.shape_mismatch:
-        lines.append(f"Skipped {len(result.shape_mismatch)} tensors of different shapes "
-                     f"(first: {result.shape_mismatch[0]}).")
-    return "\n".join(lines)
-
-
 def analysis_outputs(result: Comparison, measure: str = DEFAULT_MEASURE) -> tuple[str, str, dict, dict]:
     """What the sub-tab shows of a result: the summary, the chart, and the two tables as gr.Dataframe values
     ({"headers", "data"}: gradio 3.41's update() takes no headers)."""
     tables = []
     for headers, rows in (block_table(result), key_table(result)):
         tables.append({"headers": headers, "data": rows or [["" for _ in headers]]})
-    return summary(result), block_chart(result, measure), tables[0], tables[1]
+    return "\n".join(summary_lines(result)), block_chart(result, measure), tables[0], tables[1]
 
 
 def run_analysis(host, names: list[str]) -> Comparison:
