@@ -89,7 +89,8 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
 
 
 def _request(request: GenerationRequest, cell: Cell) -> GenerationRequest:
-    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt)
+    """A cell's request: its seed and prompt, one batch (txt2img's batch count is not a plot's)."""
+    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt, batch_count=1)
 
 
 def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], list[Path]]:
