@@ -6,7 +6,9 @@
 //  - Ctrl+Enter (Cmd+Enter) inside the tab runs Merge (where no model can be loaded, as in the standalone app:
 //    Merge to file);
 //  - blockMergerConfirmOverwrite: asked by the tab before "Merge to file" replaces an existing file;
-//  - blockMergerSliderMoved: a block slider's value written into the weights text, in the page.
+//  - blockMergerSliderMoved: a block slider's value written into the weights text, in the page;
+//  - blockMergerTxt2img: the txt2img tab's live values, read when Generate, Merge & Generate or a plot is pressed
+//    (ui/tab_generation.py): the tab's blank generation fields take them.
 (function() {
     "use strict";
 
@@ -179,7 +181,58 @@
         "bm_search": "Words to find in the history (blank: the latest merges)",
         "bm_search_mode": "and: rows with every word; or: rows with any word",
         "bm_search_btn": "Search the history, or reload it",
-        "bm_history": "The merge history (newest first)"
+        "bm_history": "The merge history (newest first)",
+        "bm_an_model_a": "Analysis: model A, the reference of every distance",
+        "bm_an_model_b": "Analysis: model B, compared with A",
+        "bm_an_model_c": "Analysis: model C (optional), compared with A and B",
+        "bm_an_refresh": "Read the models folder again for the analysis choices",
+        "bm_an_run": "Compare the models key by key (streamed: one tensor of each model in memory at a time)",
+        "bm_an_stop": "Stop the running analysis at its next tensor",
+        "bm_an_measure": "What the bar chart shows per block: relative L2 distance |X-Y|/|X|, or the mean/min cosine similarity of the block's keys",
+        "bm_an_message": "The models compared, and the keys skipped (missing or of another shape)",
+        "bm_an_chart": "One group of bars per block (text encoder, U-Net blocks, VAE), one bar per pair of models",
+        "bm_an_blocks": "Per block: keys compared, mean and min cosine similarity in percent, relative L2 distance",
+        "bm_an_keys": "Per key: cosine similarity and relative L2 distance of every pair",
+        "bm_el_model": "The model whose keys to list (only its header is read)",
+        "bm_el_filter": "Keep keys holding this text, or of this block or fine label (attn2, OUT11, IN410)",
+        "bm_el_ratio": "The ratio of the elemental rule a click adds",
+        "bm_el_list": "List the keys with their block, shape and dtype",
+        "bm_el_message": "How many keys match; what a click added",
+        "bm_el_table": "Click a row to add Block:key:ratio to the Merge tab's Elemental field",
+        "bm_md_model": "The model whose metadata to show",
+        "bm_md_refresh": "Read the models folder again (a merge just saved appears)",
+        "bm_el_refresh": "Read the models folder again (a merge just saved appears)",
+        "bm_md_show": "Show the model's metadata: merge recipe, the models it came from, training metadata",
+        "bm_md_text": "The metadata, one section per kind",
+        "bm_img_files": "Drop PNG images generated with a merge: the first one's recipe fills the Merge tab",
+        "bm_img_sm_history": "SuperMerger's mergehistory.csv: SuperMerger images record only a merge ID, whose recipe is in that file",
+        "bm_img_message": "What each image holds, and which recipe was loaded",
+        "bm_batch_count": "Batch count: how many batches (0: txt2img's)",
+        "bm_restore_faces": "Restore faces: as txt2img (the WebUI's setting), on or off",
+        "bm_tiling": "Tiling: as txt2img (the WebUI's setting), on or off",
+        "bm_styles": "Prompt styles to apply (none chosen: txt2img's)",
+        "bm_enable_hr": "Hires. fix: as txt2img's checkbox, on or off",
+        "bm_hr_upscaler": "Hires fix upscaler (blank: txt2img's)",
+        "bm_hr_steps": "Hires steps (0: txt2img's)",
+        "bm_hr_denoise": "Hires denoising strength (0: txt2img's)",
+        "bm_hr_scale": "Hires upscale factor (0: txt2img's)",
+        "bm_txt2img_live": "The txt2img tab's live values, read when generating",
+        "bm_helper_value": "The helper's value",
+        "bm_helper_groups": "The block groups the helper changes: BASE, IN00-IN11, MID (M00), OUT00-OUT11",
+        "bm_helper_set": "Set the ticked groups' weights to the value",
+        "bm_helper_add": "Add the value to the ticked groups' weights",
+        "bm_helper_mul": "Multiply the ticked groups' weights by the value",
+        "bm_slider_min": "The block sliders' minimum (the text may hold any value)",
+        "bm_slider_max": "The block sliders' maximum",
+        "bm_slider_limits": "Give the 26 block sliders this range",
+        "bm_user_presets": "Your presets file beside the shipped one (never written): NAME<tab>26 values per line",
+        "bm_user_presets_save": "Check and save your presets; they join the preset list at once",
+        "bm_user_presets_reload": "Read the preset files again (after editing them outside the tab)",
+        "bm_cache": "The source checkpoints kept open for the next merges",
+        "bm_cache_list": "Show the open models again",
+        "bm_cache_clear": "Close every open model (the next merge opens its models again)",
+        "bm_unload": "Move the model (and the merge in it) to RAM, freeing VRAM: the WebUI's Unload SD checkpoint to RAM",
+        "bm_to_vram": "Move the model back to its device: the WebUI's Load SD checkpoint to VRAM"
     };
 
     // option hints, by the elem_id of the radio or checkbox group that holds them (JSON, checked like the above)
@@ -209,7 +262,8 @@
             "safetensors": "Write .safetensors (off: .ckpt)",
             "prune": "Leave out EMA and training-only keys",
             "save metadata": "Write the recipe and the models' hashes into the file",
-            "Reset CLIP ids": "Write position_ids as 0..76"
+            "Reset CLIP ids": "Write position_ids as 0..76",
+            "log ratios": "Print every key's block, alpha and beta to the console when merging (the seed's debug)"
         },
         "bm_inex": {
             "Off": "Merge every key",
@@ -292,6 +346,38 @@
             button.click();
         }, 50);
     }, true);
+
+    // The txt2img tab's current values by the WebUI's elem_ids (v1.10: the sampler and seed are scripts' fields,
+    // the hires fix an InputAccordion whose state is a hidden checkbox). Missing elements are left out.
+    window.blockMergerTxt2img = function() {
+        const doc = app();
+        const out = {};
+        const field = function(id) {
+            return doc.querySelector("#" + id + " textarea, #" + id + " input[type=number], #" + id + " input");
+        };
+        const text = {prompt: "txt2img_prompt", negative_prompt: "txt2img_neg_prompt", sampler: "txt2img_sampling",
+            scheduler: "txt2img_scheduler", hr_upscaler: "txt2img_hr_upscaler"};
+        const numbers = {steps: "txt2img_steps", cfg_scale: "txt2img_cfg_scale", width: "txt2img_width",
+            height: "txt2img_height", batch_count: "txt2img_batch_count", batch_size: "txt2img_batch_size",
+            hr_steps: "txt2img_hires_steps", denoising: "txt2img_denoising_strength", hr_scale: "txt2img_hr_scale"};
+        Object.keys(text).forEach(function(name) {
+            const el = field(text[name]);
+            if (el) out[name] = el.value;
+        });
+        Object.keys(numbers).forEach(function(name) {
+            const el = field(numbers[name]);
+            if (el && el.value !== "" && !isNaN(Number(el.value))) out[name] = Number(el.value);
+        });
+        const hires = doc.querySelector("#txt2img_hr-checkbox input[type=checkbox]");
+        if (hires) out.enable_hr = hires.checked;
+        const styles = doc.querySelector("#txt2img_styles");
+        if (styles) {
+            out.styles = Array.from(styles.querySelectorAll(".token span")).map(function(s) {
+                return s.textContent.trim();
+            }).filter(Boolean);
+        }
+        return out;
+    };
 
     // Asked by the tab (tab.CONFIRM_OVERWRITE_JS) with the file "Merge to file" would replace ("" if none).
     window.blockMergerConfirmOverwrite = function(path) {

@@ -174,13 +174,14 @@ def test_values_from_recipe_round_trip():
 def test_save_options_and_generation_request():
     opts, flags = save_options_from_values(["prune", "Reset CLIP ids", "overwrite"], "fp16", "None")
     assert (opts.dtype, opts.prune, opts.reset_clip_ids, opts.bake_vae) == ("fp16", True, True, None)
-    assert flags == {"overwrite": True, "safetensors": False, "metadata": False, "save model": False}
+    assert flags == {"overwrite": True, "safetensors": False, "metadata": False, "save model": False,
+                     "log ratios": False}
     req = request_from_values("cat", "dog", 0, "", 0, 512.0, 0, -1.0, 2)
     assert (req.prompt, req.steps, req.width, req.height, req.seed, req.batch_size) == ("cat", 0, 512, 0, -1, 2)
     with pytest.raises(MergeError, match="multiples of 8"):
         request_from_values(width=500)
     with pytest.raises(MergeError, match="Batch size"):
-        request_from_values(batch_size=0)
+        request_from_values(batch_size=-1)  # 0 is "as in txt2img"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ floats, so the memory used is a few copies of the largest tensor, never a model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core.arch import Arch, detect_arch
-from ..core.errors import MergeError
+from ..core.errors import MergeCancelled, MergeError
 from ..io.checkpoint import open_checkpoint
 from .groups import group_of, group_order
 
@@ -96,8 +97,12 @@ def _arch_of_all(ckpts, paths) -> Arch:
     return archs[0]
 
 
-def compare_models(paths: list[Path] | tuple[Path, ...]) -> Comparison:
-    """Compare two or three checkpoints key by key; keys are taken in model A's order."""
+def compare_models(paths: list[Path] | tuple[Path, ...], progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> Comparison:
+    """Compare two or three checkpoints key by key; keys are taken in model A's order.
+
+    `progress(done, total)` is told after every key; `cancel()` is asked before every key, and True ends the
+    analysis with MergeCancelled (nothing is written anywhere, so there is nothing to undo)."""
     paths = tuple(Path(p) for p in paths)
     if len(paths) not in (2, 3):
         raise MergeError(f"analysis compares two or three models, got {len(paths)}.")
@@ -108,7 +113,12 @@ def compare_models(paths: list[Path] | tuple[Path, ...]) -> Comparison:
         arch = _arch_of_all(ckpts, paths)
         sums: dict[str, dict[str, _GroupSums]] = {}
         results, missing, mismatch = [], [], []
-        for key in ckpts[0].keys():
+        keys = ckpts[0].keys()
+        for done, key in enumerate(keys):
+            if cancel is not None and cancel():
+                raise MergeCancelled(f"Analysis stopped after {done} of {len(keys)} tensors.")
+            if progress is not None:
+                progress(done, len(keys))
             group = group_of(arch, key)
             if group is None or not ckpts[0].dtype(key).is_floating_point:
                 continue
@@ -158,8 +168,8 @@ def _num(value: float, digits: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def format_comparison(result: Comparison, per_key: bool = False) -> str:
-    """A text table per group (and per key with `per_key`): for each pair cosine mean/min [%] and relative L2."""
+def summary_lines(result: Comparison) -> list[str]:
+    """The models, the architecture and what was compared or skipped (the head of every report)."""
     lines = [f"{NAMES[i]}: {p}" for i, p in enumerate(result.paths)]
     lines.append(f"Architecture: {result.arch.describe()}; {len(result.keys)} tensors compared")
     if result.missing:
@@ -167,6 +177,12 @@ def format_comparison(result: Comparison, per_key: bool = False) -> str:
     if result.shape_mismatch:
         lines.append(f"Skipped {len(result.shape_mismatch)} tensors of different shapes "
                      f"(first: {result.shape_mismatch[0]})")
+    return lines
+
+
+def format_comparison(result: Comparison, per_key: bool = False) -> str:
+    """A text table per group (and per key with `per_key`): for each pair cosine mean/min [%] and relative L2."""
+    lines = summary_lines(result)
     head = f"{'group':<8}{'keys':>6}" + "".join(
         f"  {p + ' cos mean%':>14}{'min%':>9}{'rel L2':>9}" for p in result.pairs)
     lines += ["", head]

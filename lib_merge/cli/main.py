@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "smoothAdd MT)")
     merge.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--log-ratios", action="store_true",
+                       help="print every key's block, alpha and beta to stderr before merging")
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint: architecture, dtypes, blocks, metadata")
     inspect.add_argument("file")
@@ -237,7 +239,7 @@ def cmd_merge(args) -> int:
         result = merge_to_file(recipe, args.output, options, overwrite=args.overwrite,
                                hashes=HashCache(data / "hashes.json"), history=history,
                                metadata=not args.no_metadata, progress=update, threads=args.threads,
-                               device=args.device)
+                               device=args.device, log_ratios=args.log_ratios)
     finally:
         close()
     plan = result.plan

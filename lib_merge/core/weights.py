@@ -18,6 +18,9 @@ from .arch import ADJUST_KEYS, BLOCKS_XL_FINE, Arch
 from .errors import MergeError
 
 DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "data" / "mbwpresets.tsv"
+#: the user's own presets, next to the shipped file (which is never written); its entries replace shipped ones
+USER_PRESETS = DEFAULT_PRESETS.with_name("mbwpresets_user.tsv")
+USER_PRESETS_HEADER = "preset_name\tpreset_weights"
 
 INEX_EXTRAS = ("Adjust", "VAE")
 INEX_MODES = ("Off", "Include", "Exclude")
@@ -35,6 +38,8 @@ class Presets:
     def __init__(self, table: dict[str, str], paths: Sequence[Path] = ()):
         self._table = {**RANDOM_PRESETS, **table}
         self.paths = tuple(paths)  # the files read (a merge reads them: none may be its output)
+        self.user_path: Path | None = None  # the user's file (set by load_with_user, even before it exists)
+        self.shipped_path: Path | None = None
 
     @classmethod
     def load(cls, *paths: Path | str) -> Presets:
@@ -47,10 +52,65 @@ class Presets:
             except OSError as e:
                 raise MergeError(f"Cannot read the preset file {path}: {e.strerror or e}.") from e
             for line in lines[1:]:
-                name, sep, values = line.partition("\t") if "\t" in line else line.partition(":")
-                if sep and name.strip() and values.strip():
-                    table[name.strip()] = values.strip()
+                entry = _preset_line(line)
+                if entry is not None:
+                    table[entry[0]] = entry[1]
         return cls(table, paths)
+
+    @classmethod
+    def load_with_user(cls, user: Path | str = USER_PRESETS, shipped: Path | str = DEFAULT_PRESETS) -> Presets:
+        """The shipped presets, then the user's file when it exists; `user_path` remembers where it is (or will be)
+        so that the tab can edit, save and reload it."""
+        user = Path(user)
+        presets = cls.load(shipped, *([user] if user.is_file() else []))
+        presets.user_path = user
+        presets.shipped_path = Path(shipped)
+        return presets
+
+    def reload(self) -> None:
+        """Read the files again (the user's file may have been created or edited since)."""
+        fresh = (Presets.load_with_user(self.user_path, self.shipped_path or DEFAULT_PRESETS) if self.user_path
+                 else Presets.load(*self.paths))
+        self._table, self.paths = fresh._table, fresh.paths
+
+    def save_user(self, text: str) -> int:
+        """Check `text` (a preset file: header line, then `NAME<TAB>values` or `NAME:values` lines), write it as
+        the user's file (atomically) and reload; returns the number of presets in it. The shipped file is never
+        written."""
+        if self.user_path is None:
+            raise MergeError("These presets have no user file to save to.")
+        if Path(self.user_path).resolve() == Path(self.shipped_path or DEFAULT_PRESETS).resolve():
+            raise MergeError(f"{self.user_path} is the shipped preset file, which is never written; save to "
+                             f"{USER_PRESETS.name} beside it.")
+        lines = (text or "").splitlines()
+        first = _preset_line(lines[0]) if lines else None
+        if not lines or (first is not None and not _bad_values(first[1])):
+            lines.insert(0, USER_PRESETS_HEADER)  # the first line is a header: never lose a preset to it
+        count = 0
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            entry = _preset_line(line)
+            if entry is None:
+                raise MergeError(f"Line {number} ({line[:40]!r}) is not NAME<tab>values or NAME:values.")
+            name, values = entry
+            bad = _bad_values(values)
+            if bad:
+                raise MergeError(f"Preset {name!r} (line {number}): {bad[0]!r} is not a number (or R, U, X).")
+            count += 1
+        target = Path(self.user_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        temporary.replace(target)
+        self.reload()
+        return count
+
+    def user_text(self) -> str:
+        """The user's file as it is on disk, or a header and an example line to start from."""
+        if self.user_path is not None and Path(self.user_path).is_file():
+            return Path(self.user_path).read_text(encoding="utf-8")
+        return f"{USER_PRESETS_HEADER}\nMY_PRESET\t" + ",".join(["0.5"] * 26) + "\n"
 
     def names(self, length: int | None = 26) -> list[str]:
         """Preset names, by default only those with 26 values (what the dropdowns list, as in the seed)."""
@@ -70,6 +130,21 @@ class Presets:
                 )
             return found
         return text
+
+
+def _preset_line(line: str) -> tuple[str, str] | None:
+    name, sep, values = line.partition("\t") if "\t" in line else line.partition(":")
+    return (name.strip(), values.strip()) if sep and name.strip() and values.strip() else None
+
+
+def _bad_values(values: str) -> list[str]:
+    """The entries of a preset's values that are neither finite numbers nor the random letters R, U, X."""
+    def ok(token: str) -> bool:
+        try:
+            return math.isfinite(float(token))
+        except ValueError:
+            return token in (*RANDOM_TOKENS, "X")
+    return [t for t in (t.strip() for t in values.split(",")) if not ok(t)]
 
 
 def random_table(seed: int, keys: int = 0) -> np.ndarray:

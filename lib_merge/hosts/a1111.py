@@ -477,32 +477,68 @@ class A1111Host:
         return out
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        """txt2img with the loaded model: the request's values (the tab filled its blanks from the live txt2img
+        tab), the rest from txt2img's saved defaults; restore faces / tiling left unset follow the WebUI's own
+        settings, as txt2img's do."""
         d = self.txt2img_defaults()
         opts = shared.opts
+        hires = {}
+        if request.enable_hr:
+            hires = dict(enable_hr=True, hr_scale=float(request.hr_scale or 2.0),
+                         hr_upscaler=request.hr_upscaler or None, hr_second_pass_steps=int(request.hr_steps or 0),
+                         denoising_strength=float(request.denoising_strength or 0.7))
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model,
             outpath_samples=opts.outdir_samples or opts.outdir_txt2img_samples,
             outpath_grids=opts.outdir_grids or opts.outdir_txt2img_grids,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
+            styles=list(request.styles),
             seed=request.seed if request.seed is not None else -1,
             sampler_name=request.sampler or d["sampler"],
             batch_size=max(1, request.batch_size or 1),
-            n_iter=1,
+            n_iter=max(1, request.batch_count or 1),
             steps=int(request.steps or d["steps"]),
             cfg_scale=float(request.cfg_scale or d["cfg_scale"]),
             width=int(request.width or d["width"]),
             height=int(request.height or d["height"]),
+            restore_faces=request.restore_faces,
+            tiling=request.tiling,
             extra_generation_params=dict(request.extra_params),
             do_not_save_samples=False,
             do_not_save_grid=False,
+            **hires,
         )
-        if not request.sampler and d["scheduler"]:
-            p.scheduler = d["scheduler"]
+        scheduler = request.scheduler or ("" if request.sampler else d["scheduler"])
+        if scheduler:
+            p.scheduler = scheduler
         p.scripts = None  # the txt2img extensions' hooks need their own UI arguments; ours must not re-merge
         with contextlib.closing(p):
             processed = processing.process_images(p)
         return GenerationResult(list(processed.images), list(processed.infotexts), processed.seed)
+
+    def unload_model(self) -> None:
+        """The WebUI's "Unload SD checkpoint to RAM": the model (merge included) moves to the CPU, freeing VRAM."""
+        sd_models.unload_model_weights()
+
+    def model_to_device(self) -> None:
+        """The WebUI's "Load SD checkpoint to VRAM": back to where it computes."""
+        if shared.sd_model is None:
+            raise MergeError("No model is loaded; choose a checkpoint in the WebUI.")
+        sd_models.send_model_to_device(shared.sd_model)
+
+    def supermerger_history(self) -> Path | None:
+        """SuperMerger's merge log, when SuperMerger is installed beside this extension (IDs from images reads
+        the recipes of its images there)."""
+        path = self.root.parent / "sd-webui-supermerger" / "mergehistory.csv"
+        return path if path.is_file() else None
+
+    def list_styles(self) -> list[str]:
+        return list(shared.prompt_styles.styles)
+
+    def list_upscalers(self) -> list[str]:
+        """Hires fix upscalers, as txt2img lists them (latent modes first)."""
+        return [*shared.latent_upscale_modes, *(u.name for u in shared.sd_upscalers)]
 
     def save_grid(self, image, info: str) -> Path | None:
         opts = shared.opts

@@ -52,6 +52,16 @@ class GenerationRequest:
     seed: int = -1
     batch_size: int = 1
     extra_params: Mapping[str, str] = field(default_factory=dict)  # added to the infotext
+    batch_count: int = 0  # 0: 1
+    scheduler: str = ""
+    restore_faces: bool | None = None  # None: the WebUI's own setting
+    tiling: bool | None = None
+    styles: tuple[str, ...] = ()
+    enable_hr: bool = False  # hires fix; its values below, 0/"" meaning the WebUI's defaults
+    hr_scale: float = 0.0
+    hr_upscaler: str = ""
+    hr_steps: int = 0
+    denoising_strength: float = 0.0
 
 
 @dataclass

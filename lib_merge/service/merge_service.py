@@ -44,6 +44,7 @@ from ..lora.bake import plan_bake
 from ..lora.blocks import LoraSpec, load_presets
 from .lora_service import LiveBake, LiveModel, apply_bake, live_identity, live_record
 from .pipeline import SaveResult, check_device, check_files, merge_to_file
+from .ratio_log import write_ratio_log
 
 INFOTEXT_RECIPE = "Merge recipe"
 INFOTEXT_MERGE = "Merge"
@@ -107,7 +108,7 @@ class MergeService:
     def __init__(self, host: Host, presets: Presets | None = None, keep_models: int = 3, threads: int | None = None,
                  hashes: HashCache | None = None, log_merges: bool = True, device: str | None = None):
         self.host = host
-        self.presets = presets or Presets.load()
+        self.presets = presets or Presets.load_with_user()
         self.keep_models = max(1, keep_models)
         self.threads = threads
         self.device = device  # "cuda" computes each key on the GPU (the merge device setting)
@@ -145,9 +146,16 @@ class MergeService:
         return Models(*(self._checkpoint(n) for n in (recipe.model_a, recipe.model_b, recipe.model_c)),
                       tuple(self._checkpoint(n) for n in recipe.models))
 
-    def close(self) -> None:
+    def open_model_names(self) -> list[str]:
+        """The file names of the source checkpoints kept open, oldest first."""
+        return [path.name for path in self._open]
+
+    def close(self) -> int:
+        """Close every open source checkpoint (the cache of open models); returns how many were open."""
+        count = len(self._open)
         while self._open:
             self._open.popitem()[1].close()
+        return count
 
     # -- merging --------------------------------------------------------------------------------------------------
 
@@ -171,16 +179,20 @@ class MergeService:
 
     def merge_and_load(self, recipe: Recipe, name: str = "", cancel: Callable[[], bool] | None = None,
                        progress: Callable[[int, int], None] | None = None, log: bool = True,
-                       commit: bool = True, scratch: ScratchPool | None = None) -> MergeOutcome:
+                       commit: bool = True, scratch: ScratchPool | None = None,
+                       log_ratios: bool = False) -> MergeOutcome:
         """Merge into the loaded model (only the keys that differ from the merge already loaded).
 
         `commit=False` marks a transient merge (an X/Y/Z cell, an API request for one generation): the next
-        `reconcile(None)` puts back what the user had chosen."""
+        `reconcile(None)` puts back what the user had chosen. `log_ratios` writes every key's ratios to the
+        console (`ratio_log`)."""
         if self.host.live_model_unavailable:
             raise MergeError(self.host.live_model_unavailable)
         start = time.perf_counter()
         with self._mutex:
             plan, models = self.plan(recipe)
+            if log_ratios:
+                write_ratio_log(plan)
             previous = self.loaded_plan()
             if self.log_merges and log:  # a history that cannot take the row is refused before any tensor is read
                 check_files(plan.recipe, None, self.host.resolve_model, presets=self.presets, history=self.history())
@@ -402,7 +414,7 @@ class MergeService:
 
     def save(self, recipe: Recipe, custom_name: str = "", options: SaveOptions | None = None,
              overwrite: bool = False, safetensors: bool = True, metadata: bool = True,
-             cancel: Callable[[], bool] | None = None) -> SaveResult:
+             cancel: Callable[[], bool] | None = None, log_ratios: bool = False) -> SaveResult:
         """Merge and write to the models folder (streamed; the loaded model is not touched)."""
         options = options or SaveOptions()
         if options.bake_vae and not Path(options.bake_vae).is_absolute():
@@ -414,7 +426,7 @@ class MergeService:
             plan.recipe, out, options, overwrite=overwrite, resolve=self.host.resolve_model, presets=self.presets,
             hashes=self.hashes, history=self.history() if self.log_merges else None, metadata=metadata,
             progress=lambda done, total: self.host.progress(done, total, "Saving"),
-            cancel=cancel or self.host.interrupted, threads=self.threads, device=self.device)
+            cancel=cancel or self.host.interrupted, threads=self.threads, device=self.device, log_ratios=log_ratios)
 
     def save_loaded(self, custom_name: str = "", options: SaveOptions | None = None, overwrite: bool = False,
                     safetensors: bool = True) -> SaveResult:

@@ -19,6 +19,7 @@ from ..io.checkpoint import SaveOptions, check_output_path, merge_metadata, open
 from ..io.hashes import HashCache
 from ..io.history import History
 from ..io.output import FileSink
+from .ratio_log import write_ratio_log
 
 Resolve = Callable[[str], Path]
 
@@ -98,8 +99,9 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
                   overwrite: bool = False, resolve: Resolve = Path, presets: Presets | None = None,
                   hashes: HashCache | None = None, history: History | None = None, metadata: bool = True,
                   progress: Progress | None = None, cancel: Cancel | None = None,
-                  threads: int | None = None, device: str | None = None) -> SaveResult:
-    """Merge the recipe's models and stream the result into `output`; every input error is raised before writing."""
+                  threads: int | None = None, device: str | None = None, log_ratios: bool = False) -> SaveResult:
+    """Merge the recipe's models and stream the result into `output`; every input error is raised before writing.
+    `log_ratios` writes every key's ratios to the console first (`ratio_log`)."""
     presets = presets or Presets.load()
     recipe = recipe.validate(presets)
     options = options or SaveOptions()
@@ -109,6 +111,8 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
     check_files(recipe, output, resolve, options, presets, history, overwrite)
     with open_models(recipe, resolve) as models, contextlib.ExitStack() as stack:
         plan = plan_merge(recipe, models, presets)
+        if log_ratios:
+            write_ratio_log(plan)
         vae = open_vae(options)
         if vae is not None:
             stack.callback(vae.close)

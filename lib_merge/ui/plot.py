@@ -122,7 +122,9 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
 
 
 def _request(request: GenerationRequest, cell: Cell, prompt: str | None = None) -> GenerationRequest:
-    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt if prompt is None else prompt)
+    """A cell's request: its seed and prompt, one batch (txt2img's batch count is not a plot's)."""
+    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt if prompt is None else prompt,
+                               batch_count=1)
 
 
 def _generate_cell(service: MergeService, request: GenerationRequest, cell: Cell):

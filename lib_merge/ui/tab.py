@@ -32,7 +32,14 @@ from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
 from .random_panel import Panels
+from .tab_analysis import build_analysis_tab
+from .tab_elements import build_elements_tab
+from .tab_generation import GEN_EXTRA_DEFAULTS, GEN_EXTRA_KEYS, build_generation_extras, live_js
+from .tab_housekeeping import build_housekeeping
+from .tab_images import build_images_tab
 from .tab_lora import build_lora_tab
+from .tab_metadata import build_metadata_tab
+from .tab_weight_tools import build_weight_tools
 
 log = logging.getLogger("block_merger")
 
@@ -51,7 +58,7 @@ RECIPE_KEYS = ("model_a", "model_b", "model_c", "mode", "calc", "alpha", "beta",
                "seed", *mv.METHOD_KEYS)
 SAVE_KEYS = ("save_flags", "save_dtype", "bake_vae", "custom_name")
 GEN_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "gen_seed",
-            "batch_size")
+            "batch_size") + GEN_EXTRA_KEYS
 PLOT_KEYS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values")
 ACTION_KEYS = RECIPE_KEYS + SAVE_KEYS + GEN_KEYS + PLOT_KEYS
 HISTORY_LIMIT = 50
@@ -118,7 +125,7 @@ class Handlers:
     def _merge(self, values: dict[str, Any]) -> list[str]:
         recipe = self.recipe(values)
         options, flags, name = self._save_args(values)
-        outcome = self.service.merge_and_load(recipe, name=name)
+        outcome = self.service.merge_and_load(recipe, name=name, log_ratios=flags["log ratios"])
         lines = [outcome.message()]
         if flags["save model"]:
             result = self._save(lambda: self.service.save(outcome.plan.recipe, name, options, flags["overwrite"],
@@ -153,7 +160,8 @@ class Handlers:
         options, flags, name = self._save_args(values)
         with self.host.lock(), self.host.job(TITLE):
             result = self._save(lambda: self.service.save(recipe, name, options, flags["overwrite"],
-                                                          flags["safetensors"], flags["metadata"]))
+                                                          flags["safetensors"], flags["metadata"],
+                                                          log_ratios=flags["log ratios"]))
         return ActionResult(self._saved(result))
 
     def overwrite_target(self, values: dict[str, Any]) -> str:
@@ -282,6 +290,15 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 parts = _merge_tab(h, w)
             with gr.Tab("LoRA", elem_id="bm_tab_lora"):
                 build_lora_tab(service, _guard)
+            with gr.Tab("Analysis", elem_id="bm_tab_analysis"):
+                build_analysis_tab(h.host, error_message)
+            with gr.Tab("Elements", elem_id="bm_tab_elements"):
+                build_elements_tab(h.host, w["elemental"], error_message)
+            with gr.Tab("Metadata", elem_id="bm_tab_metadata"):
+                build_metadata_tab(h.host, error_message)
+            with gr.Tab("IDs from images", elem_id="bm_tab_images"):
+                build_images_tab(h, settings_updates, settings_outputs(w, parts["block_sliders"],
+                                 parts["adjust_sliders"]), parts["block_sliders"], error_message)
         panels = parts.pop("panels")  # random merges, plot helpers, extended SDXL weights (ui/random_panel.py)
         _wire(h, w, **parts)
         panels.wire(h, w, parts, tab, ACTION_KEYS)
@@ -369,6 +386,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                                            elem_id=f"bm_w_{label}")
                 block_sliders = [sliders[label] for label in BLOCKS_26]
                 methods_panel.build_block_weights(w)
+                build_weight_tools(h, w, block_sliders, preset, error_message)
 
             panels.extended_editor()
 
@@ -411,7 +429,8 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                     w["width"] = gr.Number(0, label="Width", precision=0, elem_id="bm_width")
                     w["height"] = gr.Number(0, label="Height", precision=0, elem_id="bm_height")
                     w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
-                    w["batch_size"] = gr.Number(1, label="Batch size", precision=0, elem_id="bm_batch")
+                    w["batch_size"] = gr.Number(0, label="Batch size", precision=0, elem_id="bm_batch")
+                build_generation_extras(host, w)
 
             with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
                 for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
@@ -482,6 +501,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
 
     methods_panel.wire(h, w, method_panel, calc_note=calc_note, refresh=refresh, blocks_row=blocks_row,
                        preset=preset, chart=chart)
+    build_housekeeping(h, error_message)
     return dict(panels=panels, block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
                 calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
                 history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
@@ -509,9 +529,11 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
     action_inputs = [w[k] for k in ACTION_KEYS]
     action_outputs = [message, gallery, infotext, loaded, history]
 
+    live = js_event(live_js(ACTION_KEYS.index("txt2img_live")))  # generating buttons read txt2img's live values
     for name, method in (("merge", h.merge), ("merge_gen", h.merge_and_generate), ("generate", h.generate),
                          ("save", h.save_current), ("restore", h.restore), ("plot", h.plot)):
-        buttons[name].click(make_action(h, method), action_inputs, action_outputs)
+        buttons[name].click(make_action(h, method), action_inputs, action_outputs,
+                            **(live if name in ("merge_gen", "generate", "plot") else {}))
     _wire_merge_to_file(h, w, action_inputs, action_outputs, buttons["file"])
     buttons["stop"].click(_guard(h.stop, lambda msg: msg), None, message, queue=False)
 
@@ -602,30 +624,11 @@ def _wire(h: Handlers, w, block_sliders, adjust_sliders, preset, chart, calc_not
         event(adjust_typed, w["adjust"], adjust_sliders, queue=False)
 
     # load settings from a merge ID
-    load_outputs = [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders + [message]
+    load_outputs = [*settings_outputs(w, block_sliders, adjust_sliders), message]
 
     def load_settings(merge_id, *current):
         resolved, values = h.settings_from_id(merge_id)
-        sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
-            if values["use_mbw"] else None
-        adjust = uv.text_to_adjust(values["adjust"])
-        updates = []
-        for key in RECIPE_KEYS:
-            if key in ("model_a", "model_b", "model_c"):
-                names = [values[k] for k in ("model_a", "model_b", "model_c")]
-                updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
-            elif key == "models":
-                updates.append(gr.update(choices=model_choices(h.host, values[key]), value=values[key]))
-            elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
-                updates.append(_skip())  # the merge used no block weights: keep what the fields hold
-            elif key == "inex_blocks":
-                choices = uv.inex_choices(values["block_type"])
-                updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))
-            else:
-                updates.append(gr.update(value=values[key]))
-        updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
-        updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
-        return [*updates, f"Loaded the settings of merge {resolved}."]
+        return [*settings_updates(h, values, current), f"Loaded the settings of merge {resolved}."]
 
     buttons["load"].click(_guard(load_settings, lambda msg: [*([_skip()] * (len(load_outputs) - 1)), msg]),
                           [merge_id, *block_sliders], load_outputs, queue=False)
@@ -647,6 +650,37 @@ def slider_to_text_js(position: int) -> str:
     visible = {block_type: list(uv.visible_positions(block_type)) for block_type in uv.BLOCK_TYPES}
     return (f"(text, blockType, ...sliders) => window.blockMergerSliderMoved({position}, "
             f"{json.dumps(visible)}[blockType] || {json.dumps(visible[uv.SD1])}, text, sliders.slice(0, 26))")
+
+
+def settings_updates(h: Handlers, values: dict[str, Any], current: Sequence[float]) -> list:
+    """Updates that put a recipe's widget values (`values_from_recipe`) into the Merge tab: one per RECIPE_KEYS
+    widget, then the 26 block sliders (`current`: where they are now) and the 8 adjust sliders (`settings_outputs`)."""
+    presets = h.service.presets
+    sliders = uv.text_to_sliders(values["weights_alpha"], values["block_type"], current, presets) \
+        if values["use_mbw"] else None
+    adjust = uv.text_to_adjust(values["adjust"])
+    updates = []
+    for key in RECIPE_KEYS:
+        if key in ("model_a", "model_b", "model_c"):
+            names = [values[k] for k in ("model_a", "model_b", "model_c")]
+            updates.append(gr.update(choices=model_choices(h.host, names), value=values[key] or None))
+        elif key == "models":
+            updates.append(gr.update(choices=model_choices(h.host, values[key]), value=values[key]))
+        elif key in ("weights_alpha", "weights_beta", "block_type") and not values["use_mbw"]:
+            updates.append(_skip())  # the merge used no block weights: keep what the fields hold
+        elif key == "inex_blocks":
+            choices = uv.inex_choices(values["block_type"])
+            updates.append(gr.update(choices=choices, value=[b for b in values[key] if b in choices]))
+        else:
+            updates.append(gr.update(value=values[key]))
+    updates += [_skip()] * 26 if sliders is None else [gr.update(value=v) for v in sliders]
+    updates += [_skip()] * 8 if adjust is None else [gr.update(value=v) for v in adjust]
+    return updates
+
+
+def settings_outputs(w: dict[str, Any], block_sliders: list, adjust_sliders: list) -> list:
+    """The widgets `settings_updates` updates, in its order."""
+    return [w[k] for k in RECIPE_KEYS] + block_sliders + adjust_sliders
 
 
 def js_event(code: str) -> dict[str, str]:
@@ -689,7 +723,7 @@ def handler_values(**values: Any) -> dict[str, Any]:
                     save_flags=list(uv.DEFAULT_SAVE_FLAGS), save_dtype="keep", bake_vae=uv.NO_VAE, custom_name="",
                     prompt="", negative_prompt="", steps=0, sampler="", cfg_scale=0, width=0, height=0, gen_seed=-1,
                     batch_size=1, x_type="alpha", x_values="", y_type="none", y_values="", z_type="none",
-                    z_values="", **mv.METHOD_DEFAULTS)
+                    z_values="", **mv.METHOD_DEFAULTS, **GEN_EXTRA_DEFAULTS)
     unknown = set(values) - set(defaults)
     if unknown:
         raise TypeError(f"unknown widget(s): {', '.join(sorted(unknown))}")

@@ -7,6 +7,7 @@ values and the sliders of IN09-IN11 and OUT09-OUT11 are hidden (their values are
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ ADJUST_LABELS = {
     "COL2": "COL2 (magenta-green)",
     "COL3": "COL3 (yellow-blue)",
 }
-SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids")
+SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids", "log ratios")
 DEFAULT_SAVE_FLAGS = ("safetensors", "save metadata")
 SAVE_DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 NO_VAE = "None"
@@ -315,7 +316,9 @@ def values_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_options_from_values(flags: Sequence[str] = DEFAULT_SAVE_FLAGS, dtype: str = "keep",
                              bake_vae: str | None = None) -> tuple[SaveOptions, dict[str, bool]]:
-    """Options widgets -> (SaveOptions, {"overwrite", "safetensors", "metadata", "save model"})."""
+    """Options widgets -> (SaveOptions, {"overwrite", "safetensors", "metadata", "save model", "log ratios"}).
+
+    "log ratios" (the seed's "debug") writes every key's ratios to the console when merging."""
     flags = set(flags or ())
     unknown = flags - set(SAVE_FLAGS)
     if unknown:
@@ -324,7 +327,8 @@ def save_options_from_values(flags: Sequence[str] = DEFAULT_SAVE_FLAGS, dtype: s
     options = SaveOptions(dtype=dtype or "keep", prune="prune" in flags, bake_vae=vae,
                           reset_clip_ids="Reset CLIP ids" in flags)
     return options, {"overwrite": "overwrite" in flags, "safetensors": "safetensors" in flags,
-                     "metadata": "save metadata" in flags, "save model": "save model" in flags}
+                     "metadata": "save metadata" in flags, "save model": "save model" in flags,
+                     "log ratios": "log ratios" in flags}
 
 
 def _number(value: Any, name: str) -> float:
@@ -350,26 +354,99 @@ def _int(value: Any, name: str, default: int | None = 0) -> int:
     return int(number)
 
 
+TXT2IMG = "as txt2img"
+SWITCH_CHOICES = (TXT2IMG, "on", "off")  # restore faces, tiling, hires fix: blank takes txt2img's
+
+
+def _live_number(live: Mapping[str, Any], name: str) -> float | None:
+    value = live.get(name)
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _switch(value: Any, live: Mapping[str, Any], name: str) -> bool | None:
+    """A tri-state field: "on"/"off" as chosen; "as txt2img" takes the live checkbox (None when unknown)."""
+    if value in ("on", "off"):
+        return value == "on"
+    if value not in (None, "", TXT2IMG):
+        raise MergeError(f"{name} must be one of {', '.join(SWITCH_CHOICES)}, not {value!r:.40}.")
+    live_value = live.get(name)
+    return live_value if isinstance(live_value, bool) else None
+
+
+def live_values(text: Any) -> dict[str, Any]:
+    """The txt2img values the page read from the txt2img tab (JSON from javascript/block_merger.js); {} when there
+    are none (the standalone app, the API) or they cannot be read: the host's saved defaults then apply."""
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def request_from_values(prompt: str = "", negative_prompt: str = "", steps: Any = 0, sampler: str = "",
                         cfg_scale: Any = 0, width: Any = 0, height: Any = 0, seed: Any = -1,
-                        batch_size: Any = 1) -> GenerationRequest:
-    """Generation widgets -> GenerationRequest; 0 or blank means "as in txt2img"."""
+                        batch_size: Any = 1, batch_count: Any = 0, restore_faces: Any = TXT2IMG,
+                        tiling: Any = TXT2IMG, styles: Any = (), enable_hr: Any = TXT2IMG, hr_upscaler: Any = "",
+                        hr_steps: Any = 0, hr_denoise: Any = 0, hr_scale: Any = 0,
+                        txt2img_live: Any = "") -> GenerationRequest:
+    """Generation widgets -> GenerationRequest; 0 or blank means "as in txt2img": the live txt2img values the page
+    sent (`txt2img_live`, JSON), else the host's saved defaults. The seed is the tab's own (-1: random)."""
+    live = live_values(txt2img_live)
     steps, width, height = (_int(v, n) for v, n in ((steps, "Steps"), (width, "Width"), (height, "Height")))
     seed, batch = _int(seed, "Seed", -1), _int(batch_size, "Batch size", 1)
-    try:
-        cfg = float(cfg_scale or 0)
-    except (TypeError, ValueError):
-        raise MergeError(f"CFG scale must be a number, not {cfg_scale!r}.") from None
-    for name, value in (("Steps", steps), ("Width", width), ("Height", height), ("CFG scale", cfg)):
-        if value < 0:
+    count, hr_steps = _int(batch_count, "Batch count", 0), _int(hr_steps, "Hires steps", 0)
+    numbers = {}
+    for name, value in (("CFG scale", cfg_scale), ("Denoising strength", hr_denoise), ("Upscale by", hr_scale)):
+        try:
+            numbers[name] = float(value or 0)
+        except (TypeError, ValueError):
+            raise MergeError(f"{name} must be a number, not {value!r}.") from None
+    for name, value in (("Steps", steps), ("Width", width), ("Height", height), ("Batch count", count),
+                        ("Hires steps", hr_steps), *numbers.items()):
+        if value < 0 or not math.isfinite(value):
             raise MergeError(f"{name} cannot be negative (0 means as in txt2img).")
     if width % 8 or height % 8:
         raise MergeError("Width and height must be multiples of 8 (or 0 for txt2img's).")
-    if batch < 1:
-        raise MergeError("Batch size must be at least 1.")
-    return GenerationRequest(prompt=prompt or "", negative_prompt=negative_prompt or "", steps=steps,
-                             sampler=(sampler or "").strip(), cfg_scale=cfg, width=width, height=height,
-                             seed=seed, batch_size=batch)
+    if batch < 0:
+        raise MergeError("Batch size cannot be negative (0 means as in txt2img).")
+    if numbers["Denoising strength"] > 1:
+        raise MergeError("Denoising strength must be between 0 and 1 (0 means as in txt2img).")
+
+    def pick(mine, name, kind=float):
+        if mine:
+            return mine
+        number = _live_number(live, name)
+        return kind(number) if number is not None and number > 0 else mine
+
+    chosen_styles = tuple(split_styles(styles)) or tuple(str(s) for s in live.get("styles") or () if s)
+    hires = _switch(enable_hr, live, "enable_hr")
+    return GenerationRequest(
+        prompt=prompt or str(live.get("prompt") or ""),
+        negative_prompt=negative_prompt or str(live.get("negative_prompt") or ""),
+        steps=pick(steps, "steps", int), sampler=(sampler or "").strip() or str(live.get("sampler") or ""),
+        scheduler="" if (sampler or "").strip() else str(live.get("scheduler") or ""),
+        cfg_scale=pick(numbers["CFG scale"], "cfg_scale"), width=pick(width, "width", int),
+        height=pick(height, "height", int), seed=seed, batch_size=pick(batch, "batch_size", int),
+        batch_count=pick(count, "batch_count", int), restore_faces=_switch(restore_faces, live, "restore_faces"),
+        tiling=_switch(tiling, live, "tiling"), styles=chosen_styles, enable_hr=bool(hires),
+        hr_scale=pick(numbers["Upscale by"], "hr_scale"),
+        hr_upscaler=(hr_upscaler or "").strip() or str(live.get("hr_upscaler") or ""),
+        hr_steps=pick(hr_steps, "hr_steps", int), denoising_strength=pick(numbers["Denoising strength"], "denoising"),
+    )
+
+
+def split_styles(styles: Any) -> list[str]:
+    """Style names from a multiselect (a list) or a comma-separated text."""
+    items = styles.split(",") if isinstance(styles, str) else list(styles or ())
+    return [str(s).strip() for s in items if str(s).strip()]
 
 
 HISTORY_COLUMNS = ("id", "time", "name", "mode", "calc", "alpha", "beta", "weights_alpha", "model_a", "model_b",

@@ -127,21 +127,42 @@ class Processed:
         self.comments = comments
 
 
-def create_infotext(p, prompt, seed):
+def create_infotext(p, prompt, seed, negative_prompt=None):
     params = {
         "Steps": p.steps,
         "Sampler": p.sampler_name,
         "Schedule type": p.scheduler,
         "CFG scale": p.cfg_scale,
         "Seed": seed,
+        "Face restoration": opts.face_restoration_model if p.restore_faces else None,
         "Size": f"{p.width}x{p.height}",
         "Model hash": p.sd_model_hash if opts.add_model_hash_to_info else None,
         "Model": p.sd_model_name if opts.add_model_name_to_info else None,
+        "Denoising strength": p.extra_generation_params.get("Denoising strength"),
+        "Tiling": "True" if p.tiling else None,
         **p.extra_generation_params,
     }
     text = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
+    negative_prompt = p.negative_prompt if negative_prompt is None else negative_prompt
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{text}"
+
+
+def init_hires(p):
+    """StableDiffusionProcessingTxt2Img.init/calculate_target_resolution for the hires fix (scale only): the
+    infotext fields and the final size."""
+    if not getattr(p, "enable_hr", False):
+        return p.width, p.height
+    p.extra_generation_params["Denoising strength"] = p.denoising_strength
+    latent = shared.latent_upscale_modes.get(p.hr_upscaler or shared.latent_upscale_default_mode)
+    if latent is None and not any(u.name == p.hr_upscaler for u in shared.sd_upscalers):
+        raise Exception(f"could not find upscaler named {p.hr_upscaler}")
+    p.extra_generation_params["Hires upscale"] = p.hr_scale
+    if p.hr_second_pass_steps:
+        p.extra_generation_params["Hires steps"] = p.hr_second_pass_steps
+    if p.hr_upscaler is not None:
+        p.extra_generation_params["Hires upscaler"] = p.hr_upscaler
+    return int(p.width * p.hr_scale), int(p.height * p.hr_scale)
 
 
 def render(sd_model, cond, seed, width, height):
@@ -173,17 +194,24 @@ def process_images_inner(p):
     p.sd_model_hash = shared.sd_model.sd_model_hash
     if p.scripts is not None:
         p.scripts.process(p)
+    if p.restore_faces is None:
+        p.restore_faces = opts.face_restoration
+    if p.tiling is None:
+        p.tiling = opts.tiling
+    final_width, final_height = init_hires(p)
+    prompt = shared.prompt_styles.apply_styles_to_prompt(p.prompt, p.styles)
+    negative = shared.prompt_styles.apply_negative_styles_to_prompt(p.negative_prompt, p.styles)
     output, infotexts, seeds = [], [], []
     for n in range(p.n_iter):
         if state.interrupted or state.stopping_generation:
             break
         sd_models.reload_model_weights()
-        prompts = [p.prompt] * p.batch_size
+        prompts = [prompt] * p.batch_size
         conds = p.get_conds_with_caching(prompts)
         for i in range(p.batch_size):
             s = seed + n * p.batch_size + i
-            image = render(shared.sd_model, conds[i], s, p.width, p.height)
-            info = create_infotext(p, p.prompt, s)
+            image = render(shared.sd_model, conds[i], s, final_width, final_height)
+            info = create_infotext(p, prompt, s, negative)
             if not p.do_not_save_samples and opts.samples_save:
                 images.save_image(image, p.outpath_samples, "", s, p.prompt, opts.samples_format, info=info, p=p)
             output.append(image)

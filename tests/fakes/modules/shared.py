@@ -5,7 +5,7 @@ import os
 import sys
 import types
 
-from modules import options, paths, shared_state
+from modules import options, paths, shared_state, styles
 from modules.options import OptionInfo  # noqa: F401  (the real shared re-exports it)
 
 cmd_opts = argparse.Namespace(
@@ -30,12 +30,20 @@ _defaults = {
     "return_grid": OptionInfo(True, "Show grid in gallery"),
     "add_model_hash_to_info": OptionInfo(True, "Add model hash to infotext"),
     "add_model_name_to_info": OptionInfo(True, "Add model name to infotext"),
+    "face_restoration": OptionInfo(False, "Restore faces"),
+    "face_restoration_model": OptionInfo("CodeFormer", "Face restoration model"),
+    "tiling": OptionInfo(False, "Tiling"),
 }
 
 opts = options.Options(_defaults)
 state = shared_state.State()
 hide_dirs = {}
 weight_load_location = None
+prompt_styles = styles.StyleDatabase([])
+latent_upscale_default_mode = "Latent"
+latent_upscale_modes = {"Latent": {"mode": "bilinear", "antialias": False},
+                        "Latent (nearest)": {"mode": "nearest", "antialias": False}}
+sd_upscalers = [types.SimpleNamespace(name=n) for n in ("None", "Lanczos", "Nearest")]
 
 
 class _Shared(types.ModuleType):
