@@ -322,9 +322,11 @@ def test_an_external_vae_is_kept(webui):
     webui.sd_vae.reload_vae_weights()
     assert webui.sd_vae.loaded_vae_file == str(vae_file)
     vae_before = webui.live()[VAE]
-    service_of(webui).merge_and_load(RECIPE)
+    outcome = service_of(webui).merge_and_load(RECIPE)
     live = webui.live()
     assert torch.equal(live[VAE], vae_before)
+    # said, not silent: the VAE's merged tensors are not the loaded model's (the note names one)
+    assert "not part of the loaded model, e.g. first_stage_model." in outcome.message()
     assert torch.equal(live[UNET], expected(webui, RECIPE)[UNET].half())
 
 

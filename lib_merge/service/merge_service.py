@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.engine import (
+    MERGE,
     DictSink,
     MergePlan,
     Models,
@@ -86,6 +87,15 @@ def _same_merge(a: Recipe, b: Recipe) -> bool:
     """Equal math (a drawn seed counts: -1 in a request means "any", so it matches a loaded random draw only when
     the recipe uses no randomness)."""
     return a.fingerprint() == b.fingerprint() or (b.seed == -1 and a.fingerprint() == b.with_seed(a.seed).fingerprint())
+
+
+def _left_out_note(keys: list[str]) -> str:
+    """Said when merged keys are not part of the loaded model (an external VAE in use; Forge's SDXL OpenCLIP-G,
+    which Forge holds under other names and shapes): the model keeps its own values there, never silently."""
+    if not keys:
+        return ""
+    return (f"({len(keys)} merged tensors are not part of the loaded model, e.g. {keys[0]}: it keeps its own values "
+            "there; Merge to file writes them.)")
 
 
 def free_path(path: Path) -> Path:
@@ -221,6 +231,7 @@ class MergeService:
             with self.host.writable_weights(output_shapes(todo, models)) as live:
                 if not live.refused:
                     jobs = tuple(job for job in todo.jobs if job.key in live.tensors)
+                    left_out = [job.key for job in todo.jobs if job.kind == MERGE and job.key not in live.tensors]
                     sink = TensorSink(live.tensors)
                     sink.touched = touched
                     if jobs:
@@ -228,7 +239,7 @@ class MergeService:
                                   self._device(live), scratch)
             if not live.refused:
                 self.host.weights_written(identity, touched)
-                return ""
+                return _left_out_note(left_out)
         device = check_device(self.device)
         state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
         self.host.load_weights(state, identity)
