@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "javascript" / "block_merger.js"
 STYLE = ROOT / "style.css"
 #: hidden helpers of "Merge to file" (nothing to hover), not controls; Markdown notes are text, not controls
-HIDDEN = {"bm_overwrite_target", "bm_overwrite_ok", "bm_txt2img_live"}
+HIDDEN = {"bm_overwrite_target", "bm_overwrite_ok", "bm_txt2img_live", "bm_lora_prompt"}
 
 
 def js_object(name: str) -> dict:
