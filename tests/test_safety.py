@@ -222,6 +222,66 @@ def test_an_input_holding_nan_gives_a_warning_naming_model_and_key(models, tmp_p
     assert torch.isnan(load_file(out)[UNET][0, 0])
 
 
+def test_a_key_found_finite_is_not_checked_again_where_that_is_exact(models, monkeypatch):
+    """A Weight sum at 0 < alpha < 1 of fp16 into fp16 is finite exactly where both inputs are: once a key came out
+    finite, later merges of the same open files skip its check (the live model's merge after merge). Every other
+    ratio is checked as before, and a file opened anew is checked again."""
+    from lib_merge.core import finite
+    from lib_merge.core.engine import DictSink, Models, plan_merge, run_merge
+    from lib_merge.core.errors import MergeError
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.io.read import open_checkpoint
+
+    checked = []
+    real = finite.all_finite
+    monkeypatch.setattr(finite, "all_finite", lambda t: checked.append(t.numel()) or real(t))
+    a, b = open_checkpoint(models["a"]), open_checkpoint(models["b"])
+    fp16 = [k for k in a.keys() if a.dtype(k) == torch.float16 and b.dtype(k) == torch.float16]
+
+    def merge(alpha, left=a, right=b):
+        checked.clear()
+        recipe = Recipe(str(models["a"]), str(models["b"]), alpha=alpha)
+        both = Models(left, right)
+        return run_merge(plan_merge(recipe, both), both, DictSink(), threads=1)
+
+    first = merge(0.3)
+    assert sum(checked) >= sum(a.get(k).numel() for k in fp16)  # every key checked the first time
+    assert set(fp16) <= a.finite_keys and set(fp16) <= b.finite_keys
+    second = merge(0.6)
+    assert sum(checked) == sum(a.get(k).numel() for k in a.keys() if k not in fp16)  # only the other keys
+    for key in fp16:  # and the result is still the formula's, rounded once
+        expected = a.get(key).double() * 0.4 + b.get(key).double() * 0.6
+        assert torch.allclose(second[key].double(), expected, rtol=2 ** -10, atol=2 ** -24), key
+    assert not torch.equal(first[fp16[0]], second[fp16[0]])
+    with pytest.raises(MergeError, match="inf/NaN"):  # not between the inputs: checked, and refused
+        merge(1e30)
+    merge(1.5)  # outside (0, 1): every key checked again
+    assert sum(checked) >= sum(a.get(k).numel() for k in fp16)
+    fresh = open_checkpoint(models["a"])  # a file opened anew (as after a change on disk) knows nothing yet
+    assert not fresh.finite_keys
+    merge(0.3, left=fresh)
+    assert sum(checked) >= sum(a.get(k).numel() for k in fp16)
+
+
+def test_a_key_holding_nan_is_never_taken_for_finite(models, tmp_path):
+    from lib_merge.core.engine import DictSink, Models, plan_merge, run_merge
+    from lib_merge.core.finite import NonFiniteWarning
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.io.read import open_checkpoint
+
+    state = load_file(models["b"])
+    key = next(k for k, v in state.items() if v.dtype == torch.float16 and k.startswith("model.diffusion_model."))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    a, b = open_checkpoint(models["a"]), open_checkpoint(tmp_path / "nan.safetensors")
+    recipe = Recipe(str(models["a"]), str(tmp_path / "nan.safetensors"), alpha=0.3)
+    for _ in range(2):  # warned each time: the key is never marked finite
+        with pytest.warns(NonFiniteWarning, match=key):
+            run_merge(plan_merge(recipe, Models(a, b)), Models(a, b), DictSink(), threads=1)
+        assert key not in b.finite_keys and key not in a.finite_keys
+
+
 # -- 10. SIGTERM / SIGHUP mid-merge leave nothing ---------------------------------------------------------------
 
 SIGNAL_AT_KEY = """

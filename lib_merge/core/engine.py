@@ -395,16 +395,17 @@ class KeyMerger:
         self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
         self.finite = FiniteCheck()
 
-    def _check_finite(self, job: Job, result: torch.Tensor, a, b=None, c=None) -> None:
+    def _check_finite(self, job: Job, result: torch.Tensor, a, b=None, c=None) -> bool:
         models = self.models
         if job.kind != MERGE:
             ratio = "nothing (a copy)"
         else:
             ratio = f"alpha {job.alpha:g}" + (f", beta {job.beta:g}" if self.recipe.uses_beta else "")
         src = self.source(job)
-        self.finite(job.key, result, [(f"Model {label} ({model.name})", t) for label, model, t in
-                                      (("B" if src is models.b else "A", src, a), ("B", models.b, b),
-                                       ("C", models.c, c)) if model is not None], ratio)
+        inputs = [(f"Model {label} ({model.name})", t) for label, model, t in
+                  (("B" if src is models.b else "A", src, a), ("B", models.b, b), ("C", models.c, c))
+                  if model is not None]
+        return self.finite(job.key, result, inputs, ratio)
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -492,6 +493,10 @@ class KeyMerger:
         def read(source: Source, slot: str, start: int, stop: int) -> torch.Tensor:
             return source.get_span(key, start, stop, out=scratch.raw(slot))
 
+        known = self._known_finite(job)
+        check = known is None or key not in known[0] or key not in known[1]
+        finite = [True]  # every piece checked came out finite
+
         def compute(start: int, stop: int, keep_equal: bool) -> bool:
             """Merge one piece; True when it kept A's values because B equals C there (trainDifference)."""
             piece = flat[start:stop]
@@ -507,7 +512,8 @@ class KeyMerger:
             work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
                                 mask=scratch.tensor("mask", torch.bool, a.shape))
             self._compute(job, a, b, c, out=piece.view(shape), work=work)
-            self._check_finite(job, piece, a, b, c)
+            if check and not self._check_finite(job, piece, a, b, c):
+                finite[0] = False
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
@@ -522,7 +528,24 @@ class KeyMerger:
         if differs:
             for span in kept:
                 compute(*span, keep_equal=False)
+        if known is not None and finite[0]:  # the whole key came out finite: so are both models' values of it
+            known[0].add(key)
+            known[1].add(key)
         return out
+
+    def _known_finite(self, job: Job) -> tuple[set[str], set[str]] | None:
+        """The sets of keys known to hold finite values in models A and B, when this job's result is finite exactly
+        where both inputs are: a Weight sum at 0 < alpha < 1 of fp16 values into fp16. The result lies between the
+        inputs (torch's lerp computes it in fp32, far from overflow), and an inf/NaN input makes it inf/NaN. A key
+        merged so once without a finite-check error needs no check in later merges of the same open files (the
+        live model's merge after merge); a file changed on disk is opened anew, with empty sets. None otherwise."""
+        r, a, b = self.recipe, self.models.a, self.models.b
+        if r.calc != "normal" or r.mode != kernels.WEIGHT_SUM or not 0 < job.alpha < 1 or b is None:
+            return None
+        if a.dtype(job.key) != torch.float16 or b.dtype(job.key) != torch.float16:
+            return None
+        sets = getattr(a, "finite_keys", None), getattr(b, "finite_keys", None)
+        return None if sets[0] is None or sets[1] is None else sets
 
     def _merge_whole(self, job: Job, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         full = self.models.a.get(job.key, out=scratch.raw("a"))

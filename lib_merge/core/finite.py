@@ -43,10 +43,11 @@ class FiniteCheck:
         self._lock = threading.Lock()
 
     def __call__(self, key: str, result: torch.Tensor, inputs: Sequence[tuple[str, torch.Tensor | None]],
-                 ratio: str) -> None:
-        """`inputs`: (which model, the values `result` was computed from); `ratio` says what the key was merged with."""
+                 ratio: str) -> bool:
+        """`inputs`: (which model, the values `result` was computed from); `ratio` says what the key was merged with.
+        True when `result` is finite; False after warning about inputs that hold inf/NaN."""
         if all_finite(result):
-            return
+            return True
         holding = [model for model, tensor in inputs if tensor is not None and not all_finite(tensor)]
         if not holding:
             raise MergeError(f"Merging {key} with {ratio} gives inf/NaN, although the models hold finite values "
@@ -59,3 +60,4 @@ class FiniteCheck:
                 self._warned.add(model)
             warnings.warn(f"{model} already holds inf/NaN in {key} (and the merge passes them on); further keys of "
                           "this model are not listed. Check that model.", NonFiniteWarning, stacklevel=2)
+        return False

@@ -91,6 +91,14 @@ class _Base:
     _closed: bool = False
     _identity: tuple[int, ...] | None = None  # file_identity of the file as opened (None: not a file)
 
+    @property
+    def finite_keys(self) -> set[str]:
+        """Keys found to hold only finite values (core.engine skips checking them again where that is exact); they
+        belong to this opening of the file, so a file changed on disk and opened anew is checked again."""
+        if "_finite_keys" not in self.__dict__:
+            self._finite_keys: set[str] = set()
+        return self._finite_keys
+
     def changed_on_disk(self) -> bool:
         """Whether `path` no longer names the file as it was opened (replaced, rewritten, truncated, removed): a
         checkpoint kept open between merges must then be opened again, never read at its old header's offsets."""
