@@ -160,6 +160,14 @@ class Tab:
         self.click(f'#{elem_id} label[data-testid="{value}-radio-label"]')
         wait_until(lambda: self.el(f'#{elem_id} input[value="{value}"]').is_selected(), 300, f"{elem_id} = {value}")
 
+    def open_subtab(self, name: str, probe: str, within: str = "#bm_tabs"):
+        """Click the tab button `name` inside `within` (the tab's sub-tabs by default) and wait for `probe`."""
+        button = wait_until(lambda: next(b for b in self.d.find_elements("css selector", f"{within} button")
+                                         if b.text.strip() == name), 300, f"sub-tab {name}")
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+        button.click()
+        wait_until(lambda: self.el(probe).is_displayed(), 300, f"{name} shown")
+
     def open_accordion(self, elem_id: str, probe: str):
         """Open an accordion (a click on its header) unless `probe` inside it is already visible."""
         if not self.el(probe).is_displayed():

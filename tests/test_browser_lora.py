@@ -29,14 +29,10 @@ def test_bake_a_lora_into_a_checkpoint_file_from_the_lora_sub_tab(app, browser):
     tab = Tab(browser)
     browser.get(app["url"])
     wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
-    browser.execute_script("[...document.querySelectorAll('#bm_tabs button')]"
-                           ".find(b => b.textContent.trim() === 'LoRA').click()")
-    wait_until(lambda: tab.el("#bm_lora_specs textarea").is_displayed(), 300, "the LoRA sub-tab")
+    tab.open_subtab("LoRA", "#bm_lora_specs textarea")
     assert not tab.el("#bm_lora_bake_loaded").is_enabled()  # no loaded model in the standalone app
     tab.type_text("bm_lora_specs", "style:0.7")
-    browser.execute_script("[...document.querySelectorAll('#bm_tab_lora button')]"
-                           ".find(b => b.textContent.trim() === 'Into a checkpoint file').click()")
-    wait_until(lambda: tab.el("#bm_lora_model").is_displayed(), 300, "the checkpoint-file tools")
+    tab.open_subtab("Into a checkpoint file", "#bm_lora_model", within="#bm_tab_lora")
     tab.choose("bm_lora_model", "base.safetensors")
     tab.type_text("bm_lora_name", "browser_baked")
     tab.click("#bm_lora_bake_file")

@@ -27,14 +27,6 @@ from lib_merge.core.recipe import Recipe
 app, browser = test_browser.app, test_browser.browser
 
 
-def open_subtab(tab: Tab, name: str, probe: str):
-    button = wait_until(lambda: next(b for b in tab.d.find_elements("css selector", "#bm_tabs button")
-                                     if b.text.strip() == name), 300, f"sub-tab {name}")
-    tab.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-    button.click()
-    wait_until(lambda: tab.el(probe).is_displayed(), 300, f"{name} shown")
-
-
 def group(key: str) -> str | None:
     if "model" not in key:
         return None
@@ -46,7 +38,7 @@ def group(key: str) -> str | None:
 def test_analysis_chart_in_the_browser(app, browser):
     browser.get(app["url"])
     tab = Tab(browser)
-    open_subtab(tab, "Analysis", "#bm_an_run")
+    tab.open_subtab("Analysis", "#bm_an_run")
     tab.choose("bm_an_model_a", "model_a.safetensors")
     tab.choose("bm_an_model_b", "model_b.safetensors")
     tab.click("#bm_an_run")
@@ -101,19 +93,19 @@ def test_ids_from_images_fill_the_merge_tab(app, browser, tmp_path):
                     alpha=0.35, weights_alpha=weights, elemental="OUT06:attn:0.5")
     browser.get(app["url"])
     tab = Tab(browser)
-    open_subtab(tab, "IDs from images", "#bm_img_files")
+    tab.open_subtab("IDs from images", "#bm_img_files")
     plain = png(tmp_path / "plain.png", "a dog\nSteps: 20, Seed: 1, Model: sd15")
     tab.el("#bm_img_files input[type=file]").send_keys(str(plain))
     wait_until(lambda: "carries no merge recipe" in tab.text("bm_img_message"), 300, "the no-recipe message")
     browser.get(app["url"])  # a fresh page: the file field empty again
-    open_subtab(tab, "IDs from images", "#bm_img_files")
+    tab.open_subtab("IDs from images", "#bm_img_files")
     made = png(tmp_path / "merged.png", infotext(recipe))
     tab.el("#bm_img_files input[type=file]").send_keys(str(made))
     wait_until(lambda: "merged.png: loaded the Block Merger recipe" in tab.text("bm_img_message"), 300,
                "the recipe loaded")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "ids-from-images.png"))
-    open_subtab(tab, "Merge", "#bm_merge")
+    tab.open_subtab("Merge", "#bm_merge")
     assert tab.el("#bm_model_a input").get_attribute("value") == "model_a.safetensors"
     assert tab.el("#bm_model_b input").get_attribute("value") == "model_b.safetensors"
     assert tab.el("#bm_model_c input").get_attribute("value") == "base.safetensors"
@@ -130,7 +122,7 @@ def test_ids_from_images_fill_the_merge_tab(app, browser, tmp_path):
 def test_elements_click_adds_a_rule(app, browser):
     browser.get(app["url"])
     tab = Tab(browser)
-    open_subtab(tab, "Elements", "#bm_el_list")
+    tab.open_subtab("Elements", "#bm_el_list")
     tab.choose("bm_el_model", "model_a.safetensors")
     tab.type_text("bm_el_filter", "OUT11")
     tab.click("#bm_el_list")
@@ -142,5 +134,5 @@ def test_elements_click_adds_a_rule(app, browser):
     wait_until(lambda: "Added" in tab.text("bm_el_message"), 300, "the rule added")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "elements.png"))
-    open_subtab(tab, "Merge", "#bm_merge")
+    tab.open_subtab("Merge", "#bm_merge")
     assert tab.el("#bm_elemental textarea").get_property("value").splitlines()[-1] == f"OUT11:{key}:0.5"
