@@ -6,6 +6,7 @@ import builtins
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,48 @@ def test_size_change_alone_invalidates(model):
         f.write(b"x")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime, bigger file
     assert cache.sha256(path) == hashlib.sha256(data + b"x").hexdigest()
+
+
+def _after_a_clock_tick(path: Path) -> None:
+    """Wait until the clock is 50 ms past `path`'s ctime: the kernel stamps ctimes from a coarse clock (a few ms), so a
+    write at once could get the same ctime. A wait on the clock's progress, not on how fast this machine is."""
+    while time.time_ns() < path.stat().st_ctime_ns + 50_000_000:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("persisted", [False, True])
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_rehashed(model, tmp_path, persisted):
+    """`cp -p`, `touch -r` or `rsync -t` put the old mtime back on new bytes of the same size: the WebUI's own cache
+    (mtime only) keeps the old hash then; the ctime, which no tool can set back, tells."""
+    path, data = model
+    store = tmp_path / "hashes.json" if persisted else None
+    cache = HashCache(store)
+    old = cache.sha256(path)
+    st = path.stat()
+    _after_a_clock_tick(path)
+    new_data = bytearray(data)
+    new_data[7] ^= 0xFF
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(new_data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (st.st_size, st.st_mtime_ns,
+                                                                                  st.st_ino)
+    reader = HashCache(store) if persisted else cache
+    assert reader.sha256(path) == hashlib.sha256(bytes(new_data)).hexdigest() != old
+
+
+def test_a_file_replaced_by_another_of_the_same_size_and_mtime_is_rehashed(model, tmp_path):
+    path, data = model
+    cache = HashCache()
+    old = cache.sha256(path)
+    st = path.stat()
+    other = tmp_path / "other.bin"
+    new_data = bytes(reversed(data))
+    other.write_bytes(new_data)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)  # a new inode under the old name
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert cache.sha256(path) == hashlib.sha256(new_data).hexdigest() != old
 
 
 def test_persisted_cache_survives_new_instance(model, tmp_path, monkeypatch):

@@ -217,9 +217,54 @@ def test_an_input_holding_nan_gives_a_warning_naming_model_and_key(models, tmp_p
     res = run("merge", "--model-a", str(models["a"]), "--model-b", str(nan_b), "--output", str(out),
               "--no-history", "--quiet", cwd=tmp_path, env_home=tmp_path)
     assert res.returncode == 0, res.stderr
-    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warning) == 1 and "Model B (nanB)" in warning[0] and UNET in warning[0], res.stderr
+    [warning] = _warnings(res)
+    assert "Model B (nanB)" in warning and UNET in warning, res.stderr
     assert torch.isnan(load_file(out)[UNET][0, 0])
+
+
+def _warnings(res) -> list[str]:
+    return [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+
+
+def test_an_input_nan_a_tensor_swap_leaves_out_is_still_named(models, tmp_path):
+    """A tensor swap takes some rows of B and leaves the rest: a NaN in a row it leaves never reaches the result, so
+    the result's check cannot see it, and the inputs are checked too; the model is named, the result is finite."""
+    state = load_file(models["b"])
+    rows = state[UNET].shape[0]
+    state[UNET][rows - 1, 0] = float("nan")  # the last row: outside rows [0, rows/4) that the swap takes from B
+    nan_b = tmp_path / "nanB.safetensors"
+    save_file(state, nan_b)
+    out = tmp_path / "out.safetensors"
+    res = run("merge", "--model-a", str(models["a"]), "--model-b", str(nan_b), "--calc", "tensor", "--alpha", "0.25",
+              "--beta", "0", "--output", str(out), "--no-history", "--quiet", cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    [warning] = _warnings(res)
+    assert "Model B (nanB)" in warning and UNET in warning and "did not take them" in warning, res.stderr
+    merged = load_file(out)[UNET].double()
+    a, b = load_file(models["a"])[UNET].double(), state[UNET].double()
+    taken = rows // 4
+    assert torch.isfinite(merged).all()
+    assert torch.equal(merged[:taken], b[:taken]) and torch.equal(merged[taken:], a[taken:])
+
+
+def test_an_input_nan_that_dare_drops_is_still_named(models, tmp_path):
+    """DARE drops entries at random: whether the NaN of model 1 is dropped (a finite result) or kept (passed on),
+    the model is named; over ten seeds at p = 0.9 it is dropped at least once, so both paths run."""
+    state = load_file(models["b"])
+    state[UNET][0, 0] = float("nan")
+    nan_b = tmp_path / "nanB.safetensors"
+    save_file(state, nan_b)
+    hidden = 0
+    for seed in range(10):
+        out = tmp_path / f"out{seed}.safetensors"
+        res = run("merge", "--method", "dare", "--base", str(models["a"]), "--model", str(nan_b), "--drop", "0.9",
+                  "--seed", str(seed), "--output", str(out), "--no-history", "--quiet", cwd=tmp_path,
+                  env_home=tmp_path)
+        assert res.returncode == 0, res.stderr
+        [warning] = _warnings(res)
+        assert "(nanB)" in warning and UNET in warning, res.stderr
+        hidden += bool(torch.isfinite(load_file(out)[UNET][0, 0]))
+    assert hidden >= 1
 
 
 def test_a_key_found_finite_is_not_checked_again_where_that_is_exact(models, monkeypatch):

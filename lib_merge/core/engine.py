@@ -394,6 +394,9 @@ class KeyMerger:
         self.link = device_link(device)  # None: compute on the CPU in reusable buffers; else on that device
         self.smoothing = smoothing.Workers()  # smoothAdd's filter buffers, reused across keys
         self.finite = FiniteCheck()
+        # formulas whose finite result does not prove finite inputs: their inputs are checked too (slower, exact)
+        self.may_hide = kernels.CALC_MODES[plan.recipe.calc].selects or \
+            bool(plan.recipe.method and methods.get_method(plan.recipe.method).drops)
 
     def _check_finite(self, job: Job, result: torch.Tensor, a, b=None, c=None) -> bool:
         models = self.models
@@ -405,7 +408,10 @@ class KeyMerger:
         inputs = [(f"Model {label} ({model.name})", t) for label, model, t in
                   (("B" if src is models.b else "A", src, a), ("B", models.b, b), ("C", models.c, c))
                   if model is not None]
-        return self.finite(job.key, result, inputs, ratio)
+        finite = self.finite(job.key, result, inputs, ratio)
+        if finite and self.may_hide and job.kind == MERGE:
+            self.finite.inputs(job.key, inputs)
+        return finite
 
     def source(self, job: Job) -> Source:
         return self.models.b if job.kind == COPY_B else self.models.a
@@ -580,7 +586,8 @@ class KeyMerger:
         inputs = [(f"The base ({self.models.a.name})", full)]
         inputs += [(f"Model {i} ({m.name})", t)
                    for i, (m, t) in enumerate(zip(self.models.others, tensors[1:], strict=True), 1)]
-        self.finite(job.key, out, inputs, f"{r.method}, alpha {job.alpha:g}")
+        if self.finite(job.key, out, inputs, f"{r.method}, alpha {job.alpha:g}") and self.may_hide:
+            self.finite.inputs(job.key, inputs)
         return out
 
     def _finish(self, job: Job, full: torch.Tensor, result: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ warning).
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 
 class NonFiniteWarning(UserWarning):
-    """An input model already holds inf/NaN in a key; the merge passes them on."""
+    """An input model already holds inf/NaN in a key (the merge passes them on, or took other values there)."""
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -29,7 +30,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     if tensor.dtype.itemsize == 1:  # fp8 has no sum or aminmax; fp16 holds every fp8 value, inf and NaN exactly
         tensor = tensor.to(torch.float16)
-    if bool(torch.isfinite(tensor.sum())):  # in the tensor's own dtype: the fastest pass (fp16 sums in fp32 inside)
+    if math.isfinite(tensor.sum().item()):  # in the tensor's own dtype: the fastest pass (fp16 sums in fp32 inside)
         return True
     low, high = torch.aminmax(tensor)  # exact (NaN propagates): the sum alone may overflow for large finite values
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
@@ -48,16 +49,24 @@ class FiniteCheck:
         True when `result` is finite; False after warning about inputs that hold inf/NaN."""
         if all_finite(result):
             return True
-        holding = [model for model, tensor in inputs if tensor is not None and not all_finite(tensor)]
-        if not holding:
+        if not self.inputs(key, inputs, "the merge passes them on"):
             raise MergeError(f"Merging {key} with {ratio} gives inf/NaN, although the models hold finite values "
                              f"there: the result overflows its dtype ({DTYPE_NAMES.get(result.dtype, result.dtype)}). "
                              "Nothing was saved or loaded; use smaller ratios.")
+        return False
+
+    def inputs(self, key: str, inputs: Sequence[tuple[str, torch.Tensor | None]],
+               effect: str = "this merge did not take them here") -> bool:
+        """Warn (once per model) about the inputs that hold inf/NaN in `key`; True when any does. A finite result
+        does not prove finite inputs where the formula takes some values and leaves others (a tensor swap, DARE's
+        drops): the engine asks here then too, so a broken model is named even when this merge hid its damage."""
+        holding = [model for model, tensor in inputs if tensor is not None and not all_finite(tensor)]
         for model in holding:
             with self._lock:
                 if model in self._warned:
                     continue
                 self._warned.add(model)
-            warnings.warn(f"{model} already holds inf/NaN in {key} (and the merge passes them on); further keys of "
-                          "this model are not listed. Check that model.", NonFiniteWarning, stacklevel=2)
-        return False
+            warnings.warn(f"{model} already holds inf/NaN in {key} ({effect}); "
+                          "further keys of this model are not listed. Check that model.", NonFiniteWarning,
+                          stacklevel=3)
+        return bool(holding)

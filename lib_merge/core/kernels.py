@@ -41,6 +41,7 @@ class CalcMode:
     uses_beta: bool = False
     skip_vae: bool = False  # cosine leaves the VAE alone
     skip_self_keys: bool = False  # self/random leave to_out, proj_out and norm alone
+    selects: bool = False  # takes some of A's values and some of B's: an input's inf/NaN may not reach the result
 
 
 CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
@@ -54,8 +55,10 @@ CALC_MODES: dict[str, CalcMode] = {c.name: c for c in (
     CalcMode("smoothAdd MT", (ADD_DIFF,), "smoothAdd computed on all cores"),
     CalcMode("extract", (ADD_DIFF,), "features of B-A / C-A selected by their cosine similarity (gamma)",
              implies=ADD_DIFF, uses_beta=True),
-    CalcMode("tensor", (WEIGHT_SUM,), "rows [beta, beta+alpha) of dim 0 taken from B", uses_beta=True),
-    CalcMode("tensor2", (WEIGHT_SUM,), "like tensor, slicing dim 1 of matrices and convolutions", uses_beta=True),
+    CalcMode("tensor", (WEIGHT_SUM,), "rows [beta, beta+alpha) of dim 0 taken from B", uses_beta=True,
+             selects=True),
+    CalcMode("tensor2", (WEIGHT_SUM,), "like tensor, slicing dim 1 of matrices and convolutions", uses_beta=True,
+             selects=True),
     CalcMode("self", (WEIGHT_SUM,), "A*alpha (B unused)", uses_b=False, skip_self_keys=True),
     CalcMode("plus random", (WEIGHT_SUM,), "A + alpha*N(0,1) noise, seeded (B unused)", uses_b=False,
              skip_self_keys=True),

@@ -259,6 +259,7 @@ class Method:
     params: tuple[str, ...] = ("alpha",)
     weighted: bool = True  # takes per-model weights
     random: bool = False
+    drops: bool = False  # zeroes entries of the task vectors at random: an input's inf/NaN may not reach the result
     default_alpha: float = 1.0
 
     def takes(self, count: int) -> bool:
@@ -276,11 +277,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ties", ties, "base + λ·disjoint_mean(elect(trim_k(τᵢ)))", "Yadav et al. 2023, arXiv:2306.01708",
            params=("alpha", "density")),
     Method("dare", dare, "base + λ·Σ DARE_p(τᵢ)", "Yu et al. 2024, arXiv:2311.03099", params=("alpha", "drop"),
-           random=True),
+           random=True, drops=True),
     Method("dare_ties", dare_ties, "base + λ·disjoint_mean(elect(DARE_p(τᵢ)))", "Yu et al. 2024, arXiv:2311.03099",
-           params=("alpha", "drop"), random=True),
+           params=("alpha", "drop"), random=True, drops=True),
     Method("della", della, "base + λ·disjoint_mean(elect(MAGPRUNE_{1−k,ε}(τᵢ)))",
-           "Deep et al. 2024, arXiv:2406.11617", params=("alpha", "density", "epsilon"), random=True),
+           "Deep et al. 2024, arXiv:2406.11617", params=("alpha", "density", "epsilon"), random=True,
+           drops=True),
     Method("slerp", slerp, "sin((1−t)Ω)/sin Ω·base + sin(tΩ)/sin Ω·M", "Shoemake 1985", max_models=1,
            weighted=False, default_alpha=0.5),
     Method("model_stock", model_stock, "t·mean(Mᵢ) + (1−t)·base, t = N cos θ/(1+(N−1) cos θ)",

@@ -2,7 +2,10 @@
 
 The full sha256 identifies models in merge metadata and history; its first 10 hex digits are the WebUI's
 "shorthash"; the legacy 8-hex hash (64 KiB at offset 1 MiB) is what old infotexts and `sd_merge_models` carry.
-Entries are keyed by resolved path and invalidated by size or mtime, like the WebUI's own hash cache.
+Entries are keyed by resolved path and invalidated by a change of size, mtime, inode or ctime: the WebUI's own cache
+looks at mtime only, so a file rewritten in place with its old mtime put back (`cp -p`, `touch -r`, `rsync -t`) kept
+its old hash there. The ctime cannot be set back (any write or utime moves it), and the inode changes when a file is
+replaced by another.
 """
 
 from __future__ import annotations
@@ -59,25 +62,29 @@ class HashCache:
             warnings.warn(f"Could not save hash cache {self.path}: {e}", stacklevel=3)
 
     @staticmethod
-    def _identity(path: Path) -> tuple[str, int, int]:
+    def _identity(path: Path) -> tuple[str, dict[str, int]]:
         resolved = path.resolve()
         st = resolved.stat()
-        return str(resolved), st.st_size, st.st_mtime_ns
+        return str(resolved), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+                               "ctime_ns": st.st_ctime_ns}
+
+    @staticmethod
+    def _matches(entry: dict[str, object] | None, stamp: dict[str, int]) -> bool:
+        return bool(entry) and all(entry.get(field) == value for field, value in stamp.items())
 
     def _cached(self, path: Path, field: str, compute) -> str:
-        key, size, mtime = self._identity(path)
+        key, stamp = self._identity(path)
         with self._lock:
             entry = self._entries.get(key)
-            if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime and field in entry:
+            if self._matches(entry, stamp) and field in entry:
                 return str(entry[field])
         value = compute(Path(key))
-        _, size_after, mtime_after = self._identity(path)
-        if (size_after, mtime_after) != (size, mtime):  # changed while we read it: do not trust this value
+        if self._identity(path)[1] != stamp:  # changed while we read it: do not trust this value
             return value
         with self._lock:
             entry = self._entries.get(key)
-            if not entry or entry.get("size") != size or entry.get("mtime_ns") != mtime:
-                entry = {"size": size, "mtime_ns": mtime}
+            if not self._matches(entry, stamp):
+                entry = dict(stamp)
                 self._entries[key] = entry
             entry[field] = value
             self._save()
