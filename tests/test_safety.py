@@ -6,6 +6,7 @@ row, every input byte for byte as before.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import synth_family
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from test_cli import ROOT, run
 
 from lib_merge.core.weights import DEFAULT_PRESETS
@@ -293,7 +294,7 @@ def test_a_key_found_finite_is_not_checked_again_where_that_is_exact(models, mon
     assert sum(checked) >= sum(a.get(k).numel() for k in fp16)  # every key checked the first time
     assert set(fp16) <= a.finite_keys and set(fp16) <= b.finite_keys
     second = merge(0.6)
-    assert sum(checked) == sum(a.get(k).numel() for k in a.keys() if k not in fp16)  # only the other keys
+    assert sum(checked) == 0  # the fp16 keys merged where that is exact, the others copies of keys found finite
     for key in fp16:  # and the result is still the formula's, rounded once
         expected = a.get(key).double() * 0.4 + b.get(key).double() * 0.6
         assert torch.allclose(second[key].double(), expected, rtol=2 ** -10, atol=2 ** -24), key
@@ -306,6 +307,51 @@ def test_a_key_found_finite_is_not_checked_again_where_that_is_exact(models, mon
     assert not fresh.finite_keys
     merge(0.3, left=fresh)
     assert sum(checked) >= sum(a.get(k).numel() for k in fp16)
+
+
+def test_a_file_found_finite_is_not_checked_again_by_the_next_run(models, tmp_path, monkeypatch):
+    """The hash cache remembers a file whose every key a merge found finite (keyed by size, mtime, inode and ctime):
+    the next run (new checkpoints, new cache object, as a new CLI process) checks nothing of it; the same file
+    rewritten in place with its mtime put back is checked again, and a file holding NaN is never remembered."""
+    from lib_merge.core import finite
+    from lib_merge.core.finite import NonFiniteWarning
+    from lib_merge.core.recipe import Recipe
+    from lib_merge.io.hashes import HashCache
+    from lib_merge.service.pipeline import merge_to_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copyfile(models["a"], a)
+    shutil.copyfile(models["b"], b)
+    store = tmp_path / "hashes.json"
+    checked = []
+    real = finite.all_finite
+    monkeypatch.setattr(finite, "all_finite", lambda t: checked.append(t.numel()) or real(t))
+    merged_numel = sum(t.numel() for t in load_file(a).values() if t.is_floating_point())
+
+    def run_once(n, right=b):
+        checked.clear()
+        merge_to_file(Recipe(str(a), str(right), alpha=0.3), tmp_path / f"out{n}.safetensors", hashes=HashCache(store),
+                      metadata=False)
+        return sum(checked)
+
+    assert run_once(1) >= merged_numel
+    assert run_once(2) == 0
+    entries = json.loads(store.read_text())["entries"]
+    assert {Path(k).name for k, v in entries.items() if v.get("finite") is True} == {"a.safetensors", "b.safetensors"}
+    st = b.stat()
+    while time.time_ns() < st.st_ctime_ns + 50_000_000:  # the next write gets a later ctime (coarse kernel clock)
+        time.sleep(0.01)
+    state = load_file(b)
+    key = next(k for k, v in state.items() if v.dtype == torch.float16)
+    state[key].view(-1)[0] = float("nan")
+    data = save(state)
+    with open(b, "r+b") as f:  # same size, same inode; the mtime put back
+        f.write(data)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(NonFiniteWarning, match=key):
+        assert run_once(3) > 0  # B is checked again (and A, known finite, is not the whole count)
+    with pytest.warns(NonFiniteWarning, match=key):
+        assert run_once(4) > 0  # B holds NaN: never remembered
 
 
 def test_a_key_holding_nan_is_never_taken_for_finite(models, tmp_path):

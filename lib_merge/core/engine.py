@@ -483,7 +483,10 @@ class KeyMerger:
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
             tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
-            self._check_finite(job, tensor, tensor)
+            known = getattr(src, "finite_keys", None)  # a copy is finite exactly where its source is
+            if known is None or job.key not in known:
+                if self._check_finite(job, tensor, tensor) and known is not None:
+                    known.add(job.key)
             return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
         if dest is None:
             dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))

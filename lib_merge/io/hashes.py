@@ -10,6 +10,7 @@ replaced by another.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..core import untrusted_json
 from .format import CheckpointError
+from .read import file_identity
 from .write import atomic_output
 
 BLOCK = 1024 * 1024
@@ -72,15 +74,12 @@ class HashCache:
     def _matches(entry: dict[str, object] | None, stamp: dict[str, int]) -> bool:
         return bool(entry) and all(entry.get(field) == value for field, value in stamp.items())
 
-    def _cached(self, path: Path, field: str, compute) -> str:
-        key, stamp = self._identity(path)
+    def _lookup(self, key: str, stamp: dict[str, int], field: str) -> object | None:
         with self._lock:
             entry = self._entries.get(key)
-            if self._matches(entry, stamp) and field in entry:
-                return str(entry[field])
-        value = compute(Path(key))
-        if self._identity(path)[1] != stamp:  # changed while we read it: do not trust this value
-            return value
+            return entry.get(field) if self._matches(entry, stamp) else None
+
+    def _store(self, key: str, stamp: dict[str, int], field: str, value: object) -> None:
         with self._lock:
             entry = self._entries.get(key)
             if not self._matches(entry, stamp):
@@ -88,7 +87,32 @@ class HashCache:
                 self._entries[key] = entry
             entry[field] = value
             self._save()
+
+    def _cached(self, path: Path, field: str, compute) -> str:
+        key, stamp = self._identity(path)
+        value = self._lookup(key, stamp, field)
+        if value is not None:
+            return str(value)
+        value = compute(Path(key))
+        if self._identity(path)[1] == stamp:  # else it changed while we read it: do not keep this value
+            self._store(key, stamp, field, value)
         return value
+
+    def all_finite(self, path: str | os.PathLike[str]) -> bool:
+        """Whether a merge found every value of the file, as it is now, finite (`mark_finite`)."""
+        try:
+            key, stamp = self._identity(Path(path))
+        except OSError:
+            return False
+        return self._lookup(key, stamp, "finite") is True
+
+    def mark_finite(self, path: str | os.PathLike[str], opened: tuple[int, ...]) -> None:
+        """Remember that every value of the file is finite: `opened` is the `io.read.file_identity` of the file whose
+        values were read; nothing is remembered when the file is no longer that one."""
+        with contextlib.suppress(OSError):
+            key, stamp = self._identity(Path(path))
+            if file_identity(os.stat(key)) == opened:
+                self._store(key, stamp, "finite", True)
 
     def sha256(self, path: str | os.PathLike[str]) -> str:
         """Full sha256 (hex) of the file, read in 1 MiB blocks."""

@@ -51,6 +51,8 @@ class Checkpoint(Protocol):
     def nbytes(self, key: str) -> int: ...
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def get_span(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    @property
+    def opened_as(self) -> tuple[int, ...] | None: ...
     def changed_on_disk(self) -> bool: ...
     @property
     def metadata(self) -> dict[str, str]: ...
@@ -98,6 +100,11 @@ class _Base:
         if "_finite_keys" not in self.__dict__:
             self._finite_keys: set[str] = set()
         return self._finite_keys
+
+    @property
+    def opened_as(self) -> tuple[int, ...] | None:
+        """The `file_identity` of the file as opened (None: not a file)."""
+        return self._identity
 
     def changed_on_disk(self) -> bool:
         """Whether `path` no longer names the file as it was opened (replaced, rewritten, truncated, removed): a

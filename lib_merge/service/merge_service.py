@@ -43,6 +43,7 @@ from ..io.hashes import HashCache
 from ..io.history import History
 from ..lora.bake import plan_bake
 from ..lora.blocks import LoraSpec, load_presets
+from . import finite_memory
 from .lora_service import LiveBake, LiveModel, apply_bake, live_identity, live_record
 from .pipeline import SaveResult, check_device, check_files, merge_to_file
 from .ratio_log import write_ratio_log
@@ -213,7 +214,9 @@ class MergeService:
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Merging"))
             identity = identity_of(plan, name)
+            finite_memory.recall(models, self.hashes)
             note = self._write(todo, models, previous, identity, report, cancel, scratch)
+            finite_memory.remember(models, self.hashes)
             self._loaded = plan
             self._baked = []  # the merge replaced every tensor the LoRAs had changed
             if commit:

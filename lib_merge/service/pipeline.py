@@ -19,6 +19,7 @@ from ..io.checkpoint import SaveOptions, check_output_path, merge_metadata, open
 from ..io.hashes import HashCache
 from ..io.history import History
 from ..io.output import FileSink
+from . import finite_memory
 from .ratio_log import write_ratio_log
 
 Resolve = Callable[[str], Path]
@@ -116,8 +117,11 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
         vae = open_vae(options)
         if vae is not None:
             stack.callback(vae.close)
-        meta = recipe_metadata(plan, models, hashes or HashCache()) if metadata else {}
+        hashes = hashes or HashCache()
+        meta = recipe_metadata(plan, models, hashes) if metadata else {}
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite, vae)
+        finite_memory.recall(models, hashes)
         run_merge(plan, models, sink, progress, cancel, threads, check_device(device))
+        finite_memory.remember(models, hashes)
     history_id = history.append(plan.recipe.title(), plan.recipe.to_dict()) if history is not None else None
     return SaveResult(output, plan, history_id, tuple(sink.warnings))
