@@ -150,8 +150,8 @@ def test_upper_limit_from_merge_id_and_an_x_merge_with_it(tools):
     h.merge(values(use_mbw=True, weights_alpha=text))
     mbw_id = h.service.history().rows()[-1]["id"]
     h.merge(values(alpha=0.37))
-    assert dice_extras.upper_from_id(h, -1) == ("0.37", "Upper limit: merge %d used no block weights; its alpha "
-                                                        "0.37 for every block." % (mbw_id + 1))
+    assert dice_extras.upper_from_id(h, -1) == (
+        "0.37", f"Upper limit: merge {mbw_id + 1} used no block weights; its alpha 0.37 for every block.")
     upper, message = dice_extras.upper_from_id(h, mbw_id)
     assert [float(v) for v in upper.split(",")] == weights and str(mbw_id) in message
     # X draws between the lower limit (0) and that upper limit, block by block

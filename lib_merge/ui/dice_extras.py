@@ -64,8 +64,8 @@ def build(d: dict[str, Any]) -> None:
                                  min_width=120)
         d["rand_load_id"] = gr.Button("Upper limit from merge ID", size="sm", elem_id="bm_rand_load_id")
         d[SAVE_ELIST] = gr.Checkbox(False, label="save E-list", elem_id="bm_rand_save_elist")
-        d["rand_elist"] = gr.File(label="Load E-list into Elemental", file_types=[".csv"],
-                                  elem_id="bm_rand_elist", min_width=160)
+    d["rand_elist"] = gr.File(label="Load E-list into Elemental (drop a CSV)", file_types=[".csv"],
+                              elem_id="bm_rand_elist")
 
 
 def wire(h, d: dict[str, Any], elemental, message, guard, skip) -> None:
