@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .arch import BLOCKS_XL_FINE, Arch
@@ -31,8 +32,9 @@ AXIS_TYPES = (
     "adjust", "pinpoint adjust", "calcmode", "merge mode", "prompt", "prompt2", "prompt3", "random", "merge ID",
     "method", "density", "drop", "epsilon", "mbw density", "mbw drop", "mbw epsilon",
 )
-#: Axes that may appear twice (on X and Y), as in the seed.
-REPEATABLE = ("add elemental",)
+#: Axes that may appear twice (on X and Y), as in the seed. Random axes on several of X, Y and Z give each cell one
+#: weight seed made from the axes' seeds (`cell_seed`).
+REPEATABLE = ("add elemental", "random")
 #: "random" cells: a random-weight seed each; Run Rand lays more than this many out in rows of this width.
 RANDOM_ROW = 10
 MAX_RANDOM_CELLS = 1000
@@ -285,8 +287,9 @@ def build_cell(base: Recipe, gen: GenParams, chosen: Mapping[str, object] | Sequ
         fields["elemental"] = ",".join(filter(None, [str(fields.get("elemental", base.elemental)).strip(),
                                                      *(a.replace("\n", ",") for a in added)]))
     recipe = dataclasses.replace(base, **fields)
-    if "random" in chosen:
-        recipe = apply_random(recipe, random_spec or RandomSpec(), chosen["random"], arch, presets)
+    seeds = [v for k, v in pairs if k == "random"]
+    if seeds:
+        recipe = apply_random(recipe, random_spec or RandomSpec(), cell_seed(seeds), arch, presets)
     ratio = chosen.get(ratio_kind)
     if "pinpoint blocks" in pinpoints:
         field = "weights_alpha" if ratio_kind == "alpha" else "weights_beta"
@@ -341,11 +344,22 @@ def plan_cells(base: Recipe, gen: GenParams, axes: Sequence[Axis | None], arch: 
                                          f"beta with Triple sum, sum Twice, tensor, tensor2 or extract.")
                 except MergeError as e:
                     raise MergeError(f"Plot cell {_cell_name(axes, xi, yi, zi)}: {e}") from None
-                label = " / ".join(f"seed {v}" for k, v in chosen if k == "random")
+                seeds = [v for k, v in chosen if k == "random"]
+                label = f"seed {cell_seed(seeds)}" if seeds else ""
                 cells.append(Cell(xi, yi, zi, recipe, cell_gen, label))
     if is_run_rand(axes) and len(cells) > RANDOM_ROW:
         cells = [dataclasses.replace(c, x=c.x % RANDOM_ROW, y=c.x // RANDOM_ROW) for c in cells]
     return cells
+
+
+def cell_seed(seeds: Sequence[int]) -> int:
+    """A random cell's weight seed: its axis's seed or, with random axes on two or three of X, Y and Z, one seed
+    made from theirs (in X, Y, Z order) by numpy's SeedSequence, so every cell of the grid draws its own weights and
+    the same axes give the same cells again. The cell's label shows the result; a random merge with it alone
+    reproduces the cell."""
+    if len(seeds) == 1:
+        return int(seeds[0])
+    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1, np.uint32)[0])
 
 
 def is_run_rand(axes: Sequence[Axis | None]) -> bool:

@@ -59,7 +59,10 @@ def _set(field: str, check: CheckPlot) -> Callable[[Any, Any, Any], None]:
             # plot (one from the generation itself only leaves a cell empty): refuse here, before any image
             axes.checked = True
             check(p, dict(axes.sample))
-        setattr(p, REQUEST_ATTR, {**getattr(p, REQUEST_ATTR, {}), field: value})
+        request = getattr(p, REQUEST_ATTR, {})
+        if field == "random":  # on X and Y (and Z) at once: every seed is kept, the cell draws from all of them
+            value = (*request.get(field, ()), value)
+        setattr(p, REQUEST_ATTR, {**request, field: value})
     return apply
 
 
@@ -171,7 +174,9 @@ def requested_recipe(p: Any, base: Recipe | None, default_model_a: str, blocks: 
             cell["add elemental"] = str(cell["add elemental"]).replace("\n", ",")
         random = recipe.extra.get("random")
         spec = spec_from_dict(random) if isinstance(random, dict) else RandomSpec()
-        recipe, _ = build_cell(recipe, GenParams(), cell, arch, Presets({}), spec)
+        seeds = cell.pop("random", ())  # the seeds of every random axis (`_set` keeps them all)
+        pairs = [*cell.items(), *(("random", s) for s in (seeds if isinstance(seeds, tuple) else (seeds,)))]
+        recipe, _ = build_cell(recipe, GenParams(), pairs, arch, Presets({}), spec)
     if pinpoint is not None:
         block, _, value = pinpoint.partition("=")
         block = block.strip()

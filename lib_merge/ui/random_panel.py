@@ -14,19 +14,21 @@ import gradio as gr
 
 from ..core.arch import BLOCKS_XL, BLOCKS_XL_FINE, xl_group
 from ..core.errors import MergeError
-from ..core.random_weights import RANDOM_MODES, TARGETS, RandomSpec, apply
+from ..core.random_weights import RANDOM_MODES, TARGETS, RandomSpec, apply, spec_from_dict
 from ..io.plot_presets import FIELDS, PlotPresets
+from . import dice_extras
 from . import values as uv
 from .chart import weights_svg
 from .plot_queue import HEADERS, PlotQueue
 
 #: the dice widgets, in the order handlers receive them
 DICE_KEYS = ("rand_mode", "rand_targets", "rand_extend", "rand_seed", "rand_round", "rand_count", "rand_template",
-             "rand_upper", "rand_lower", "rand_clamp_upper", "rand_clamp_lower")
+             "rand_upper", "rand_lower", "rand_clamp_upper", "rand_clamp_lower", dice_extras.SAVE_ELIST)
 DICE_DEFAULTS = dict(rand_mode="R", rand_targets=["alpha"], rand_extend=False, rand_seed=-1, rand_round=3,
                      rand_count=4, rand_template="", rand_upper="1", rand_lower="0", rand_clamp_upper="",
-                     rand_clamp_lower="")
+                     rand_clamp_lower="", **{dice_extras.SAVE_ELIST: False})
 USER_PLOT_PRESETS = "block_merger_xyz_presets.json"
+PLOT_QUEUE_FILE = "block_merger_plot_queue.json"
 MAX_RUN_RAND = 100
 
 
@@ -129,7 +131,7 @@ class PlotTools:
 
     def __init__(self, handlers):
         self.h = handlers
-        self.queue = PlotQueue()
+        self.queue = PlotQueue(handlers.host.history_path().with_name(PLOT_QUEUE_FILE))
         self.presets = PlotPresets(handlers.host.history_path().with_name(USER_PLOT_PRESETS))
 
     def run_rand(self, values: dict[str, Any]):
@@ -155,10 +157,14 @@ class PlotTools:
             plan, _ = h.service.plan(recipe)
             recipe = apply(recipe, spec, seed, plan.arch, h.service.presets)
             if to_file:
-                message = h._saved(h._save(lambda: h.service.save(recipe, name, options, flags["overwrite"],
-                                                                  flags["safetensors"], flags["metadata"])))
+                done = h._save(lambda: h.service.save(recipe, name, options, flags["overwrite"],
+                                                      flags["safetensors"], flags["metadata"]))
+                message = h._saved(done)
             else:
-                message = h.service.merge_and_load(recipe).message()
+                done = h.service.merge_and_load(recipe)
+                message = done.message()
+            if values.get(dice_extras.SAVE_ELIST):
+                message += f"\nE-list saved: {dice_extras.save_elist(h, done.plan, done.history_id)}"
         drawn = f"alpha {recipe.weights_alpha}" + (f"; beta {recipe.weights_beta}" if "beta" in spec.targets else "")
         return ActionResult(f"{message}\nWeight seed {seed}: {drawn}")
 
@@ -166,17 +172,18 @@ class PlotTools:
         """Queue the plot the widgets describe (or, with `run_rand`, the dice's Run Rand)."""
         spec = None
         if run_rand:
-            spec = spec_from_values(values)
+            spec = spec_from_values(values).to_dict()  # plain data: the queue is kept in a file
             values = {**values, "x_type": "random", "x_values": run_rand_axis(values), "y_type": "none",
                       "z_type": "none"}
         number = self.queue.add(values, spec)
-        return f"Plot #{number} is queued; press 'Run queue' to run the waiting plots in order."
+        notice = f"\n{self.queue.notice}" if self.queue.notice else ""
+        return f"Plot #{number} is queued; press 'Run queue' to run the waiting plots in order.{notice}"
 
     def run_queue(self):
         from .tab import ActionResult
 
         def plot(entry):
-            result = self.h.plot(entry.values, None, entry.extra)
+            result = self.h.plot(entry.values, None, spec_from_dict(entry.extra) if entry.extra else None)
             return result.message.splitlines()[0], list(result.images or [])
 
         done = self.queue.run(plot, self.h.host.interrupted)
@@ -280,6 +287,7 @@ class Panels:
                 d["rand_run"] = gr.Button("Run Rand", variant="primary", elem_id="bm_rand_run",
                                           interactive=not gen_off)
                 d["rand_reserve"] = gr.Button("Reserve Run Rand", elem_id="bm_rand_reserve")
+            dice_extras.build(d)  # Load from ID, save E-list
 
     def wire(self, h, w: dict[str, Any], parts: dict[str, Any], tab, action_keys: Sequence[str]) -> None:
         from .tab import _guard, _history_or_skip, _skip, make_action
@@ -293,6 +301,7 @@ class Panels:
         d["rand_file"].click(make_action(h, lambda values: tools.random_merge(values, to_file=True), keys), inputs,
                              outputs)
         d["rand_load"].click(lambda text: text, w["weights_alpha"], d["rand_upper"], queue=False)
+        dice_extras.wire(h, d, w["elemental"], parts["message"], _guard, _skip)
 
         # queue
         def reserve(run_rand):
@@ -351,6 +360,9 @@ class Panels:
                                  [d["preset"], parts["message"]], queue=False)
         tab.load(_guard(lambda: gr.update(choices=tools.presets.names()), lambda msg: _skip()), None,
                           d["preset"], queue=False)
+        # the queue as kept in its file (and why it was set aside, if it was damaged)
+        tab.load(_guard(lambda: (tools.queue.table(), tools.queue.notice or _skip()), lambda msg: (_skip(), msg)),
+                 None, [d["queue"], parts["message"]], queue=False)
 
         self._wire_extended(w, parts, _guard, _skip)
 

@@ -26,8 +26,8 @@ from ..io.history import History
 from ..io.write import OutputExists
 from ..service.lora_service import is_lora_record
 from ..service.merge_service import MergeService
+from . import gen_defaults, methods_panel, recipe_text, xyz_helpers
 from . import method_values as mv
-from . import methods_panel
 from . import values as uv
 from .chart import weights_svg
 from .plot import run_plot
@@ -300,8 +300,11 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 build_images_tab(h, settings_updates, settings_outputs(w, parts["block_sliders"],
                                  parts["adjust_sliders"]), parts["block_sliders"], error_message)
         panels = parts.pop("panels")  # random merges, plot helpers, extended SDXL weights (ui/random_panel.py)
+        extras = parts.pop("extras")  # the wiring of panels in their own modules (gen defaults, axis helpers...)
         _wire(h, w, **parts)
         panels.wire(h, w, parts, tab, ACTION_KEYS)
+        for wire in extras:
+            wire(h, w, parts, tab, _guard, _skip)
 
         # values computed when the tab was built go stale (a merge made through the API, another browser tab):
         # every page load asks again
@@ -322,6 +325,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
     gen_off = host.generation_unavailable
     models = model_choices(host)
     panels = Panels()
+    extras = []
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=560):
@@ -431,6 +435,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                     w["gen_seed"] = gr.Number(-1, label="Seed", precision=0, elem_id="bm_gen_seed")
                     w["batch_size"] = gr.Number(0, label="Batch size", precision=0, elem_id="bm_batch")
                 build_generation_extras(host, w)
+                extras.append(gen_defaults.build(w, GEN_KEYS))
 
             with gr.Accordion("X/Y/Z plot", open=False, elem_id="bm_xyz_acc"):
                 for axis, default in (("x", "alpha"), ("y", "none"), ("z", "none")):
@@ -443,6 +448,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                 gr.Markdown(XYZ_HELP, elem_id="bm_xyz_help")
                 plot_btn = gr.Button("Run X/Y/Z plot", elem_id="bm_xyz_run", interactive=not gen_off)
                 panels.plot_extras(gen_off)
+                extras.append(xyz_helpers.build(models))
             panels.dice(gen_off, live_off)
 
         with gr.Column(scale=2, min_width=360):
@@ -478,6 +484,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                      elem_id="bm_merge_id", scale=3)
                 load_btn = gr.Button("Load settings", elem_id="bm_load_settings", size="sm", scale=1,
                                      min_width=100)
+            extras.append(recipe_text.build())
             gallery = gr.Gallery(label="Images", columns=2, height=320, object_fit="contain",
                                  elem_id="bm_gallery")
             infotext = gr.Textbox(label="Generation info", lines=3, interactive=False, elem_id="bm_infotext")
@@ -505,7 +512,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
     return dict(panels=panels, block_sliders=block_sliders, adjust_sliders=adjust_sliders, preset=preset, chart=chart,
                 calc_note=calc_note, message=message, loaded=loaded, gallery=gallery, infotext=infotext,
                 history=history, search_words=search_words, search_mode=search_mode, merge_id=merge_id,
-                inspect_model=inspect_model, inspect_out=inspect_out,
+                inspect_model=inspect_model, inspect_out=inspect_out, extras=extras,
                 buttons=dict(refresh=refresh, merge=merge_btn, merge_gen=merge_gen_btn, generate=gen_btn,
                              stop=stop_btn, file=file_btn, save=save_btn, restore=restore_btn, plot=plot_btn,
                              load=load_btn, search=search_btn, inspect=inspect_btn))
