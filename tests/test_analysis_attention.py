@@ -290,3 +290,34 @@ def test_cli_analyze_asimilarity_and_csv(sd1, tmp_path):
     res = run("analyze", a, b, "--csv", b, "--overwrite", cwd=tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert Path(b).read_bytes() == model_b
+
+
+def test_the_analysis_sub_tab_shows_and_saves_the_new_measures(sd1, tmp_path):
+    import re
+
+    from lib_merge.hosts.standalone import StandaloneHost
+    from lib_merge.ui.tab_analysis import block_chart, block_table, run_analysis, save_table
+
+    host = StandaloneHost(sd1, tmp_path / "data")
+    result = run_analysis(host, ["a.safetensors", "b.safetensors", ""], attention=True)
+    probe = {sd1_block(f"{UNET}{k}.x"): v[0] for k, v in expected_asim(states(sd1, "ab"), SD_PROBED).items()}
+    headers, rows = block_table(result)
+    assert headers == ["block", "keys", "A-B cos mean %", "A-B cos min %", "A-B rel L2", "A-B attn2 cos %",
+                       "A-B ASim %"]
+    for row in rows:
+        if row[0] in probe:
+            assert float(row[6]) == pytest.approx(probe[row[0]], abs=6e-5)
+        else:
+            assert row[6] == "n/a"
+    svg = block_chart(result, "ASimilarity %")
+    drawn = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'data-label="([^"]+)" data-series="A-B" data-value="([^"]+)"', svg) if m.group(2) != "nan"}
+    assert drawn == pytest.approx(probe, rel=1e-6)
+    with pytest.raises(MergeError, match="Run an analysis first"):
+        save_table(host, None)
+    first, second = save_table(host, result), save_table(host, result)
+    assert first == tmp_path / "data" / "analysis" / "a-b.csv" and second.name == "a-b-2.csv"
+    assert first.read_bytes() == second.read_bytes()
+    check_table(read_csv(first), sd1, "ab", asim=True)
+    plain = run_analysis(host, ["a.safetensors", "b.safetensors", ""])
+    assert "A-B ASim %" not in block_table(plain)[0]
