@@ -123,11 +123,10 @@ def build_analysis_tab(host, error_message) -> None:
         run = gr.Button("Run analysis", variant="primary", elem_id="bm_an_run", scale=1, min_width=120)
         stop = gr.Button("Stop", variant="stop", elem_id="bm_an_stop", scale=1, min_width=80)
         measure = gr.Radio(list(MEASURES), value=DEFAULT_MEASURE, label="Chart", elem_id="bm_an_measure", scale=4)
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         attention = gr.Checkbox(True, label="ASimilarity (probe each U-Net transformer block's self-attention)",
-                                elem_id="bm_an_asim", scale=3)
+                                elem_id="bm_an_asim", scale=4)
         save = gr.Button("Save CSV", elem_id="bm_an_save", size="sm", scale=1, min_width=90)
-        saved = gr.File(label="Saved table", interactive=False, elem_id="bm_an_file", scale=2)
     message = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="bm_an_message")
     chart = gr.HTML("", elem_id="bm_an_chart")
     blocks = gr.Dataframe(headers=["block"], value=[[""]], interactive=False, wrap=True, label="Per block",
@@ -135,6 +134,7 @@ def build_analysis_tab(host, error_message) -> None:
     with gr.Accordion("Per key", open=False, elem_id="bm_an_keys_acc"):
         keys = gr.Dataframe(headers=["key"], value=[[""]], interactive=False, wrap=True, label="Per key",
                             elem_id="bm_an_keys")
+    saved = gr.File(label="Saved table", interactive=False, visible=False, elem_id="bm_an_file")
     state = gr.State(None)
 
     def analyse(a, b, c, chosen_measure, probe):
@@ -155,7 +155,8 @@ def build_analysis_tab(host, error_message) -> None:
             path = save_table(host, result)
         except Exception as e:  # noqa: BLE001 - every failure becomes the message
             return error_message(e), gr.update()
-        return f"Saved the table ({len(result.groups)} blocks, {len(result.keys)} keys) to {path}", str(path)
+        return (f"Saved the table ({len(result.groups)} blocks, {len(result.keys)} keys) to {path}",
+                gr.update(value=str(path), visible=True))
 
     run.click(analyse_guarded, [*pickers, measure, attention], [message, chart, blocks, keys, state])
     save.click(save_guarded, state, [message, saved])
