@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import sd1_block, sdxl_labels
+from conftest import sd1_block, sdxl_labels, synth_family
 from safetensors.torch import load_file, save_file
 
 from lib_merge.analysis.similarity import compare_models
 from lib_merge.analysis.table_csv import save_csv
-from lib_merge.cli import synth
 from lib_merge.core.errors import MergeCancelled, MergeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,17 +36,14 @@ XL_PROBED = ["input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     folder = tmp_path_factory.mktemp("asim_sd1")
-    a = synth.make_checkpoint(folder / "a.safetensors", "sd1", factor=16, seed=1)
-    synth.make_checkpoint(folder / "b.safetensors", "sd1", factor=16, seed=2, base=a, noise=0.5)
-    synth.make_checkpoint(folder / "c.safetensors", "sd1", factor=16, seed=3, base=a, noise=1.0)
+    synth_family(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("asim_xl")
-    a = synth.make_checkpoint(folder / "a.safetensors", "sdxl", factor=32, seed=1)
-    synth.make_checkpoint(folder / "b.safetensors", "sdxl", factor=32, seed=2, base=a, noise=0.5)
+    synth_family(folder, "sdxl", factor=32)
     return folder
 
 
