@@ -40,7 +40,8 @@ class MemoryHost(StandaloneHost):
             self.live = {k: ckpt.get(k).clone() for k in ckpt.keys()}
         self.identity = None
         self.loads: list[int] = []  # number of tensors handed over per load
-        self.generated: list[tuple[str, int, str]] = []  # (weights digest, seed, prompt)
+        self.generated: list[tuple[str, int, str]] = []  # (weights digest, seed, prompt) per image
+        self.batches: list[int] = []  # images per generate call
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -64,15 +65,20 @@ class MemoryHost(StandaloneHost):
         return self.identity
 
     def generate(self, request):
+        """One image (or one per prompt of `request.prompts`, seeds counting up as in a WebUI batch)."""
         digest = weights_digest(self.live)
-        self.generated.append((digest, request.seed, request.prompt))
-        colour = tuple(int(digest[i:i + 2], 16) for i in (0, 2, 4))
-        shade = (request.seed * 37) % 256
-        image = Image.new("RGB", (64, 48), colour)
-        image.paste((shade, shade, shade), (0, 0, 16, 16))
-        info = f"{request.prompt}\nSeed: {request.seed}, " + ", ".join(f"{k}: {v}" for k, v in
-                                                                          request.extra_params.items())
-        return GenerationResult([image], [info], request.seed)
+        images, infos = [], []
+        for i, prompt in enumerate(request.prompts or (request.prompt,)):
+            seed = request.seed + i
+            self.generated.append((digest, seed, prompt))
+            colour = tuple(int(digest[j:j + 2], 16) for j in (0, 2, 4))
+            shade = (seed * 37) % 256
+            image = Image.new("RGB", (64, 48), colour)
+            image.paste((shade, shade, shade), (0, 0, 16, 16))
+            images.append(image)
+            infos.append(f"{prompt}\nSeed: {seed}, " + ", ".join(f"{k}: {v}" for k, v in request.extra_params.items()))
+        self.batches.append(len(images))
+        return GenerationResult(images, infos, request.seed)
 
     @contextlib.contextmanager
     def lock(self):

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="how similar two or three models are, per block (and per key)")
     analyze.add_argument("models", nargs="+", metavar="MODEL", help="two or three checkpoints: A B [C]")
     analyze.add_argument("--per-key", action="store_true", help="also list every compared key")
+    analyze.add_argument("--asimilarity", action="store_true",
+                         help="also probe each U-Net transformer block's self-attention (the seed's ASimilarity)")
+    analyze.add_argument("--csv", metavar="OUT", default=None, help="also save the table (blocks and keys) as CSV")
+    analyze.add_argument("--overwrite", action="store_true", help="with --csv: replace an existing file")
 
     from .lora import add_lora_parser
 
@@ -282,11 +286,22 @@ def cmd_inspect(args) -> int:
 
 def cmd_analyze(args) -> int:
     from ..analysis.similarity import compare_models, format_comparison
+    from ..io.checkpoint import check_output_path
 
     if len(args.models) not in (2, 3):
         raise MergeError(f"analyze takes two or three models, got {len(args.models)} "
                          "(see `python -m lib_merge analyze --help`)")
-    print(format_comparison(compare_models([Path(m) for m in args.models]), per_key=args.per_key))
+    if args.overwrite and not args.csv:
+        raise MergeError("--overwrite replaces the --csv file: use it with --csv OUT "
+                         "(see `python -m lib_merge analyze --help`)")
+    if args.csv:
+        check_output_path(args.csv, args.models, args.overwrite)  # before the analysis, not after minutes of it
+    result = compare_models([Path(m) for m in args.models], attention=args.asimilarity)
+    print(format_comparison(result, per_key=args.per_key))
+    if args.csv:
+        from ..analysis.table_csv import save_csv
+
+        print(f"Saved the table to {save_csv(result, args.csv, args.overwrite)}")
     return 0
 
 

@@ -491,13 +491,13 @@ class A1111Host:
             sd_model=shared.sd_model,
             outpath_samples=opts.outdir_samples or opts.outdir_txt2img_samples,
             outpath_grids=opts.outdir_grids or opts.outdir_txt2img_grids,
-            prompt=request.prompt,
+            prompt=list(request.prompts) or request.prompt,  # a list: one image each (setup_prompts)
             negative_prompt=request.negative_prompt,
             styles=list(request.styles),
             seed=request.seed if request.seed is not None else -1,
             sampler_name=request.sampler or d["sampler"],
-            batch_size=max(1, request.batch_size or 1),
-            n_iter=max(1, request.batch_count or 1),
+            batch_size=len(request.prompts) or max(1, request.batch_size or 1),
+            n_iter=1 if request.prompts else max(1, request.batch_count or 1),
             steps=int(request.steps or d["steps"]),
             cfg_scale=float(request.cfg_scale or d["cfg_scale"]),
             width=int(request.width or d["width"]),
@@ -515,7 +515,8 @@ class A1111Host:
         p.scripts = None  # the txt2img extensions' hooks need their own UI arguments; ours must not re-merge
         with contextlib.closing(p):
             processed = processing.process_images(p)
-        return GenerationResult(list(processed.images), list(processed.infotexts), processed.seed)
+        return GenerationResult(list(processed.images), list(processed.infotexts), processed.seed,
+                                processed.index_of_first_image)
 
     def unload_model(self) -> None:
         """The WebUI's "Unload SD checkpoint to RAM": the model (merge included) moves to the CPU, freeing VRAM."""

@@ -62,6 +62,9 @@ class GenerationRequest:
     hr_upscaler: str = ""
     hr_steps: int = 0
     denoising_strength: float = 0.0
+    #: several prompts generated as ONE batch (batch size = their count, one iteration; `prompt`, batch size and
+    #: count are then unused): the plot's prompt3 cells
+    prompts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,6 +72,7 @@ class GenerationResult:
     images: list[Any]  # PIL images
     infotexts: list[str]
     seed: int
+    first_image: int = 0  # index of the first generated image (1 when the WebUI put the batch's grid first)
 
 
 class Host(Protocol):

@@ -33,6 +33,7 @@ from ..core.xyz import (
 )
 from ..hosts.base import GenerationRequest
 from ..service.merge_service import MergeService
+from .effective_files import Difference, save_effective_files
 
 
 @dataclass
@@ -114,34 +115,34 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
                 break
     finally:
         service.reconcile(None)  # back to the user's own choice: their merge, or the base checkpoint
-    grids, saved = _grids(cells, images, axes, base_recipe, host)
+    grids, saved, note = _grids(cells, images, axes, base_recipe, host)
     seeds = [f"({c.x},{c.y}) {c.label}: merge {c.recipe.fingerprint()[:10]}" for c in cells if c.label]
-    info = "\n".join(t for t in (caption_for(base_recipe, axes), "\n".join(seeds),
+    info = "\n".join(t for t in (caption_for(base_recipe, axes), "\n".join(seeds), note,
                                  first_info and f"First cell: {first_info}") if t)
     return PlotResult(grids, saved, done, len(cells), merges, stopped, info)
 
 
-def _request(request: GenerationRequest, cell: Cell, prompt: str | None = None) -> GenerationRequest:
-    """A cell's request: its seed and prompt, one batch (txt2img's batch count is not a plot's)."""
-    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt if prompt is None else prompt,
-                               batch_count=1)
+def _request(request: GenerationRequest, cell: Cell) -> GenerationRequest:
+    """A cell's request: its seed and prompt, one batch (txt2img's batch count is not a plot's); a prompt3 cell's
+    prompts as one batch of them."""
+    return dataclasses.replace(request, seed=cell.gen.seed, prompt=cell.gen.prompt, batch_count=1,
+                               prompts=tuple(cell.gen.prompts))
 
 
 def _generate_cell(service: MergeService, request: GenerationRequest, cell: Cell):
-    """(the cell's image, the last generation result); a prompt3 cell generates each of its prompts and shows them
-    side by side as one image. (None, result) when the host was interrupted."""
-    prompts = cell.gen.prompts or (None,)
-    images, result = [], None
-    for prompt in prompts:
-        result = service.generate(_request(request, cell, prompt))
-        if not result.images:
-            return None, result
-        images.append(result.images[0])
-    if len(images) == 1:
-        return images[0], result
+    """(the cell's image, the generation result); a prompt3 cell is one batch of its prompts, shown side by side
+    as one image (the batch's own images, not the WebUI's grid of them). (None, result) when the host was
+    interrupted. (Another cell shows the first image, which is the WebUI's grid when batch size > 1.)"""
+    result = service.generate(_request(request, cell))
+    if not cell.gen.prompts:
+        return (result.images[0] if result.images else None), result
+    images = result.images[result.first_image:]
+    wanted = len(cell.gen.prompts)
+    if len(images) < wanted:
+        return None, result
     w, h = images[0].size
-    strip = Image.new("RGB", (w * len(images), h), "black")
-    for i, image in enumerate(images):
+    strip = Image.new("RGB", (w * wanted, h), "black")
+    for i, image in enumerate(images[:wanted]):
         strip.paste(image.convert("RGB").resize((w, h)), (i * w, 0))
     return strip, result
 
@@ -160,13 +161,17 @@ def changed_share(image: Image.Image, baseline: Image.Image) -> tuple[float, Ima
     return 100.0 * float(changed.mean()), Image.fromarray((255 - diff).astype(np.uint8))
 
 
-def _effective(cells, images, axes) -> tuple[dict, dict]:
-    """For an "effective" axis: per cell, the changed share against the baseline cell of its row/column, and the
-    inverted difference images (keyed like `images`)."""
+def _cell_name(axes, pos) -> str:
+    return ", ".join(f"{a.kind} {a.labels[i]}" for a, i in zip(axes, pos, strict=False) if a is not None)
+
+
+def _effective(cells, images, axes) -> tuple[dict, dict, list[Difference]]:
+    """For an "effective" axis: per cell, the changed share against the baseline cell of its row/column, the
+    inverted difference images (keyed like `images`), and the comparisons made, in cell order."""
     index = next((i for i, a in enumerate(axes) if a is not None and a.kind == "effective"), None)
-    labels, diffs = {}, {}
+    labels, diffs, found = {}, {}, []
     if index is None:
-        return labels, diffs
+        return labels, diffs, found
     for cell in cells:
         pos = (cell.x, cell.y, cell.z)
         base = list(pos)
@@ -176,16 +181,19 @@ def _effective(cells, images, axes) -> tuple[dict, dict]:
         share, diff = changed_share(images[pos], images[tuple(base)])
         labels[pos] = f"Diff: {share:.1f}%"
         diffs[pos] = diff
-    return labels, diffs
+        found.append(Difference(pos, tuple(base), _cell_name(axes, pos), _cell_name(axes, base), share))
+    return labels, diffs, found
 
 
-def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], list[Path]]:
+def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], list[Path], str]:
+    """(the grids, the files saved, a note on the effective check's files); an "effective" axis's GIFs and CSV
+    are saved beside the first grid when the host saves grids."""
     if not images:
-        return [], []
+        return [], [], ""
     x_axis, y_axis, z_axis = (list(axes) + [None, None, None])[:3]
     size = next(iter(images.values())).size
     own = {(c.x, c.y, c.z): c.label for c in cells if c.label}
-    diff_labels, diffs = _effective(cells, images, axes)
+    diff_labels, diffs, differences = _effective(cells, images, axes)
     for pos, text in diff_labels.items():
         own[pos] = "\n".join(filter(None, [own.get(pos, ""), text]))
     shape = None
@@ -206,4 +214,15 @@ def _grids(cells, images, axes, base_recipe, host) -> tuple[list[Image.Image], l
             path = host.save_grid(grid, caption)
             if path is not None:
                 saved.append(path)
-    return grids, saved
+    note = ""
+    if differences and saved:
+        try:
+            files = save_effective_files(saved[0], differences, images)
+        except (MergeError, OSError) as e:  # the plot's grids are kept; only these files are missing
+            note = f"The effective check's GIFs and CSV were not saved: {e}"
+        else:
+            saved += files
+            note = f"Effective check: {len(files) - 1} GIFs and {files[0].name} beside {saved[0].name}"
+    elif differences:
+        note = "Effective check: no GIFs or CSV, as grids are not saved (the WebUI's grid saving is off)"
+    return grids, saved, note

@@ -2,17 +2,21 @@
 
 The comparison itself is `analysis.compare_models` (streamed: one key of each model in memory at a time, like a
 merge). Here it runs as a host job (the WebUI's progress bar, its Stop), and its result is kept in the page's
-session (gr.State) so that switching the chart's measure redraws without reading the models again.
+session (gr.State) so that switching the chart's measure redraws without reading the models again, and so that
+"Save CSV" writes exactly what is shown (next to the merge history, in `analysis/`, never over an existing file).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from ..analysis.similarity import Comparison, compare_models, summary_lines
+from ..analysis.table_csv import save_csv
 from ..core.errors import MergeError
 from ..hosts.base import model_choices
 from .bar_chart import bars_svg, value_range
@@ -23,6 +27,8 @@ MEASURES = {
     "relative L2 distance": ("rel_l2", 0.0, None),
     "mean cosine similarity %": ("mean_cosine", None, 100.0),
     "min cosine similarity %": ("min_cosine", None, 100.0),
+    "attn2 cosine similarity %": ("attn2_cosine", None, 100.0),
+    "ASimilarity %": ("asimilarity", None, 100.0),
 }
 DEFAULT_MEASURE = "relative L2 distance"
 TITLE = "Block Merger: analysis"
@@ -33,11 +39,14 @@ def _cell(value: float, digits: int) -> str:
 
 
 def block_table(result: Comparison) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows): one row per group (text encoder, blocks, VAE) with each pair's mean/min cosine and
-    relative L2 distance."""
-    headers = ["block", "keys"] + [f"{p} {m}" for p in result.pairs for m in ("cos mean %", "cos min %", "rel L2")]
+    """(headers, rows): one row per group (text encoder, blocks, VAE) with each pair's mean/min cosine, relative
+    L2 distance, attn2 cosine and, when the probe ran, ASimilarity."""
+    asim = result.attention is not None
+    names = ("cos mean %", "cos min %", "rel L2", "attn2 cos %") + (("ASim %",) if asim else ())
+    headers = ["block", "keys"] + [f"{p} {m}" for p in result.pairs for m in names]
     rows = [[g.group, str(g.keys)] + [c for p in result.pairs for c in (
-        _cell(g.mean_cosine[p], 4), _cell(g.min_cosine[p], 4), _cell(g.rel_l2[p], 6))] for g in result.groups]
+        _cell(g.mean_cosine[p], 4), _cell(g.min_cosine[p], 4), _cell(g.rel_l2[p], 6), _cell(g.attn2_cosine[p], 4),
+        *((_cell(g.asimilarity[p], 4),) if asim else ()))] for g in result.groups]
     return headers, rows
 
 
@@ -69,8 +78,9 @@ def analysis_outputs(result: Comparison, measure: str = DEFAULT_MEASURE) -> tupl
     return "\n".join(summary_lines(result)), block_chart(result, measure), tables[0], tables[1]
 
 
-def run_analysis(host, names: list[str]) -> Comparison:
-    """Compare the named models (two or three; blanks left out) as a host job: progress shown, Stop honoured."""
+def run_analysis(host, names: list[str], attention: bool = False) -> Comparison:
+    """Compare the named models (two or three; blanks left out) as a host job: progress shown, Stop honoured;
+    with `attention`, also the ASimilarity probe."""
     chosen = [n for n in names if n]
     if len(chosen) < 2:
         raise MergeError("Choose at least models A and B to compare (C is optional).")
@@ -79,7 +89,27 @@ def run_analysis(host, names: list[str]) -> Comparison:
     paths = [host.resolve_model(n) for n in chosen]
     with host.lock(), host.job(TITLE):  # one job at a time: the WebUI's progress bar and Stop are shared
         return compare_models(paths, progress=lambda done, total: host.progress(done, total, "Analysis"),
-                              cancel=host.interrupted)
+                              cancel=host.interrupted, attention=attention)
+
+
+def csv_path(host, result: Comparison) -> Path:
+    """Where "Save CSV" writes: `analysis/<A>-<B>[-<C>].csv` beside the merge history, with -2, -3, ... added
+    rather than replacing an earlier table."""
+    folder = Path(host.history_path()).parent / "analysis"
+    stem = "-".join(re.sub(r"[^\w.+-]+", "_", p.stem) for p in result.paths)[:180]
+    path, n = folder / f"{stem}.csv", 2
+    while path.exists():
+        path, n = folder / f"{stem}-{n}.csv", n + 1
+    return path
+
+
+def save_table(host, result: Comparison | None) -> Path:
+    """Save the shown result as CSV (see `analysis.table_csv`); the path written."""
+    if result is None:
+        raise MergeError("Run an analysis first: there is no table to save.")
+    path = csv_path(host, result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_csv(result, path)
 
 
 def build_analysis_tab(host, error_message) -> None:
@@ -93,6 +123,10 @@ def build_analysis_tab(host, error_message) -> None:
         run = gr.Button("Run analysis", variant="primary", elem_id="bm_an_run", scale=1, min_width=120)
         stop = gr.Button("Stop", variant="stop", elem_id="bm_an_stop", scale=1, min_width=80)
         measure = gr.Radio(list(MEASURES), value=DEFAULT_MEASURE, label="Chart", elem_id="bm_an_measure", scale=4)
+    with gr.Row(equal_height=False):
+        attention = gr.Checkbox(True, label="ASimilarity (probe each U-Net transformer block's self-attention)",
+                                elem_id="bm_an_asim", scale=4)
+        save = gr.Button("Save CSV", elem_id="bm_an_save", size="sm", scale=1, min_width=90)
     message = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="bm_an_message")
     chart = gr.HTML("", elem_id="bm_an_chart")
     blocks = gr.Dataframe(headers=["block"], value=[[""]], interactive=False, wrap=True, label="Per block",
@@ -100,10 +134,11 @@ def build_analysis_tab(host, error_message) -> None:
     with gr.Accordion("Per key", open=False, elem_id="bm_an_keys_acc"):
         keys = gr.Dataframe(headers=["key"], value=[[""]], interactive=False, wrap=True, label="Per key",
                             elem_id="bm_an_keys")
+    saved = gr.File(label="Saved table", interactive=False, visible=False, elem_id="bm_an_file")
     state = gr.State(None)
 
-    def analyse(a, b, c, chosen_measure):
-        result = run_analysis(host, [a, b, c])
+    def analyse(a, b, c, chosen_measure, probe):
+        result = run_analysis(host, [a, b, c], attention=bool(probe))
         return (*analysis_outputs(result, chosen_measure), result)
 
     def analyse_guarded(*args):
@@ -115,7 +150,16 @@ def build_analysis_tab(host, error_message) -> None:
     def redraw(result: Any, chosen_measure):
         return gr.update() if result is None else block_chart(result, chosen_measure)
 
-    run.click(analyse_guarded, [*pickers, measure], [message, chart, blocks, keys, state])
+    def save_guarded(result: Any):
+        try:
+            path = save_table(host, result)
+        except Exception as e:  # noqa: BLE001 - every failure becomes the message
+            return error_message(e), gr.update()
+        return (f"Saved the table ({len(result.groups)} blocks, {len(result.keys)} keys) to {path}",
+                gr.update(value=str(path), visible=True))
+
+    run.click(analyse_guarded, [*pickers, measure, attention], [message, chart, blocks, keys, state])
+    save.click(save_guarded, state, [message, saved])
     def stop_analysis():
         host.request_stop()
         return "Stopping: the analysis ends at its next tensor."

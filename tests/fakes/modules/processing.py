@@ -109,7 +109,7 @@ class Processed:
     def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
                  all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):
         self.images = images_list
-        self.prompt = p.prompt
+        self.prompt = p.prompt if not isinstance(p.prompt, list) else p.prompt[0]
         self.negative_prompt = p.negative_prompt
         self.seed = seed
         self.info = info
@@ -179,6 +179,13 @@ def render(sd_model, cond, seed, width, height):
     return image
 
 
+def setup_prompts(p):
+    """StableDiffusionProcessing.setup_prompts: a list prompt is one prompt per image (the batch is sliced from
+    it), a string is repeated batch_size * n_iter times; styles go on each."""
+    all_prompts = p.prompt if isinstance(p.prompt, list) else p.batch_size * p.n_iter * [p.prompt]
+    p.all_prompts = [shared.prompt_styles.apply_styles_to_prompt(x, p.styles) for x in all_prompts]
+
+
 def process_images(p):
     if p.scripts is not None:
         p.scripts.before_process(p)
@@ -199,21 +206,23 @@ def process_images_inner(p):
     if p.tiling is None:
         p.tiling = opts.tiling
     final_width, final_height = init_hires(p)
-    prompt = shared.prompt_styles.apply_styles_to_prompt(p.prompt, p.styles)
+    setup_prompts(p)
     negative = shared.prompt_styles.apply_negative_styles_to_prompt(p.negative_prompt, p.styles)
     output, infotexts, seeds = [], [], []
     for n in range(p.n_iter):
         if state.interrupted or state.stopping_generation:
             break
         sd_models.reload_model_weights()
-        prompts = [prompt] * p.batch_size
+        prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+        if len(prompts) == 0:
+            break
         conds = p.get_conds_with_caching(prompts)
-        for i in range(p.batch_size):
+        for i, prompt in enumerate(prompts):
             s = seed + n * p.batch_size + i
             image = render(shared.sd_model, conds[i], s, final_width, final_height)
             info = create_infotext(p, prompt, s, negative)
             if not p.do_not_save_samples and opts.samples_save:
-                images.save_image(image, p.outpath_samples, "", s, p.prompt, opts.samples_format, info=info, p=p)
+                images.save_image(image, p.outpath_samples, "", s, prompt, opts.samples_format, info=info, p=p)
             output.append(image)
             infotexts.append(info)
             seeds.append(s)
@@ -225,8 +234,8 @@ def process_images_inner(p):
         infotexts.insert(0, infotexts[0])
         index_of_first_image = 1
         if not p.do_not_save_grid and opts.grid_save:
-            images.save_image(grid, p.outpath_grids, "grid", seed, p.prompt, opts.grid_format, info=infotexts[0],
-                              short_filename=True, grid=True, p=p)
+            images.save_image(grid, p.outpath_grids, "grid", seed, p.all_prompts[0], opts.grid_format,
+                              info=infotexts[0], short_filename=True, grid=True, p=p)
     return Processed(p, output, seed, infotexts[0] if infotexts else "", all_seeds=seeds,
                      index_of_first_image=index_of_first_image, infotexts=infotexts)
 
