@@ -144,6 +144,18 @@ class Tab:
     def el(self, css: str):
         return self.d.find_element("css selector", css)
 
+    def load(self, url: str) -> None:
+        """Open the page and wait for the tab (the Save button) to be shown."""
+        self.d.get(url)
+        wait_until(lambda: self.el("#bm_save_file").is_displayed(), 300, "the tab")
+
+    def screenshot(self, elem_id: str, name: str) -> None:
+        """Scroll `elem_id` into view and save the page as ARTIFACTS/name (to look at)."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.d.execute_script(f"document.getElementById('{elem_id}').scrollIntoView({{block: 'center'}})")
+        time.sleep(0.3)
+        self.d.save_screenshot(str(ARTIFACTS / name))
+
     def click(self, css: str):
         element = self.el(css)
         self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
@@ -208,8 +220,7 @@ class Tab:
 
 def test_merge_to_file_in_the_browser(app, browser):
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
 
     # standalone: loading into a model and generating are unavailable, with the reason in the page
     assert not tab.el("#bm_merge").is_enabled() and not tab.el("#bm_generate").is_enabled()
@@ -296,8 +307,7 @@ def test_merge_to_file_in_the_browser(app, browser):
 
 def test_load_settings_and_sdxl_block_type_in_the_browser(app, browser):
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     tab.choose("bm_model_a", "model_b.safetensors")
     tab.choose("bm_model_b", "model_a.safetensors")
     tab.radio("bm_mode", "Weight sum")
@@ -350,8 +360,7 @@ def test_front_end_files_in_the_browser(app, browser):
     from selenium.webdriver.common.keys import Keys
 
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
 
     # hover hints: the control under the pointer has its hint (the WebUI's way: the `title` the browser shows)
     def hint_under_pointer(css: str) -> str:
@@ -444,8 +453,7 @@ def test_a_moved_slider_changes_only_its_token_in_the_page(app, browser):
     so a server round trip lost values typed into the number boxes in quick succession. The page function keeps
     every other token's own text (GRAD_V's 0.9166666667) and writes the moved one with 4 decimals at most."""
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     grad_v = Presets.load().get("GRAD_V").split(",")
     sd1, xl = list(range(26)), [BLOCKS_26.index(label) for label in BLOCKS_XL]
     out05 = BLOCKS_26.index("OUT05")

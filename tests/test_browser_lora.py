@@ -27,8 +27,7 @@ def test_bake_a_lora_into_a_checkpoint_file_from_the_lora_sub_tab(app, browser):
                                                              f"{name}.lora_up.weight": up,
                                                              f"{name}.alpha": torch.tensor(2.0)})
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     tab.open_subtab("LoRA", "#bm_lora_specs textarea")
     assert not tab.el("#bm_lora_bake_loaded").is_enabled()  # no loaded model in the standalone app
     tab.type_text("bm_lora_specs", "style:0.7")

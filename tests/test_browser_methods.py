@@ -25,8 +25,7 @@ def pick_models(tab: Tab, names):
 
 def test_ties_with_three_models_in_the_browser(app, browser):  # noqa: F811 - pytest fixtures
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     assert not tab.el("#bm_models").is_displayed() and tab.el("#bm_mode").is_displayed()
 
     tab.choose("bm_model_a", "base.safetensors")

@@ -5,7 +5,6 @@ checked against numpy's documented generator with §4.4's X formula."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 from test_browser import ARTIFACTS, Tab, app, browser, pytestmark, wait_until  # noqa: F401 - fixtures and skip
@@ -15,8 +14,7 @@ SEED = 4242
 
 def test_random_merge_to_file_shows_its_seed(app, browser):  # noqa: F811 - the fixtures imported above
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     tab.choose("bm_model_a", "model_a.safetensors")
     tab.choose("bm_model_b", "model_b.safetensors")
     tab.open_accordion("bm_dice_acc", "#bm_rand_file")
@@ -39,10 +37,7 @@ def test_random_merge_to_file_shows_its_seed(app, browser):  # noqa: F811 - the 
         recipe = json.loads(f.metadata()["sd_merge_recipe"])
     assert recipe["seed"] == SEED and recipe["weights_alpha"] == want
     assert recipe["extra"]["random"]["mode"] == "X"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.execute_script("document.getElementById('bm_dice_acc').scrollIntoView()")
-    time.sleep(0.3)
-    browser.save_screenshot(str(ARTIFACTS / "tab-dice.png"))
+    tab.screenshot("bm_dice_acc", "tab-dice.png")
     # a bad setting: the error in the page, no file
     tab.choose("bm_rand_mode", "custom")
     tab.type_text("bm_custom_name", "dice_bad")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,7 @@ SEED = 77
 
 def test_e_list_round_trip_settings_text_and_generation_defaults(app, browser):  # noqa: F811 - fixtures above
     tab = Tab(browser)
-    browser.get(app["url"])
-    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    tab.load(app["url"])
     tab.choose("bm_model_a", "model_a.safetensors")
     tab.choose("bm_model_b", "model_b.safetensors")
     tab.open_accordion("bm_dice_acc", "#bm_rand_file")
@@ -60,10 +58,7 @@ def test_e_list_round_trip_settings_text_and_generation_defaults(app, browser): 
     recipe = json.loads(wait_until(lambda: tab.text("bm_recipe_text"), 60, "the recipe text"))
     assert recipe["model_a"] == "model_a.safetensors" and recipe["elemental"] == want
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.execute_script("document.getElementById('bm_rand_id').scrollIntoView({block: 'center'})")
-    time.sleep(0.3)
-    browser.save_screenshot(str(ARTIFACTS / "tab-dice-elist.png"))
+    tab.screenshot("bm_rand_id", "tab-dice-elist.png")
 
     # a generation default survives a reload
     tab.open_accordion("bm_gen_acc", "#bm_prompt")
