@@ -151,13 +151,16 @@ def ties(base, models, p: Params, out: torch.Tensor | None = None) -> torch.Tens
     buffers = torch.empty((count + 8, size), dtype=torch.float32, device=device)
     taus, (base32, mag, at, merged, *work) = buffers[:count], buffers[count:]
 
-    def fp32(t: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        return t if t.dtype == torch.float32 else buffer[: t.numel()].copy_(t)
+    def fp32(t: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+        if t.dtype == torch.float32:
+            return t
+        return t.float() if buffer is None else buffer[: t.numel()].copy_(t)
 
     def piece(i: int, start: int, stop: int, b: torch.Tensor | None = None) -> torch.Tensor:
-        """τᵢ over [start, stop) in model i's buffer (a new tensor for a whole key larger than a piece)."""
-        b = fp32(flat[start:stop], base32) if b is None else b
-        out = taus[i][: stop - start] if stop - start <= size else torch.empty_like(b, dtype=torch.float32)
+        """τᵢ over [start, stop) in model i's buffer (new tensors for a whole key larger than a piece)."""
+        fits = stop - start <= size
+        b = fp32(flat[start:stop], base32 if fits else None) if b is None else b
+        out = taus[i][: stop - start] if fits else torch.empty(stop - start, dtype=torch.float32, device=device)
         tau = torch.sub(fp32(others[i][start:stop], out), b, out=out)
         w = p.weight(i)
         return tau if w == 1 else tau.mul_(w)
