@@ -106,8 +106,8 @@ def _elect_and_mean_finite(taus: Sequence[torch.Tensor], out: torch.Tensor, work
     τ·1 = τ and τ·0 = ±0 adds nothing, and several times faster on a CPU than masks of bool. False, with `out` not
     yet written, when a τ holds inf/NaN (where τ·0 would be NaN)."""
     elected, kept, count, agree = work
-    torch.add(taus[0], taus[1], out=elected) if len(taus) > 1 else elected.copy_(taus[0])
-    for tau in taus[2:]:
+    elected.copy_(taus[0])  # Σᵢ τᵢ in order (the reference's 0 + τ₀ differs only in the sign of a zero)
+    for tau in taus[1:]:
         elected.add_(tau)
     if not math.isfinite(float(elected.sum())):  # a finite sum: every τ finite (else inf/NaN reach their sum)
         return False
