@@ -302,7 +302,8 @@ class Method:
     params: tuple[str, ...] = ("alpha",)
     weighted: bool = True  # takes per-model weights
     random: bool = False
-    drops: bool = False  # zeroes entries of the task vectors at random: an input's inf/NaN may not reach the result
+    drops: bool = False  # leaves entries of the task vectors out (DARE's random drops; the sign election, where a
+    # NaN τ agrees with no sign): an input's inf/NaN may not reach the result
     default_alpha: float = 1.0
     streams: bool = False  # the kernel reads its inputs a piece at a time, in their own float dtype
 
@@ -319,7 +320,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("task_arithmetic", task_arithmetic, "base + λ·Σ wᵢ(Mᵢ − base)", "Ilharco et al. 2023, arXiv:2212.04089"),
     Method("ties", ties, "base + λ·disjoint_mean(elect(trim_k(τᵢ)))", "Yadav et al. 2023, arXiv:2306.01708",
-           params=("alpha", "density"), streams=True),
+           params=("alpha", "density"), drops=True, streams=True),
     Method("dare", dare, "base + λ·Σ DARE_p(τᵢ)", "Yu et al. 2024, arXiv:2311.03099", params=("alpha", "drop"),
            random=True, drops=True),
     Method("dare_ties", dare_ties, "base + λ·disjoint_mean(elect(DARE_p(τᵢ)))", "Yu et al. 2024, arXiv:2311.03099",
