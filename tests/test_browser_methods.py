@@ -62,3 +62,36 @@ def test_ties_with_three_models_in_the_browser(app, browser):  # noqa: F811 - py
     tab.choose("bm_method", "Off (merge modes)")
     wait_until(lambda: tab.el("#bm_mode").is_displayed() and not tab.el("#bm_models").is_displayed(), 300,
                "the merge-mode controls back")
+
+
+def test_a_parameter_preset_fills_its_block_weights_in_the_browser(app, browser):  # noqa: F811 - pytest fixtures
+    """TIES' density preset dropdown beside its block-weights field: choosing ALL_B puts its 26 values there and turns
+    MBW on; the file merged from it carries them as the recipe's per-block density."""
+    from lib_merge.core.weights import Presets
+
+    tab = Tab(browser)
+    browser.get(app["url"])
+    wait_until(lambda: tab.el("#bm_save_file").is_displayed(), 300, "the tab")
+    assert not tab.el("#bm_preset_density").is_displayed()
+    tab.choose("bm_model_a", "base.safetensors")
+    tab.choose("bm_method", "ties")
+    wait_until(lambda: tab.el("#bm_preset_density").is_displayed(), 300, "density's preset dropdown")
+    assert not tab.el("#bm_preset_drop").is_displayed() and not tab.el("#bm_preset_epsilon").is_displayed()
+    pick_models(tab, ["model_a.safetensors", "model_b.safetensors"])
+    values = Presets.load().get("ALL_B")
+    tab.choose("bm_preset_density", "ALL_B")
+    wait_until(lambda: tab.el("#bm_weights_density textarea").get_property("value") == values, 300,
+               "ALL_B's values in density's block weights")
+    assert tab.el("#bm_use_mbw input").is_selected()
+    tab.type_text("bm_weights_alpha", "")  # λ from its slider, not the 26 × 0.5 the field starts with
+
+    tab.open_accordion("bm_options", "#bm_custom_name")
+    tab.type_text("bm_custom_name", "browser_ties_preset")
+    tab.click("#bm_save_file")
+    tab.wait_message("Saved")
+    from safetensors import safe_open
+
+    with safe_open(app["models"] / "browser_ties_preset.safetensors", "pt") as f:
+        recipe = json.loads(f.metadata()["sd_merge_recipe"])
+    assert (recipe["method"], recipe["weights_density"], recipe["alpha"]) == ("ties", values, 1)
+    assert not recipe.get("weights_alpha")

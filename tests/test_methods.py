@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import randn
 
+from lib_merge.core import trim
 from lib_merge.core.methods import METHODS, Params, merge_key
 
 
@@ -117,6 +118,84 @@ def test_ties_magnitude_ties_keep_the_lower_index():
 def test_ties_all_zero_differences_give_the_base():
     base, _ = models3()
     assert np.array_equal(run("ties", base, [base.clone(), base.clone()], density=0.3), f64(base))
+
+
+# -- TIES at the size where it streams: the sampled threshold, counted exactly ------------------------------------
+# Keys of at least trim.SAMPLE_BELOW entries find each model's threshold from a sample and merge in trim.PIECE-sized
+# pieces; these check the kept set against the definition (ref_trim: a full stable sort) across piece borders.
+
+BIG = 3 * trim.PIECE + 12345  # four pieces, the last one short
+
+
+def big_models(values, count=2, seed=0):
+    """A base and `count` models whose task vectors take `values` uniformly. Everything lies on a grid of 1/1024 below
+    1 in magnitude, so each difference is exact in fp16, fp32 and float64 alike, and ties are the same ties."""
+    rng = np.random.default_rng(seed)
+    base = torch.from_numpy(rng.integers(-512, 513, BIG) / 1024).float()
+    return base, [base + torch.from_numpy(rng.choice(values, BIG)).float() for _ in range(count)]
+
+
+GRID = np.arange(-512, 513) / 1024  # task vector values: 1025 of them, so every threshold has ties
+
+
+def test_ties_trim_keeps_exactly_the_definitions_set_with_ties_spread_over_pieces():
+    """One model onto a zero base: TIES is then the trimmed task vector itself, entry for entry. Magnitudes from
+    eleven values, so thousands of entries tie at the threshold in every piece; the lowest indices among them stay."""
+    assert BIG >= trim.SAMPLE_BELOW
+    _, (m,) = big_models(np.arange(-5, 6) / 16, count=1)
+    base = torch.zeros(BIG)
+    for density in (0.3, 0.05, 0.5, 0.9999, 1 / BIG, 1.0):
+        out = run("ties", base, [m], density=density)
+        expected = ref_trim(f64(m), density)
+        assert np.array_equal(out, expected), density
+        assert np.count_nonzero(out) == min(max(1, round(density * BIG)), np.count_nonzero(f64(m)))
+
+
+@pytest.mark.parametrize("weights", [(), (1.0, -0.75, 2.5)])
+def test_ties_streamed_equals_the_definition_in_float64(weights):
+    base, ms = big_models(GRID, count=3, seed=1)
+    out = run("ties", base, ms, alpha=0.8, density=0.2, weights=weights)
+    w = weights or (1.0, 1.0, 1.0)
+    taus = [ref_trim(wi * (f64(m) - f64(base)), 0.2) for wi, m in zip(w, ms, strict=True)]
+    close(out, f64(base) + 0.8 * ref_elect_mean(taus))
+
+
+def test_ties_streamed_with_mostly_zero_differences():
+    """Most of each task vector is 0 and density 0.5 keeps more than the rest: the threshold is 0, every nonzero
+    entry stays; all-zero task vectors give the base."""
+    base, ms = big_models(np.concatenate([np.zeros(9), [0.75, -0.25]]), count=2, seed=2)
+    out = run("ties", base, ms, density=0.5)
+    close(out, f64(base) + ref_elect_mean([f64(m) - f64(base) for m in ms]))
+    assert np.array_equal(run("ties", base, [base.clone(), base.clone()], density=0.3), f64(base))
+
+
+@pytest.mark.parametrize("sampled", ["zero", "large"])
+def test_ties_threshold_is_exact_whatever_the_sample_says(sampled):
+    """An adversarial key: every entry the sample looks at is 0 (or 100) and all others are not, so the sample's
+    bracket misses the threshold; the counts notice and the threshold is taken over all entries instead."""
+    positions = torch.randint(BIG, (trim.SAMPLE,), generator=torch.Generator().manual_seed(trim.SAMPLE_SEED))
+    tau = torch.from_numpy(np.random.default_rng(3).uniform(1, 2, BIG).astype(np.float32))
+    tau[positions] = 0.0 if sampled == "zero" else 100.0
+    base = torch.zeros(BIG)
+    for density in (0.2, 0.7):
+        assert np.array_equal(run("ties", base, [tau], density=density), ref_trim(f64(tau), density))
+
+
+def test_ties_rounds_into_a_given_output_as_once_from_fp32():
+    """fp16 inputs, the result rounded piece by piece into an fp16 output (the engine's path): the same bits as the
+    fp32 result rounded once; the inputs untouched."""
+    base, ms = big_models(GRID / 2, count=2, seed=4)
+    base, ms = base.half(), [m.half() for m in ms]
+    before = [t.clone() for t in (base, *ms)]
+    full = merge_key(METHODS["ties"], base, ms, Params(alpha=0.7, density=0.3))
+    into = torch.empty(BIG, dtype=torch.float16)
+    assert merge_key(METHODS["ties"], base, ms, Params(alpha=0.7, density=0.3), out=into) is into
+    assert torch.equal(into, full.half()) and full.dtype == torch.float32
+    assert all(torch.equal(x, y) for x, y in zip(before, (base, *ms), strict=True))
+    taus = [ref_trim(f64(m) - f64(base), 0.3) for m in ms]
+    close(full.double().numpy(), f64(base) + 0.7 * ref_elect_mean(taus))
+    with pytest.raises(ValueError, match="does not write into"):
+        merge_key(METHODS["dare"], base, ms, Params(drop=0.5), out=into)
 
 
 # -- DARE, DARE-TIES -----------------------------------------------------------------------------------------------

@@ -268,6 +268,22 @@ def test_an_input_nan_that_dare_drops_is_still_named(models, tmp_path):
     assert hidden >= 1
 
 
+def test_an_input_nan_that_ties_leaves_out_is_still_named(models, tmp_path):
+    """TIES' sign election: a NaN task-vector entry makes the elected sign NaN, which no entry agrees with, so the
+    result there is the base (finite); the model holding the NaN is named all the same."""
+    state = load_file(models["b"])
+    state[UNET][0, 0] = float("nan")
+    nan_b = tmp_path / "nanB.safetensors"
+    save_file(state, nan_b)
+    out = tmp_path / "out.safetensors"
+    res = run("merge", "--method", "ties", "--base", str(models["a"]), "--model", str(nan_b), "--density", "0.5",
+              "--output", str(out), "--no-history", "--quiet", cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    [warning] = _warnings(res)
+    assert "(nanB)" in warning and UNET in warning, res.stderr
+    assert torch.equal(load_file(out)[UNET][0, 0], load_file(models["a"])[UNET][0, 0])
+
+
 def test_a_key_found_finite_is_not_checked_again_where_that_is_exact(models, monkeypatch):
     """A Weight sum at 0 < alpha < 1 of fp16 into fp16 is finite exactly where both inputs are: once a key came out
     finite, later merges of the same open files skip its check (the live model's merge after merge). Every other

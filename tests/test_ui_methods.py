@@ -301,3 +301,63 @@ def test_flux_tab_merge_with_61_weights_plot_labels_and_fp8_warning(flux_folder)
 def tensors_pt(path):
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# preset dropdowns for the method parameters
+
+
+def _events(app, elem_id, trigger="change"):
+    """The tab's handlers of one component's event, as (input ids, output ids, fn)."""
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    found = [(d["inputs"], d["outputs"], app.fns[i].fn) for i, d in enumerate(app.dependencies)
+             if d["trigger"] == trigger and by_id[elem_id]._id in d["targets"]]
+    return by_id, found
+
+
+def test_each_method_parameter_has_a_preset_dropdown_that_fills_its_block_weights(folder, flux_folder):
+    from lib_merge.ui.app import build_app
+
+    app = build_app(MergeService(FakeHost(folder), presets=PRESETS))
+    by_id, _ = _events(app, "bm_method")
+    for p in ("density", "drop", "epsilon"):
+        dropdown = by_id[f"bm_preset_{p}"]
+        assert dropdown.choices == PRESETS.names(26) and dropdown.value is None and dropdown.visible is False
+        _, ((inputs, outputs, fn),) = _events(app, f"bm_preset_{p}")
+        assert inputs == [dropdown._id] and outputs == [by_id[f"bm_weights_{p}"]._id, by_id["bm_use_mbw"]._id]
+        text, mbw = fn("GRAD_V")
+        assert text["value"] == PRESETS.get("GRAD_V") and mbw["value"] is True  # the preset's own 26 values
+        assert [u.get("value", "unchanged") for u in fn(None)] == ["unchanged", "unchanged"]
+        assert [u.get("value", "unchanged") for u in fn("NO_SUCH_PRESET")] == ["unchanged", "unchanged"]
+
+    # each dropdown shows with its parameter's text: ties density, dare drop, della density and epsilon, Off none
+    _, changed = _events(app, "bm_method")
+    (_, outputs, fn), = [e for e in changed if by_id["bm_method_info"]._id in e[1]]
+    for method, expected in (("ties", {"density"}), ("dare", {"drop"}), ("della", {"density", "epsilon"}),
+                             (mv.OFF, set())):
+        shown = dict(zip(outputs, fn(method), strict=True))
+        assert {p for p in ("density", "drop", "epsilon")
+                if shown[by_id[f"bm_preset_{p}"]._id]["visible"]} == expected, method
+        assert all(shown[by_id[f"bm_preset_{p}"]._id]["visible"] == shown[by_id[f"bm_weights_{p}"]._id]["visible"]
+                   for p in ("density", "drop", "epsilon"))
+
+    # what a dropdown fills goes into the recipe as that parameter's block weights
+    _, ((_, _, fill),) = _events(app, "bm_preset_drop")
+    text, mbw = (u["value"] for u in fill("GRAD_A"))
+    r = recipe_from_values(model_a="base.safetensors", method="dare", models=["a.safetensors"], use_mbw=mbw,
+                           weights_alpha="", weights_drop=text, presets=PRESETS)
+    assert r.weights_drop == PRESETS.get("GRAD_A") and r.weights_alpha == "" and r.weights_density == ""
+
+    # Flux models: the dropdowns list the 61-value FLUX_* presets, as alpha's does
+    flux_app = build_app(MergeService(FakeHost(flux_folder), presets=PRESETS))
+    fby, family = _events(flux_app, "bm_model_a")
+    (inputs, outputs, fn), = [e for e in family if fby["bm_preset_density"]._id in e[1]]
+    args = {fby["bm_model_a"]._id: "fa.safetensors", fby["bm_model_b"]._id: "fb.safetensors",
+            fby["bm_model_c"]._id: None, fby["bm_models"]._id: [], fby["bm_method"]._id: mv.OFF,
+            fby["bm_save_dtype"]._id: "keep", fby["bm_weights_alpha"]._id: ""}
+    shown = dict(zip(outputs, fn(*(args[i] for i in inputs)), strict=True))
+    flux_names = methods_panel.preset_names(PRESETS, flux=True)
+    for p in ("density", "drop", "epsilon"):
+        assert shown[fby[f"bm_preset_{p}"]._id]["choices"] == flux_names
+    assert shown[fby["bm_preset"]._id]["choices"] == flux_names
+

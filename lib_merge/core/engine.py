@@ -584,8 +584,12 @@ class KeyMerger:
             tensors = [t.to(self.link.device) for t in tensors]
         r = self.recipe
         params = methods.Params(job.alpha, job.density, job.drop, job.epsilon, r.model_weights, r.seed, job.key)
-        result = methods.merge_key(methods.get_method(r.method), tensors[0], tensors[1:], params)
-        self._finish(job, full, result, out)
+        method = methods.get_method(r.method)
+        # a streaming kernel rounds its pieces straight into `out` when nothing is left to do to the result
+        direct = method.streams and not job.channels and not self._adjusted(job) and out.device == tensors[0].device
+        result = methods.merge_key(method, tensors[0], tensors[1:], params, out=out if direct else None)
+        if not direct:
+            self._finish(job, full, result, out)
         inputs = [(f"The base ({self.models.a.name})", full)]
         inputs += [(f"Model {i} ({m.name})", t)
                    for i, (m, t) in enumerate(zip(self.models.others, tensors[1:], strict=True), 1)]

@@ -13,9 +13,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from . import trim
 from .errors import MergeError
 from .kernels import key_generator
 
@@ -57,28 +57,6 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], p: Params) 
     return out
 
 
-def trim_top_k_(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """τ, in place, with all but its k = max(1, round(density·n)) largest-magnitude entries set to zero (TIES' trim
-    step).
-
-    Entries of equal magnitude at the threshold are kept in index order (lowest flat index first), so exactly k
-    entries survive and the result is deterministic. (In place, as the functions below: a large key's temporary
-    tensors cost more in fresh pages than in arithmetic.)"""
-    n = tau.numel()
-    k = max(1, round(density * n))
-    if k >= n:
-        return tau
-    mag = tau.abs().reshape(-1)
-    # the k-th largest magnitude: numpy's introselect is the same exact order statistic, ~2x faster than kthvalue
-    threshold = float(np.partition(mag.numpy(), n - k)[n - k]) if mag.device.type == "cpu" else \
-        float(torch.kthvalue(mag, n - k + 1).values)
-    drop = mag < threshold
-    if n - int(drop.sum()) > k:  # ties at the threshold: keep the lowest indices among them (rare; costs a cumsum)
-        at = mag == threshold
-        drop |= at & (torch.cumsum(at, 0) > k - int((mag > threshold).sum()))
-    return tau.masked_fill_(drop.view(tau.shape), 0)
-
-
 def dare_(tau: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
     """DARE on τ, in place: each entry dropped with probability p (uniform draw u < p), survivors scaled by
     1/(1 − p)."""
@@ -105,9 +83,10 @@ def magprune_(tau: torch.Tensor, drop: float, epsilon: float, generator: torch.G
     return tau.masked_fill_(dropped.view(tau.shape), 0)
 
 
-def elect_and_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+def elect_and_mean(taus: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES' elect and disjoint merge: γ = sgn(Σᵢ τᵢ) per entry (the sign with more mass; an exact tie gives 0), then
-    the mean of the entries whose sign is γ (0 where none agrees). One set of buffers for all models."""
+    the mean of the entries whose sign is γ (0 where none agrees), into `out` (default: a new tensor). One set of
+    buffers for all models."""
     elected = torch.zeros_like(taus[0])
     for tau in taus:
         elected.add_(tau)
@@ -119,7 +98,28 @@ def elect_and_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
         torch.gt(torch.mul(tau, elected, out=scratch), 0, out=agree)  # sign(τ) = γ ≠ 0 (γ is exactly −1, 0 or 1)
         kept.add_(torch.where(agree, tau, zero, out=scratch))
         count.add_(agree)
-    return kept.div_(count.clamp_(min=1))
+    return torch.div(kept, count.clamp_(min=1), out=kept if out is None else out)
+
+
+def _elect_and_mean_finite(taus: Sequence[torch.Tensor], out: torch.Tensor, work: Sequence[torch.Tensor]) -> bool:
+    """elect_and_mean into `out` with float 0/1 masks (four buffers in `work`), for finite τ: the same values, as
+    τ·1 = τ and τ·0 = ±0 adds nothing, and several times faster on a CPU than masks of bool. False, with `out` not
+    yet written, when a τ holds inf/NaN (where τ·0 would be NaN)."""
+    elected, kept, count, agree = work
+    elected.copy_(taus[0])  # Σᵢ τᵢ in order (the reference's 0 + τ₀ differs only in the sign of a zero)
+    for tau in taus[1:]:
+        elected.add_(tau)
+    if not math.isfinite(float(elected.sum())):  # a finite sum: every τ finite (else inf/NaN reach their sum)
+        return False
+    elected.sign_()
+    kept.zero_()
+    count.zero_()
+    for tau in taus:
+        torch.gt(torch.mul(tau, elected, out=agree), 0, out=agree)  # sign(τ) = γ ≠ 0, as 1.0 or 0.0
+        kept.addcmul_(tau, agree)  # τ·agree is exact: one rounding, as adding τ where it agrees
+        count.add_(agree)
+    torch.div(kept, count.clamp_(min=1), out=out)
+    return True
 
 
 def _onto_base(base: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -136,12 +136,55 @@ def task_arithmetic(base, models, p: Params) -> torch.Tensor:
     return out
 
 
-def ties(base, models, p: Params) -> torch.Tensor:
+def ties(base, models, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
     """TIES-merging: trim each τᵢ to its top-k% magnitudes (k = density), elect the sign by mass, average the agreeing
     entries (disjoint mean), base + λ·τ. Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
-    NeurIPS 2023 (arXiv:2306.01708), Algorithm 1."""
-    taus = [trim_top_k_(t, p.density) for t in task_vectors(base, models, p)]
-    return _onto_base(base, elect_and_mean(taus), p.alpha)
+    NeurIPS 2023 (arXiv:2306.01708), Algorithm 1.
+
+    Streamed: each model's threshold is found first (core.trim, exact), then the key is merged a cache-sized piece at
+    a time, τᵢ computed afresh per piece from the inputs in any float dtype: the same operations per entry as on whole
+    fp32 tensors, so the same bits, without key-sized temporaries. With `out` (the key's shape, any float dtype), each
+    piece is rounded into it at once (the engine's one rounding) and no fp32 result is made."""
+    n, count, device = base.numel(), len(models), base.device
+    flat, others = base.reshape(-1), [m.reshape(-1) for m in models]
+    size = min(n, trim.PIECE) if device.type == "cpu" else n
+    buffers = torch.empty((count + 8, size), dtype=torch.float32, device=device)
+    taus, (base32, mag, at, merged, *work) = buffers[:count], buffers[count:]
+
+    def fp32(t: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+        if t.dtype == torch.float32:
+            return t
+        return t.float() if buffer is None else buffer[: t.numel()].copy_(t)
+
+    def piece(i: int, start: int, stop: int, b: torch.Tensor | None = None) -> torch.Tensor:
+        """τᵢ over [start, stop) in model i's buffer (new tensors for a whole key larger than a piece)."""
+        fits = stop - start <= size
+        b = fp32(flat[start:stop], base32 if fits else None) if b is None else b
+        out = taus[i][: stop - start] if fits else torch.empty(stop - start, dtype=torch.float32, device=device)
+        tau = torch.sub(fp32(others[i][start:stop], out), b, out=out)
+        w = p.weight(i)
+        return tau if w == 1 else tau.mul_(w)
+
+    def gather(i: int, positions: torch.Tensor) -> torch.Tensor:
+        tau = torch.sub(others[i][positions].float(), flat[positions].float())
+        w = p.weight(i)
+        return tau if w == 1 else tau.mul_(w)
+
+    k = trim.kept_count(n, p.density)
+    cuts = trim.cuts(n, k, count, piece, gather, device) if k < n else [None] * count
+    dest = torch.empty(n, dtype=torch.float32, device=device) if out is None else out.view(-1)
+    for start, stop in trim.pieces(n, device):
+        length = stop - start
+        b = fp32(flat[start:stop], base32)
+        pieces = [piece(i, start, stop, b) for i in range(count)]
+        for tau, cut in zip(pieces, cuts, strict=True):
+            if cut is not None:
+                cut.apply_(tau, mag[:length], at[:length])
+        result = merged[:length]
+        if not _elect_and_mean_finite(pieces, result, [w[:length] for w in work]):
+            elect_and_mean(pieces, result)
+        dest[start:stop] = _onto_base(b, result, p.alpha)
+    return dest.view(base.shape) if out is None else out
 
 
 def dare(base, models, p: Params) -> torch.Tensor:
@@ -259,8 +302,10 @@ class Method:
     params: tuple[str, ...] = ("alpha",)
     weighted: bool = True  # takes per-model weights
     random: bool = False
-    drops: bool = False  # zeroes entries of the task vectors at random: an input's inf/NaN may not reach the result
+    drops: bool = False  # leaves entries of the task vectors out (DARE's random drops; the sign election, where a
+    # NaN τ agrees with no sign): an input's inf/NaN may not reach the result
     default_alpha: float = 1.0
+    streams: bool = False  # the kernel reads its inputs a piece at a time, in their own float dtype
 
     def takes(self, count: int) -> bool:
         return count >= self.min_models and (self.max_models is None or count <= self.max_models)
@@ -275,7 +320,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("task_arithmetic", task_arithmetic, "base + λ·Σ wᵢ(Mᵢ − base)", "Ilharco et al. 2023, arXiv:2212.04089"),
     Method("ties", ties, "base + λ·disjoint_mean(elect(trim_k(τᵢ)))", "Yadav et al. 2023, arXiv:2306.01708",
-           params=("alpha", "density")),
+           params=("alpha", "density"), drops=True, streams=True),
     Method("dare", dare, "base + λ·Σ DARE_p(τᵢ)", "Yu et al. 2024, arXiv:2311.03099", params=("alpha", "drop"),
            random=True, drops=True),
     Method("dare_ties", dare_ties, "base + λ·disjoint_mean(elect(DARE_p(τᵢ)))", "Yu et al. 2024, arXiv:2311.03099",
@@ -317,8 +362,15 @@ def check_params(method: Method, alpha: float, density: float, drop: float, epsi
         raise MergeError(f"slerp needs a finite t; {where}: {alpha}.")
 
 
-def merge_key(method: Method, base: torch.Tensor, models: Sequence[torch.Tensor], p: Params) -> torch.Tensor:
-    """The method on fp32 copies of one key's tensors (the inputs are never modified)."""
+def merge_key(method: Method, base: torch.Tensor, models: Sequence[torch.Tensor], p: Params,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The method on fp32 copies of one key's tensors (the inputs are never modified), a new fp32 tensor. A streaming
+    kernel converts each piece itself, without key-sized copies, and with `out` (only for them: the key's shape, any
+    float dtype, on the inputs' device) writes the result rounded into it instead."""
+    if method.streams:
+        return method.kernel(base, models, p, out=out)
+    if out is not None:
+        raise ValueError(f"{method.name} does not write into a given tensor")
     base = base.to(torch.float32)
     models = [m.to(torch.float32) for m in models]
     return method.kernel(base, models, p)

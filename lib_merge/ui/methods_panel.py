@@ -7,7 +7,8 @@ keeps them in the order picked (the order of model weights and of a method's mod
 its chip's ×; a fixed set of dropdowns would cap N and need add/remove buttons. While a method is chosen, the
 merge/calc modes, models B/C and beta are hidden (they do not apply) and alpha is relabelled λ (slerp: t). The
 method's parameters (density, drop, epsilon) are sliders, and each can also be given per block (text fields beside
-alpha's block weights, taking numbers or a preset name, with MBW on) and by elemental rules.
+alpha's block weights, taking numbers or a preset name, with MBW on; a preset dropdown beside each fills it, as
+alpha's does) and by elemental rules.
 
 Model-family editor: when the chosen models are Flux, the 26 SD block sliders and the SD1/SDXL switch are hidden and
 the block weights are edited as text (61 values: CLIP, T5, IN, D00-D18, S00-S37, OUT) with the chart and the FLUX_*
@@ -37,6 +38,10 @@ log = logging.getLogger("block_merger")
 
 SD_WEIGHTS_LABEL = "Weights for alpha (BASE, IN00-IN11, M00, OUT00-OUT11)"
 FLUX_WEIGHTS_LABEL = f"Weights for alpha: {len(BLOCKS_FLUX)} Flux blocks (CLIP, T5, IN, D00-D18, S00-S37, OUT)"
+#: presets are weight curves, mostly within [0, 1]: what a parameter's blocks must keep to (the merge names a block
+#: outside)
+PRESET_LIMITS = {"density": "every block > 0 (at most 1)", "drop": "every block < 1 (at least 0)",
+                 "epsilon": "1 - density ± epsilon/2 within [0, 1)"}
 FP8_NOTE = ("⚠ fp8 {what}: merged in fp32 and rounded once, but fp8 keeps only 3 (e4m3fn) or 2 (e5m2) mantissa bits, "
             "so the saved weights lose precision; choose fp16 or bf16 in Options -> Save dtype to keep it.")
 
@@ -63,15 +68,21 @@ def build(w: dict[str, Any], models: Sequence[str]) -> dict[str, Any]:
     return dict(info=info, params_row=params_row, note=note)
 
 
-def build_block_weights(w: dict[str, Any]) -> None:
-    """Per-block and elemental texts for the method's parameters (render in the block-weights accordion)."""
+def build_block_weights(w: dict[str, Any], presets: Sequence[str]) -> dict[str, gr.Dropdown]:
+    """Per-block and elemental texts for the method's parameters (render in the block-weights accordion), each
+    per-block text with a dropdown of block-weight presets that fills it; returns the dropdowns by parameter."""
+    chosen = {}
     for p in METHOD_PARAMS:
-        w[f"weights_{p}"] = gr.Textbox(label=f"Weights for {p} (per block, as alpha's: numbers or a preset name; "
-                                             f"blank = the {p} slider)", max_lines=2, visible=False,
-                                       elem_id=f"bm_weights_{p}")
+        with gr.Row(equal_height=True):
+            w[f"weights_{p}"] = gr.Textbox(label=f"Weights for {p} (per block, as alpha's: numbers or a preset "
+                                                 f"name; blank = the {p} slider)", max_lines=2, visible=False,
+                                           elem_id=f"bm_weights_{p}", scale=4)
+            chosen[p] = gr.Dropdown(list(presets), value=None, label=f"Preset (sets {p} weights)", visible=False,
+                                    info=PRESET_LIMITS[p], elem_id=f"bm_preset_{p}", scale=1, min_width=180)
     for p in METHOD_PARAMS:
         w[f"elemental_{p}"] = gr.Textbox(label=f"Elemental rules for {p} (Blocks:Elements:Value, one per line)",
                                          lines=1, visible=False, elem_id=f"bm_elemental_{p}")
+    return chosen
 
 
 def model_facts(host: Host, names: Sequence[str]) -> tuple[set[str], list[str]]:
@@ -129,6 +140,7 @@ def wire(h, w: dict[str, Any], panel: dict[str, Any], calc_note, refresh, blocks
     """The panel's events: the method shows its controls; picking one sets alpha to its λ; Refresh also updates the
     model list; the chosen models' family switches the block-weight editor and the fp8 note."""
     per_block = [w[f"{prefix}_{p}"] for prefix in ("weights", "elemental") for p in METHOD_PARAMS]
+    per_block += [panel["presets"][p] for p in METHOD_PARAMS]
     merge_mode_widgets = [w["mode"], w["calc"], calc_note, w["model_b"], w["model_c"], w["beta"]]
     outputs = [panel["info"], w["models"], panel["params_row"], w["model_weights"],
                *(w[p] for p in METHOD_PARAMS), *per_block, *merge_mode_widgets, w["model_a"], w["alpha"]]
@@ -138,7 +150,7 @@ def wire(h, w: dict[str, Any], panel: dict[str, Any], calc_note, refresh, blocks
         on = show["method"]
         updates = [mv.method_info(method), gr.update(visible=on), gr.update(visible=on),
                    gr.update(visible=show["model_weights"]), *(gr.update(visible=show[p]) for p in METHOD_PARAMS)]
-        updates += [gr.update(visible=show[p]) for _ in ("weights", "elemental") for p in METHOD_PARAMS]
+        updates += [gr.update(visible=show[p]) for _ in ("weights", "elemental", "preset") for p in METHOD_PARAMS]
         updates += [gr.update(visible=show["merge_modes"]) for _ in merge_mode_widgets]
         updates += [gr.update(label="Base model (A)" if on else "Model A"), gr.update(label=mv.alpha_label(method))]
         return updates
@@ -158,6 +170,14 @@ def wire(h, w: dict[str, Any], panel: dict[str, Any], calc_note, refresh, blocks
     refresh.click(refresh_models, w["models"], w["models"], queue=False)
 
     presets = h.service.presets
+
+    def param_preset_chosen(name):  # as alpha's preset: the values into the text, and MBW on (the text needs it)
+        values = presets.get(name or "")
+        return (gr.update(), gr.update()) if values is None else (gr.update(value=values), gr.update(value=True))
+
+    for p, dropdown in panel["presets"].items():
+        dropdown.change(param_preset_chosen, dropdown, [w[f"weights_{p}"], w["use_mbw"]], queue=False)
+
     sources = [w["model_a"], w["model_b"], w["model_c"], w["models"], w["method"], w["save_dtype"]]
 
     def models_changed(a, b, c, models, method, save_dtype, weights_alpha):
@@ -170,8 +190,9 @@ def wire(h, w: dict[str, Any], panel: dict[str, Any], calc_note, refresh, blocks
                 gr.update(visible=not flux),
                 gr.update(label=FLUX_WEIGHTS_LABEL if flux else SD_WEIGHTS_LABEL,
                           **({} if converted is None else {"value": converted})),
-                gr.update(choices=preset_names(presets, flux))]
+                *(gr.update(choices=preset_names(presets, flux)) for _ in range(1 + len(METHOD_PARAMS)))]
 
-    family_outputs = [panel["note"], blocks_row, w["block_type"], w["weights_alpha"], preset]
+    family_outputs = [panel["note"], blocks_row, w["block_type"], w["weights_alpha"], preset,
+                      *(panel["presets"][p] for p in METHOD_PARAMS)]
     for source in sources:
         source.change(models_changed, [*sources, w["weights_alpha"]], family_outputs, queue=False)

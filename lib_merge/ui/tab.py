@@ -389,7 +389,7 @@ def _merge_tab(h: Handlers, w: dict[str, Any]) -> dict[str, Any]:
                                 sliders[label] = gr.Slider(*uv.WEIGHT_RANGE, value=0.5, step=0.001, label=label,
                                                            elem_id=f"bm_w_{label}")
                 block_sliders = [sliders[label] for label in BLOCKS_26]
-                methods_panel.build_block_weights(w)
+                method_panel["presets"] = methods_panel.build_block_weights(w, presets.names())
                 build_weight_tools(h, w, block_sliders, preset, error_message)
 
             panels.extended_editor()
