@@ -25,7 +25,7 @@
         "bm_alpha": "alpha: the ratio of B. Weight sum: A*(1-alpha)+B*alpha; Add difference: A+(B-C)*alpha. With MBW on, the 26 block weights replace it",
         "bm_beta": "beta: the ratio of C in Triple sum (A*(1-alpha-beta)+B*alpha+C*beta) and sum Twice ((A*(1-alpha)+B*alpha)*(1-beta)+C*beta); the start row in tensor/tensor2; the threshold of extract",
         "bm_options": "Save settings, dtype, VAE, the output name, gamma and the weight seed",
-        "bm_save_flags": "save model: also write the merge to a file when merging; overwrite: replace a file of the same name (you are asked first); prune: drop EMA and training-only keys; Reset CLIP ids: restore position_ids to 0..76",
+        "bm_save_flags": "save model: also write the merge to a file when merging; overwrite: replace a file of the same name (you are asked first); prune: drop EMA and training-only keys; Reset CLIP ids: restore position_ids to 0..76; copy config: model A's .yaml beside the saved file",
         "bm_save_dtype": "The dtype written to the file: keep = each key as in model A",
         "bm_bake_vae": "Write this VAE's weights into the saved file instead of A's",
         "bm_custom_name": "File name of the merge in the models folder (blank: a name made from the recipe)",
@@ -121,6 +121,9 @@
         "bm_weights_density": "density per block (numbers or a preset name), used with 'use MBW'",
         "bm_weights_drop": "drop per block (numbers or a preset name), used with 'use MBW'",
         "bm_weights_epsilon": "epsilon per block (numbers or a preset name), used with 'use MBW'",
+        "bm_preset_density": "A named set of block weights used as density per block; fills the field and turns MBW on (density must stay in (0, 1])",
+        "bm_preset_drop": "A named set of block weights used as drop per block; fills the field and turns MBW on (drop must stay in [0, 1))",
+        "bm_preset_epsilon": "A named set of block weights used as epsilon per block; fills the field and turns MBW on",
         "bm_elemental_density": "Elemental rules for density: 'Blocks:Elements:Value', as the alpha elemental rules",
         "bm_elemental_drop": "Elemental rules for drop: 'Blocks:Elements:Value', as the alpha elemental rules",
         "bm_elemental_epsilon": "Elemental rules for epsilon: 'Blocks:Elements:Value', as the alpha elemental rules",
@@ -319,6 +322,7 @@
             "prune": "Leave out EMA and training-only keys",
             "save metadata": "Write the recipe and the models' hashes into the file",
             "Reset CLIP ids": "Write position_ids as 0..76",
+            "copy config": "Copy model A's .yaml config beside the saved file (SD2-v and inpainting models need it)",
             "log ratios": "Print every key's block, alpha and beta to the console when merging (the seed's debug)"
         },
         "bm_inex": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,32 @@ def test_cuda_without_a_gpu_is_refused_not_ignored(models, tmp_path):
               "--no-history", "--output", str(tmp_path / "o.safetensors"), cwd=tmp_path, env_home=tmp_path)
     assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_copy_config_puts_model_a_yaml_beside_the_output(models, tmp_path):
+    """The seed's "copy config": A's `.yaml` (the WebUI reads a checkpoint's config from it) goes beside the output;
+    without a `.yaml` nothing is copied; an existing one is replaced only with --overwrite, refused before merging."""
+    a = tmp_path / "a.safetensors"
+    shutil.copyfile(models["a"], a)
+    config = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: v\n"
+    (tmp_path / "a.yaml").write_text(config)
+    out = tmp_path / "out.safetensors"
+    args = ("merge", "--model-a", str(a), "--model-b", str(models["b"]), "--alpha", "0.3", "--copy-config",
+            "--no-history", "--quiet", "--output", str(out))
+    res = run(*args, cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out.yaml").read_text() == config and (tmp_path / "a.yaml").read_text() == config
+    out.unlink()
+    (tmp_path / "out.yaml").write_text("mine")
+    res = run(*args, cwd=tmp_path, env_home=tmp_path)  # the model is new, but its config name is taken
+    assert res.returncode == 2 and "out.yaml" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and (tmp_path / "out.yaml").read_text() == "mine"
+    res = run(*args, "--overwrite", cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and (tmp_path / "out.yaml").read_text() == config
+    plain = tmp_path / "plain.safetensors"  # B has no config: nothing to copy, no error
+    res = run("merge", "--model-a", str(models["b"]), "--model-b", str(a), "--copy-config", "--no-history",
+              "--quiet", "--output", str(plain), cwd=tmp_path, env_home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert plain.is_file() and not (tmp_path / "plain.yaml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prune", action="store_true", help="drop EMA weights and schedule buffers")
     merge.add_argument("--bake-vae", default=None, metavar="FILE", help="replace the VAE with this file's")
     merge.add_argument("--reset-clip-ids", action="store_true", help="write correct CLIP position ids")
+    merge.add_argument("--copy-config", action="store_true",
+                       help="copy model A's .yaml config beside the output (SD2 v, inpainting models need it)")
     merge.add_argument("--no-metadata", action="store_true", help="write no recipe metadata (skips hashing)")
     merge.add_argument("--history", default=None, metavar="FILE",
                        help=f"merge log CSV (default {default_data_dir() / 'mergehistory.csv'})")
@@ -234,7 +236,7 @@ def cmd_merge(args) -> int:
 
     recipe = _random_recipe(_recipe_from_args(args), args)
     options = SaveOptions(dtype=args.save_dtype, prune=args.prune, bake_vae=args.bake_vae,
-                          reset_clip_ids=args.reset_clip_ids)
+                          reset_clip_ids=args.reset_clip_ids, copy_config=args.copy_config)
     data = default_data_dir()
     history = None if args.no_history else History(args.history or data / "mergehistory.csv")
     update, close = progress_bar("merging", args.quiet)

@@ -24,6 +24,7 @@ from .save_options import (
     converted_dtype,
     finalize_tensor,
     is_kept,
+    model_config,
     open_vae,
     plan_output,
     precision_warnings,
@@ -38,6 +39,7 @@ from .write import (
 
 __all__ = [
     "CLIP_POSITION_ID_KEYS",
+    "model_config",
     "PICKLE_EXTS",
     "SAFETENSORS_EXTS",
     "SAVE_DTYPES",

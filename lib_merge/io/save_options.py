@@ -44,16 +44,26 @@ Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class SaveOptions:
-    """How to write the merged model: target float dtype, pruning, a VAE to bake in, CLIP position-id repair."""
+    """How to write the merged model: target float dtype, pruning, a VAE to bake in, CLIP position-id repair, and
+    whether model A's `.yaml` config goes beside the output (the seed's "copy config")."""
 
     dtype: str = "keep"
     prune: bool = False
     bake_vae: str | Path | None = None
     reset_clip_ids: bool = False
+    copy_config: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in SAVE_DTYPES:
             raise MergeError(f"Unknown save dtype {self.dtype!r}; choose one of {', '.join(SAVE_DTYPES)}.")
+
+
+def model_config(model: Path) -> Path | None:
+    """The `.yaml` config beside a checkpoint, or None: the WebUI reads a checkpoint's config (SD2 v-prediction,
+    inpainting, instruct-pix2pix) from the `.yaml` of the same name, so "copy config" puts model A's beside a merge
+    of it, to load as its base did."""
+    config = model.with_suffix(".yaml")
+    return config if config.is_file() else None
 
 
 def open_vae(opts: SaveOptions) -> Checkpoint | None:

@@ -432,8 +432,7 @@ class MergeService:
         """Merge and write to the models folder (streamed; the loaded model is not touched)."""
         options = options or SaveOptions()
         if options.bake_vae and not Path(options.bake_vae).is_absolute():
-            options = SaveOptions(options.dtype, options.prune, str(self.host.resolve_vae(options.bake_vae)),
-                                  options.reset_clip_ids)
+            options = dataclasses.replace(options, bake_vae=str(self.host.resolve_vae(options.bake_vae)))
         plan, _ = self.plan(recipe)
         out = self.output_path(plan, custom_name, options, safetensors)
         return merge_to_file(

@@ -7,6 +7,7 @@ Shared by the command line, the WebUI tab and the standalone app, so each front 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,15 @@ from ..core.engine import Cancel, MergePlan, Models, Progress, plan_merge, run_m
 from ..core.errors import MergeError
 from ..core.recipe import Recipe
 from ..core.weights import Presets
-from ..io.checkpoint import SaveOptions, check_output_path, merge_metadata, open_checkpoint, open_vae
+from ..io.checkpoint import (
+    SaveOptions,
+    atomic_output,
+    check_output_path,
+    merge_metadata,
+    model_config,
+    open_checkpoint,
+    open_vae,
+)
 from ..io.hashes import HashCache
 from ..io.history import History
 from ..io.output import FileSink
@@ -71,6 +80,8 @@ def merge_inputs(recipe: Recipe, resolve: Resolve = Path, options: SaveOptions |
                  (("A", recipe.model_a), ("B", recipe.model_b), ("C", recipe.model_c)) if name]
     if options is not None and options.bake_vae:
         found.append(("the VAE to bake", Path(options.bake_vae)))
+    if options is not None and options.copy_config and (config := model_config(resolve(recipe.model_a))):
+        found.append(("model A's config", config))
     found += [("the preset file", path) for path in (presets.paths if presets is not None else ())]
     return found
 
@@ -83,6 +94,8 @@ def check_files(recipe: Recipe, output: Path | None, resolve: Resolve = Path, op
     if output is not None:
         extra = [history.path] if history is not None else []
         check_output_path(output, [path for _, path in inputs] + extra, overwrite)
+        if options is not None and options.copy_config and model_config(resolve(recipe.model_a)):
+            check_output_path(output.with_suffix(".yaml"), [path for _, path in inputs] + extra, overwrite)
     if history is not None:
         history.check(inputs + ([("the output", output)] if output is not None else []))
 
@@ -123,5 +136,9 @@ def merge_to_file(recipe: Recipe, output: str | Path, options: SaveOptions | Non
         finite_memory.recall(models, hashes)
         run_merge(plan, models, sink, progress, cancel, threads, check_device(device))
         finite_memory.remember(models, hashes)
+    config = model_config(resolve(recipe.model_a)) if options.copy_config else None
+    if config is not None:  # after the model: a failed merge leaves no config behind either
+        with atomic_output(output.with_suffix(".yaml"), overwrite) as tmp:
+            shutil.copyfile(config, tmp)
     history_id = history.append(plan.recipe.title(), plan.recipe.to_dict()) if history is not None else None
     return SaveResult(output, plan, history_id, tuple(sink.warnings))

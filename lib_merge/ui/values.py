@@ -38,7 +38,8 @@ ADJUST_LABELS = {
     "COL2": "COL2 (magenta-green)",
     "COL3": "COL3 (yellow-blue)",
 }
-SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids", "log ratios")
+SAVE_FLAGS = ("save model", "overwrite", "safetensors", "prune", "save metadata", "Reset CLIP ids", "copy config",
+              "log ratios")
 DEFAULT_SAVE_FLAGS = ("safetensors", "save metadata")
 SAVE_DTYPE_CHOICES = ("keep", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 NO_VAE = "None"
@@ -325,7 +326,7 @@ def save_options_from_values(flags: Sequence[str] = DEFAULT_SAVE_FLAGS, dtype: s
         raise MergeError(f"Unknown save option(s): {', '.join(sorted(unknown))}.")
     vae = bake_vae if bake_vae and bake_vae != NO_VAE else None
     options = SaveOptions(dtype=dtype or "keep", prune="prune" in flags, bake_vae=vae,
-                          reset_clip_ids="Reset CLIP ids" in flags)
+                          reset_clip_ids="Reset CLIP ids" in flags, copy_config="copy config" in flags)
     return options, {"overwrite": "overwrite" in flags, "safetensors": "safetensors" in flags,
                      "metadata": "save metadata" in flags, "save model": "save model" in flags,
                      "log ratios": "log ratios" in flags}
