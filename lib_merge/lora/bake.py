@@ -73,13 +73,25 @@ class BakePlan:
         if not contributions:
             return tensor
         out = tensor.to(torch.float32, copy=True)
+        low_rank: dict[tuple[int, int] | None, list] = {}  # rows -> [(ratio·up·scale, down)]: one fused add each
         for c in contributions:
             rows = slice(*c.rows) if c.rows else slice(None)
+            factors = None if c.bias else c.module.low_rank_factors()
+            if factors is not None:
+                up, down = factors
+                low_rank.setdefault(c.rows, []).append((up * c.ratio, down))
+                continue
             if c.bias:
                 change = c.module.bias_delta(tuple(tensor[rows].shape))
             else:
                 change = c.module.delta(tensor[rows])  # (IA)3 and DoRA read the unchanged W
             out[rows].add_(change, alpha=c.ratio)
+        for rows, pairs in low_rank.items():
+            # W += [u1 u2 ...] @ [d1; d2; ...]: every LoRA's up·down summed in one fp32 matrix multiply-add,
+            # with no ΔW-sized temporaries (the rows of a contiguous tensor are a contiguous view)
+            target = out[slice(*rows) if rows else slice(None)]
+            target.view(target.shape[0], -1).addmm_(torch.cat([u for u, _ in pairs], 1),
+                                                     torch.cat([d for _, d in pairs], 0))
         return out.to(tensor.dtype)
 
 
@@ -178,11 +190,15 @@ def bake_to_file(model_path: str | Path, specs: Sequence[LoraSpec], output: str 
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite)
         sink.begin([(k, model.dtype(k), model.shape(k)) for k in keys])
         # One reused read buffer: fresh memory per key costs more page faults than the bake itself; put() has
-        # written (or, for .ckpt, cloned) each tensor before the next read reuses it.
-        buffer = torch.empty(max((model.nbytes(k) for k in keys), default=0), dtype=torch.uint8)
+        # written (or, for .ckpt, cloned) each tensor before the next read reuses it. Keys no LoRA touches are
+        # copied file to file.
+        buffer = torch.empty(max((model.nbytes(k) for k in plan.changes), default=0), dtype=torch.uint8)
         try:
             for done, key in enumerate(keys, 1):
-                sink.put(key, plan.apply(key, model.get(key, out=buffer)))
+                if key in plan.changes:
+                    sink.put(key, plan.apply(key, model.get(key, out=buffer)))
+                else:
+                    sink.put_unchanged(key, model)
                 if progress is not None:
                     progress(done, len(keys))
             sink.finish()
