@@ -147,10 +147,11 @@ class LoraModule:
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
         for part, t in self.parts.items():
-            # min and max are finite exactly when every value is (NaN propagates through both): one pass with no
-            # temporary, far cheaper than isfinite or a float64 sum on fp16 tensors
+            # min and max are finite exactly when every value is (NaN propagates through both): no temporary, far
+            # cheaper than isfinite or a float64 sum on fp16 tensors (torch.aminmax has no fp16 CPU kernel in the
+            # WebUI's torch 2.1)
             if t.is_floating_point() and t.device.type != "meta" and t.numel() and \
-                    not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
+                    not (math.isfinite(float(t.min())) and math.isfinite(float(t.max()))):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
