@@ -15,9 +15,7 @@ from conftest import assert_rounded, ulp
 from safetensors.torch import load_file
 from test_live_merge import assert_same
 from test_lora_live import loras_fixture  # noqa: F401  (provides the `loras` fixture)
-from test_xyz_webui_integration import USER, ours
-from test_xyz_webui_integration import entry as entry_fixture  # noqa: F401  (the `entry` fixture)
-from test_xyz_webui_integration import xyz as xyz_fixture  # noqa: F401  (the `xyz` fixture)
+from test_xyz_webui_integration import USER, entry, ours, xyz  # noqa: F401 - fixtures used by name
 from webui_fixture import webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.errors import MergeError
@@ -61,7 +59,7 @@ def recipe_of(identity) -> dict:
     return json.loads(identity.recipe_json)
 
 
-def xyz_cell(webui, entry, *axes):
+def xyz_cell(webui, entry, *axes):  # noqa: F811
     """One cell of the WebUI's X/Y/Z plot: each (axis, value, values) applied to a txt2img processing object, then
     process_images."""
     p = webui.processing.StableDiffusionProcessingTxt2Img(
@@ -75,7 +73,7 @@ def xyz_cell(webui, entry, *axes):
 
 
 @pytest.fixture(name="baked")
-def baked_fixture(webui, xyz, entry, loras):
+def baked_fixture(webui, xyz, entry, loras):  # noqa: F811
     """The user's choice: the merge USER (alpha 0.3), then `style` baked at RATIO through the LoRA tab's tools."""
     entry.xyz_module = xyz
     extension = entry.EXTENSION
@@ -84,7 +82,7 @@ def baked_fixture(webui, xyz, entry, loras):
     return extension
 
 
-def test_webui_xyz_cells_are_their_merge_with_the_users_loras_baked_on_top(webui, entry, loras, baked):
+def test_webui_xyz_cells_are_their_merge_with_the_users_loras_baked_on_top(webui, entry, loras, baked):  # noqa: F811
     chosen = webui.live()
     dtypes = {k: v.dtype for k, v in chosen.items()}
     host = baked.host
@@ -103,7 +101,7 @@ def test_webui_xyz_cells_are_their_merge_with_the_users_loras_baked_on_top(webui
     assert_same(webui.live(), chosen)
 
 
-def test_tab_plot_cells_are_their_merge_with_the_users_loras_baked_on_top(webui, entry, loras, baked, monkeypatch):
+def test_tab_plot_cells_are_their_merge_with_the_users_loras_baked_on_top(webui, entry, loras, baked, monkeypatch):  # noqa: F811
     service = baked.service()
     chosen = webui.live()
     dtypes = {k: v.dtype for k, v in chosen.items()}
@@ -124,7 +122,7 @@ def test_tab_plot_cells_are_their_merge_with_the_users_loras_baked_on_top(webui,
     assert_same(webui.live(), chosen)  # the user's merge and LoRA are back after the plot
 
 
-def test_a_cell_the_loras_cannot_go_onto_is_refused_and_the_model_is_unchanged(webui, entry, loras, baked):
+def test_a_cell_the_loras_cannot_go_onto_is_refused_and_the_model_is_unchanged(webui, entry, loras, baked):  # noqa: F811
     from lib_merge.cli import synth
 
     # SD1 models twice as wide as the loaded one: the user's LoRA has the loaded model's shapes
