@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.make_models import CACHE, make_models  # noqa: E402
+from bench.make_models import CACHE, make_models, model_path  # noqa: E402
 from lib_merge.io.checkpoint import open_checkpoint  # noqa: E402
 from lib_merge.lora.extract import extract_kind  # noqa: E402
 from lib_merge.lora.keys import checkpoint_targets, kohya_name, module_id  # noqa: E402
@@ -158,13 +159,27 @@ def run_one(args) -> None:
     print(json.dumps({"contender": args.contender, "seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak}))
 
 
+def warm(paths) -> None:
+    """Read the inputs once (every contender starts with them in the page cache) and flush earlier outputs to
+    disk (no contender pays for the previous one's writes)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    os.sync()
+
+
 def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int) -> dict:
+    warm([model, *loras])
     cmd = [sys.executable, __file__, "_run", name, "--model", str(model), "--out", str(out), "--family", family,
            "--rank", str(rank), "--loras", *map(str, loras)]
+    load = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         raise SystemExit(f"{name} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    result["load_before_after"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+    return result
 
 
 def main() -> None:
@@ -184,7 +199,9 @@ def main() -> None:
     if args.what == "_run":
         run_one(args)
         return
-    models = make_models(args.family, verbose=False)
+    model_a = model_path(args.family, "A", 1, CACHE)
+    # the bake reads model A only: an SDXL set is 3 x 7 GB, so B and C are made only for the extraction
+    models = {"A": model_a} if args.what == "bake" and model_a.exists() else make_models(args.family, verbose=False)
     out_dir = CACHE / "lora-out"
     out_dir.mkdir(exist_ok=True)
     results = []
@@ -192,13 +209,16 @@ def main() -> None:
         rank = args.rank or 32
         loras = make_loras(models["A"], args.family, rank, args.count)
         for name in ("seed-bake", "ours-bake"):
-            results.append(contender(name, models["A"], loras, out_dir / f"{name}.safetensors", args.family, rank))
+            out = out_dir / f"{name}.safetensors"
+            results.append(contender(name, models["A"], loras, out, args.family, rank))
+            out.unlink()  # an SDXL output is 7 GB: not two of them at once
     else:
         rank = args.rank or 128
         for name in ("kohya-extract", "ours-extract-full", "ours-extract-lowrank"):
             out = out_dir / f"{name}.safetensors"
             results.append(contender(name, models["B"], [models["A"]], out, args.family, rank))
             results[-1]["relative_error"] = extraction_error(models["B"], models["A"], out, args.family)
+            out.unlink()
     for r in results:
         print(json.dumps(r))
     base = results[0]["seconds"]

@@ -179,6 +179,28 @@ def test_peft_naming_and_two_loras_sum(sd1, base, tmp_path):
     close(out[Q], base[Q] + 0.5 * b.double() @ a.double() + 2 * up.double() @ down.double())
 
 
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "refused (EXDEV)", "absent"])
+def test_untouched_keys_are_copied_byte_for_byte_however_the_kernel_copies(sd1, base, tmp_path, monkeypatch,
+                                                                           kernel_copy):
+    """Keys no LoRA touches go file to file (os.copy_file_range); where the kernel refuses it between two files, or
+    the platform has none, they are read and written instead: the output is the same either way."""
+    import errno
+    import os
+
+    if kernel_copy == "refused (EXDEV)":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    elif kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    down, up = rand((4, 40), 1), rand((40, 4), 2)
+    out = bake(sd1, tmp_path, [({f"{Q_K}.lora_down.weight": down, f"{Q_K}.lora_up.weight": up}, ":0.5")],
+               overwrite=True)
+    assert sorted(out) == sorted(base)
+    close(out[Q], base[Q] + 0.5 * (up.double() @ down.double()))
+    unchanged_except(out, base, {Q})
+
+
 def test_block_weights_preset_and_values(sd1, base, tmp_path):
     """OUTD (17 values: BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03..OUT11) keeps BASE and OUT03..OUT06."""
     d1, u1, d2, u2 = rand((2, 40), 90), rand((40, 2), 91), rand((2, 40), 92), rand((40, 2), 93)

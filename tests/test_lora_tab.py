@@ -16,6 +16,7 @@ from lib_merge.hosts.standalone import StandaloneHost
 from lib_merge.lora.blocks import split_specs
 from lib_merge.lora.prompt import specs_from_prompt
 from lib_merge.service.merge_service import MergeService
+from lib_merge.ui.model_refresh import refresh_models
 from lib_merge.ui.tab import Handlers
 from lib_merge.ui.tab_lora import LoraHandlers, name_of
 
@@ -90,6 +91,13 @@ def test_bake_to_a_file_merge_extract_and_history(tab):
                                                lora[f"{Q_K}.lora_down.weight"].double())
     assert_rounded(baked[Q], want, base[Q].dtype, what=Q)
     assert [k for k in base if k != Q and not torch.equal(base[k], baked[k])] == []
+    # the checkpoint dropdowns read again after the bake (what the tab chains to it): the new file is offered to
+    # extract from, and the names already chosen stay
+    updates = refresh_models(tab.host)("base.safetensors", "", "gone.safetensors")
+    choices = updates[0]["choices"]
+    assert {"base.safetensors", "baked.safetensors", "tuned.safetensors"} <= set(choices)
+    assert choices[-1] == "gone.safetensors" and all(u["choices"] == choices for u in updates)
+    assert [u["value"] for u in updates] == ["base.safetensors", None, "gone.safetensors"]
     assert "2 modules, rank 2-4" in tab.merge("plain:1\nconv:1", "concat", "both", "fp16", "new", False)
     assert (tab.host.lora_folder() / "both.safetensors").is_file()
     message = tab.extract("baked.safetensors", "base.safetensors", "back", 1.0, 1.0, "4", "", "fp32", False)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint as Source
 from .checkpoint import (
+    CLIP_POSITION_ID_KEYS,
     SafetensorsStreamWriter,
     SaveOptions,
     atomic_output,
@@ -17,6 +18,7 @@ from .checkpoint import (
     plan_output,
     precision_warnings,
 )
+from .checkpoint import Checkpoint as Source
 from .write import reporting_no_room, save_pickle
 
 
@@ -67,6 +69,21 @@ class FileSink:
                 self._writer.write(key, tensor)
         else:
             self._state[key] = tensor.clone()
+
+    def put_unchanged(self, key: str, source: Source) -> None:
+        """`key` exactly as `source` stores it: copied file to file by the kernel where the save options leave it
+        as it is (a safetensors output, no dtype change, no VAE, no reset position ids), else read and put()."""
+        stored_at = getattr(source, "stored_at", None)
+        as_is = (self._writer is not None and stored_at is not None and hasattr(os, "copy_file_range")
+                 and self.vae is None and not (self.options.reset_clip_ids and key in CLIP_POSITION_ID_KEYS)
+                 and key not in self._converted)
+        if not is_kept(key, self.is_sdxl, self.options):
+            return
+        if not as_is:
+            self.put(key, source.get(key))
+            return
+        with reporting_no_room(self.path):
+            self._writer.copy(key, source.dtype(key), source.shape(key), *stored_at(key))
 
     def finish(self) -> Path:
         if self._writer is not None:

@@ -207,6 +207,11 @@ class SafetensorsCheckpoint(_Base):
     def metadata(self) -> dict[str, str]:
         return dict(self._header.metadata)
 
+    def stored_at(self, key: str) -> tuple[int, int]:
+        """(open file descriptor, byte offset) of the tensor's data: a writer copies an unchanged tensor from
+        there (valid until close())."""
+        return self._fd, self._entry(key).start
+
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, read into `out` (a contiguous uint8 buffer of at least nbytes, reused by the caller so
         that no fresh memory is touched) or into a new tensor."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CheckpointError, encode_header
+from .format import CheckpointError, encode_header, itemsize
 from .metadata import check_name_encoding
 
 SAVE_EXTS = (".safetensors", ".ckpt")
@@ -236,20 +237,48 @@ class SafetensorsStreamWriter:
         """Keys still to be written, in header order."""
         return [k for k in self._entries if k not in self._written]
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _claim(self, key: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        """Check that `key` is declared with this dtype and shape and not written yet, and mark it written."""
         if self._closed:
             raise CheckpointError(f"{self.path} is already closed; cannot write {key!r}.")
         if key not in self._entries:
             raise ValueError(f"{key!r} was not declared in the header of {self.path}.")
         want_dtype, want_shape = self._entries[key]
-        if tensor.dtype != want_dtype:
-            raise ValueError(f"{key!r}: header says {want_dtype}, tensor is {tensor.dtype}")
-        if tuple(tensor.shape) != want_shape:
-            raise ValueError(f"{key!r}: header says shape {list(want_shape)}, tensor is {list(tensor.shape)}")
+        if dtype != want_dtype:
+            raise ValueError(f"{key!r}: header says {want_dtype}, tensor is {dtype}")
+        if tuple(shape) != want_shape:
+            raise ValueError(f"{key!r}: header says shape {list(want_shape)}, tensor is {list(shape)}")
         with self._lock:
             if key in self._written:
                 raise ValueError(f"{key!r} was already written to {self.path}.")
             self._written.add(key)
+
+    def copy(self, key: str, dtype: torch.dtype, shape: Sequence[int], fd: int, offset: int) -> None:
+        """Write `key` from the bytes another file holds at `offset` of `fd` (a tensor kept exactly as stored):
+        the kernel copies them where it can (Linux's copy_file_range), without passing them through this process's
+        memory."""
+        self._claim(key, dtype, shape)
+        nbytes = itemsize(dtype) * math.prod(shape)
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(fd, self._fd, nbytes - done, offset + done, self._offsets[key] + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                n = 0
+            if n == 0:
+                break  # not supported between these files (or the source ended): copy the rest by hand
+            done += n
+        while done < nbytes:
+            chunk = os.pread(fd, min(nbytes - done, 1 << 24), offset + done)
+            if not chunk:
+                raise CheckpointError(f"the source of {key!r} ended early while it was copied to {self.path}.")
+            _pwrite_all(self._fd, memoryview(chunk), self._offsets[key] + done)
+            done += len(chunk)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._claim(key, tensor.dtype, tensor.shape)
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")

@@ -67,20 +67,38 @@ class BakePlan:
     uses: list[LoraUse]
     changes: dict[str, list[Contribution]]
 
-    def apply(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The baked tensor for `key` (a new tensor in the input's dtype; the input is never written)."""
+    def apply(self, key: str, tensor: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The baked tensor for `key`: a new tensor in the input's dtype, the input never written; or, given
+        `scratch` (a flat fp32 buffer of at least its size, reused from key to key so no fresh memory is touched),
+        computed there and rounded back into `tensor` itself, which is returned."""
         contributions = self.changes.get(key)
         if not contributions:
             return tensor
-        out = tensor.to(torch.float32, copy=True)
+        if scratch is None:
+            out = tensor.to(torch.float32, copy=True)
+        else:
+            out = scratch[: tensor.numel()].view(tensor.shape)
+            out.copy_(tensor)
+        low_rank: dict[tuple[int, int] | None, list] = {}  # rows -> [(ratio·up·scale, down)]: one fused add each
         for c in contributions:
             rows = slice(*c.rows) if c.rows else slice(None)
+            factors = None if c.bias else c.module.low_rank_factors()
+            if factors is not None:
+                up, down = factors
+                low_rank.setdefault(c.rows, []).append((up * c.ratio, down))
+                continue
             if c.bias:
                 change = c.module.bias_delta(tuple(tensor[rows].shape))
             else:
                 change = c.module.delta(tensor[rows])  # (IA)3 and DoRA read the unchanged W
             out[rows].add_(change, alpha=c.ratio)
-        return out.to(tensor.dtype)
+        for rows, pairs in low_rank.items():
+            # W += [u1 u2 ...] @ [d1; d2; ...]: every LoRA's up·down summed in one fp32 matrix multiply-add,
+            # with no ΔW-sized temporaries (the rows of a contiguous tensor are a contiguous view)
+            target = out[slice(*rows) if rows else slice(None)]
+            target.view(target.shape[0], -1).addmm_(torch.cat([u for u, _ in pairs], 1),
+                                                     torch.cat([d for _, d in pairs], 0))
+        return out.to(tensor.dtype) if scratch is None else tensor.copy_(out)
 
 
 def _module_checked(lora: LoraFile, module: LoraModule, shape: tuple[int, ...],
@@ -177,12 +195,17 @@ def bake_to_file(model_path: str | Path, specs: Sequence[LoraSpec], output: str 
         keys = model.keys()
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite)
         sink.begin([(k, model.dtype(k), model.shape(k)) for k in keys])
-        # One reused read buffer: fresh memory per key costs more page faults than the bake itself; put() has
-        # written (or, for .ckpt, cloned) each tensor before the next read reuses it.
-        buffer = torch.empty(max((model.nbytes(k) for k in keys), default=0), dtype=torch.uint8)
+        # One reused read buffer and one fp32 work buffer: fresh memory per key costs more page faults than the
+        # bake itself; put() has written (or, for .ckpt, cloned) each tensor before the next read reuses it. Keys
+        # no LoRA touches are copied file to file.
+        buffer = torch.empty(max((model.nbytes(k) for k in plan.changes), default=0), dtype=torch.uint8)
+        scratch = torch.empty(max((math.prod(model.shape(k)) for k in plan.changes), default=0))
         try:
             for done, key in enumerate(keys, 1):
-                sink.put(key, plan.apply(key, model.get(key, out=buffer)))
+                if key in plan.changes:
+                    sink.put(key, plan.apply(key, model.get(key, out=buffer), scratch))
+                else:
+                    sink.put_unchanged(key, model)
                 if progress is not None:
                     progress(done, len(keys))
             sink.finish()

@@ -147,9 +147,11 @@ class LoraModule:
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
         for part, t in self.parts.items():
-            # a float64 sum is finite exactly when every value is (no fp16/fp32 sum can overflow it), and is far
-            # cheaper than isfinite on fp16 tensors
-            if t.is_floating_point() and t.device.type != "meta" and not math.isfinite(float(t.double().sum())):
+            # min and max are finite exactly when every value is (NaN propagates through both): no temporary, far
+            # cheaper than isfinite or a float64 sum on fp16 tensors (torch.aminmax has no fp16 CPU kernel in the
+            # WebUI's torch 2.1)
+            if t.is_floating_point() and t.device.type != "meta" and t.numel() and \
+                    not (math.isfinite(float(t.min())) and math.isfinite(float(t.max()))):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
@@ -212,6 +214,15 @@ class LoraModule:
         if kind == "norm":
             return p["w_norm"]
         raise LoraError(f"module {self.name} is {kind}, which is not supported")
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up·scale [out, r], down [r, in·kh·kw]) in fp32 when ΔW is exactly their product (a plain LoRA/LoCon
+        without Tucker mid, bias or DoRA), so a bake can add it with one fused multiply-add; else None."""
+        p = self.parts
+        if self.kind != "lora" or any(part in p for part in ("mid", "bias", "dora_scale", "magnitude")):
+            return None
+        up, down = p["up"], p["down"]
+        return up.reshape(up.shape[0], -1).float() * self.scale, down.reshape(down.shape[0], -1).float()
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW added to `weight` at strength 1, fp32, in W's shape (DoRA: the whole decomposed change).

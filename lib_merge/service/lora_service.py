@@ -37,18 +37,23 @@ FAMILY_FILTERS = ("All", "SD1", "SD2", "SDXL")
 LORA_RECORD_OPERATIONS = ("lora bake", "lora merge", "lora extract")
 
 
-class LiveModel:
-    """The loaded model's tensors seen as the checkpoint `plan_bake` checks a LoRA against (names and shapes)."""
+class ModelShapes:
+    """A model's key names and shapes, the checkpoint `plan_bake` checks a LoRA against: the loaded model's
+    tensors (`of`), or a merge's output before it is made."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str):
-        self.tensors = tensors
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], name: str):
+        self.shapes = shapes
         self.name = name
 
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor], name: str) -> ModelShapes:
+        return cls({key: tuple(t.shape) for key, t in tensors.items()}, name)
+
     def keys(self) -> list[str]:
-        return list(self.tensors)
+        return list(self.shapes)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
+        return tuple(self.shapes[key])
 
 
 @dataclass(frozen=True)

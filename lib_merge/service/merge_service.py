@@ -44,7 +44,7 @@ from ..io.history import History
 from ..lora.bake import plan_bake
 from ..lora.blocks import LoraSpec, load_presets
 from . import finite_memory
-from .lora_service import LiveBake, LiveModel, apply_bake, live_identity, live_record
+from .lora_service import LiveBake, ModelShapes, apply_bake, live_identity, live_record
 from .pipeline import SaveResult, check_device, check_files, merge_to_file
 from .ratio_log import write_ratio_log
 
@@ -208,9 +208,9 @@ class MergeService:
             if self.log_merges and log:  # a history that cannot take the row is refused before any tensor is read
                 check_files(plan.recipe, None, self.host.resolve_model, presets=self.presets, history=self.history())
             todo = plan
-            if previous is not None and not self._baked:  # keys under baked LoRAs are all recomputed
+            if previous is not None:
                 with contextlib.suppress(ValueError):
-                    todo = changed_jobs(previous, plan)
+                    todo = self._changed(previous, plan)
             cancel = cancel or self.host.interrupted
             report = progress or (lambda done, total: self.host.progress(done, total, "Merging"))
             identity = identity_of(plan, name)
@@ -224,6 +224,13 @@ class MergeService:
                 self._committed_loras = ()
         history_id = self._log(plan, identity) if self.log_merges and log else None
         return MergeOutcome(plan, identity, len(todo.jobs), time.perf_counter() - start, history_id, note)
+
+    def _changed(self, previous: MergePlan, plan: MergePlan) -> MergePlan:
+        """The jobs of `plan` to run over the loaded `previous` merge: those whose inputs or ratios changed, and
+        every key a baked LoRA changed (it holds the merge plus the LoRA: recomputed, it is the merge alone)."""
+        changed = {job.key for job in changed_jobs(previous, plan).jobs}
+        changed.update(key for bake in self._baked for key in bake.plan.changes)
+        return dataclasses.replace(plan, jobs=tuple(job for job in plan.jobs if job.key in changed))
 
     def _write(self, todo: MergePlan, models: Models, previous: MergePlan | None, identity: MergeIdentity,
                report, cancel, scratch: ScratchPool | None) -> str:
@@ -338,9 +345,9 @@ class MergeService:
         if requested is not None:
             loaded = self.loaded_plan()
             wanted = requested.validate(self.presets)
-            if loaded is not None and not self._baked and _same_merge(loaded.recipe, wanted):
+            if loaded is not None and self._users_loras_baked() and _same_merge(loaded.recipe, wanted):
                 return None
-            return self.merge_and_load(wanted, commit=False, log=False)
+            return self.merge_transient(wanted, log=False)
         loaded = self.loaded_plan()
         baked = tuple(b.specs for b in self._baked)
         outcome = None
@@ -353,6 +360,30 @@ class MergeService:
             for specs in self._committed_loras:
                 self.bake_loras(specs, commit=False, log=False)
         return outcome
+
+    def merge_transient(self, recipe: Recipe, log: bool = True, scratch: ScratchPool | None = None) -> MergeOutcome:
+        """A merge for some generations only (an X/Y/Z cell, a generation's requested recipe): `recipe` merged into
+        the loaded model, then the LoRAs the user baked into it baked again on top, so the images differ from the
+        user's model only by what the request varies. The outcome's identity (the infotext's name and recipe)
+        names the merge and the LoRAs. A LoRA that cannot go onto this merge (another architecture) refuses it
+        before any tensor is written. The next `reconcile(None)` puts back what the user chose."""
+        if self._committed_loras:
+            plan, models = self.plan(recipe)
+            shapes = ModelShapes(output_shapes(plan, models), plan.recipe.title())
+            for specs in self._committed_loras:
+                try:
+                    plan_bake(shapes, specs, load_presets())
+                except MergeError as e:
+                    raise MergeError(f"The LoRAs baked into the loaded model cannot go onto the merge "
+                                     f"{shapes.name}: {e}") from e
+        outcome = self.merge_and_load(recipe, commit=False, log=log, scratch=scratch)
+        identity = outcome.identity
+        for specs in self._committed_loras:
+            identity = self.bake_loras(specs, commit=False, log=False).identity
+        return dataclasses.replace(outcome, identity=identity)
+
+    def _users_loras_baked(self) -> bool:
+        return tuple(b.specs for b in self._baked) == self._committed_loras
 
     def committed(self) -> Recipe | None:
         return self._committed
@@ -391,7 +422,7 @@ class MergeService:
                         raise MergeError(f"LoRAs cannot be baked into this model in place {live.refused.strip('()')} "
                                          f"Bake them into a checkpoint file instead.")
                     under = before.name if before is not None else (live.base.stem if live.base else "model")
-                    plan = plan_bake(LiveModel(live.tensors, under), specs, presets or load_presets())
+                    plan = plan_bake(ModelShapes.of(live.tensors, under), specs, presets or load_presets())
                     bake = LiveBake(specs, plan)
                     bakes = [*self._baked, bake]
                     record = live_record(live.base, merge.recipe if merge else None, bakes)

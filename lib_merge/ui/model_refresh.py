@@ -8,9 +8,14 @@ import gradio as gr
 from ..hosts.base import model_choices
 
 
-def wire_refresh(host, button: gr.Button, dropdowns: list) -> None:
+def refresh_models(host):
+    """The handler: the dropdowns' chosen names in, their updates (choices read again, names kept) out."""
     def refresh(*names):
         choices = model_choices(host, names)
         return [gr.update(choices=choices, value=n or None) for n in names]
 
-    button.click(refresh, dropdowns, dropdowns, queue=False)
+    return refresh
+
+
+def wire_refresh(host, button: gr.Button, dropdowns: list) -> None:
+    button.click(refresh_models(host), dropdowns, dropdowns, queue=False)

@@ -1,6 +1,7 @@
 """Running an X/Y/Z plot in the tab: merge each distinct recipe once, generate every cell, draw one grid per Z.
 
-Stop ends the plot after the current cell and keeps the finished part. Afterwards the model is put back the way it
+Each cell is its merge with the LoRAs the user baked into the loaded model (if any) baked again on top. Stop ends
+the plot after the current cell and keeps the finished part. Afterwards the model is put back the way it
 was (the merge that was loaded, or the base checkpoint).
 """
 
@@ -97,7 +98,7 @@ def run_plot(service: MergeService, base_recipe, request: GenerationRequest, spe
             if host.interrupted():
                 stopped = True
                 break
-            outcome = service.merge_and_load(group[0].recipe, commit=False, scratch=scratch)
+            outcome = service.merge_transient(group[0].recipe, scratch=scratch)
             merges += 1
             for cell in group:
                 if host.interrupted():

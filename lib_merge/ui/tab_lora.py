@@ -19,6 +19,7 @@ from ..hosts.base import model_choices
 from ..lora.prompt import specs_from_prompt
 from ..lora.save import SAVE_DTYPES
 from ..service.lora_service import FAMILY_FILTERS, KIND_FILTERS, LoraTools, is_lora_record
+from .model_refresh import refresh_models, wire_refresh
 
 log = logging.getLogger("block_merger")
 #: the page reads the txt2img prompt itself (the WebUI has it in this textarea; the standalone app has none)
@@ -204,8 +205,12 @@ def _wire(h: LoraHandlers, w: dict[str, Any], guard) -> None:
     w["load"].click(guard(h.from_history, lambda msg: (gr.update(), msg)), w["history_id"], [w["specs"], message],
                     queue=False)
     w["bake_loaded"].click(guard(h.bake_loaded, lambda msg: msg), [w["specs"], w["live_name"]], message)
+    # the checkpoint lists read again by Refresh and after a bake (its file is what one extracts from next)
+    checkpoints = [w["model"], w["model_a"], w["model_b"]]
+    wire_refresh(h.host, w["refresh"], checkpoints)
     w["bake_file"].click(guard(h.bake_file, lambda msg: msg),
-                         [w["model"], w["specs"], w["name"], w["file_dtype"], w["overwrite"]], message)
+                         [w["model"], w["specs"], w["name"], w["file_dtype"], w["overwrite"]], message) \
+        .then(refresh_models(h.host), checkpoints, checkpoints, queue=False)
     w["merge"].click(guard(h.merge, lambda msg: msg),
                      [w["specs"], w["rank"], w["name"], w["lora_dtype"], w["metadata"], w["overwrite"]], message)
     w["extract"].click(guard(h.extract, lambda msg: msg),
