@@ -64,11 +64,15 @@ class HashCache:
             warnings.warn(f"Could not save hash cache {self.path}: {e}", stacklevel=3)
 
     @staticmethod
-    def _identity(path: Path) -> tuple[str, dict[str, int]]:
+    def _stamp(st: os.stat_result) -> dict[str, int]:
+        """`io.read.file_identity` without the device number, which may change across reboots (a persisted cache
+        would then hash every model again)."""
+        _, inode, size, mtime_ns, ctime_ns = file_identity(st)
+        return {"size": size, "mtime_ns": mtime_ns, "inode": inode, "ctime_ns": ctime_ns}
+
+    def _identity(self, path: Path) -> tuple[str, dict[str, int]]:
         resolved = path.resolve()
-        st = resolved.stat()
-        return str(resolved), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
-                               "ctime_ns": st.st_ctime_ns}
+        return str(resolved), self._stamp(resolved.stat())
 
     @staticmethod
     def _matches(entry: dict[str, object] | None, stamp: dict[str, int]) -> bool:
@@ -110,9 +114,10 @@ class HashCache:
         """Remember that every value of the file is finite: `opened` is the `io.read.file_identity` of the file whose
         values were read; nothing is remembered when the file is no longer that one."""
         with contextlib.suppress(OSError):
-            key, stamp = self._identity(Path(path))
-            if file_identity(os.stat(key)) == opened:
-                self._store(key, stamp, "finite", True)
+            resolved = Path(path).resolve()
+            st = resolved.stat()
+            if file_identity(st) == opened:
+                self._store(str(resolved), self._stamp(st), "finite", True)
 
     def sha256(self, path: str | os.PathLike[str]) -> str:
         """Full sha256 (hex) of the file, read in 1 MiB blocks."""
