@@ -147,6 +147,7 @@ def child(spec: dict) -> dict:
     act("Restore base model", service.restore_base)
     gc.collect()
     settled = _status()
+    act("first full Weight sum after the restore", lambda: service.merge_and_load(ws(first)))
     service.close()
     return {"rows": rows, "load_s": load_s, "start": start, "settled": settled, "model_bytes": model_bytes,
             "engine_floor_s": floors, "merges": count}
@@ -180,6 +181,9 @@ def render(result: dict, spec: dict, machine: str) -> str:
         f"{settled['RssAnon'] / GB:.2f} GB: {(settled['RssAnon'] - start['RssAnon']) / GB:+.2f} GB over the start "
         f"(the source files' page cache is not in the process: they are read with pread, not mapped).",
     ]
+    lines.append("- The first merge after a load or a restore takes model A's values from the model's own tensors "
+                 "(`service/as_loaded.py`: they are proven unchanged since), so it reads only B; the engine floor "
+                 "reads both files.")
     lines.append("- The host's share includes the empty-prompt conditioning, refreshed after a merge that changes the "
                  "text encoder: the fake computes it by hashing every text-encoder weight (the WebUI runs CLIP on '').")
     notes = sorted({row["note"] for row in result["rows"] if row["note"]})

@@ -13,7 +13,7 @@ import math
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,7 +25,7 @@ from . import kernels, methods, smoothing
 from .arch import ADJUST_KEYS, Arch, detect_arch, is_model_key, mergeable
 from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
-from .finite import FiniteCheck
+from .finite import FiniteCheck, all_finite
 from .intraop import new_thread_default, use_one_thread_here
 from .recipe import METHOD_PARAMS, Recipe, check_extract_ratios
 from .weights import (
@@ -388,8 +388,9 @@ class KeyMerger:
     (each with its own Scratch)."""
 
     def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None,
-                 device: DeviceLink | torch.device | str | None = None):
+                 device: DeviceLink | torch.device | str | None = None, dest_holds_a: Collection[str] = ()):
         self.plan, self.models, self.combs = plan, models, combs or {}
+        self.dest_holds_a = dest_holds_a  # keys whose destination tensor already holds model A's exact values
         self.recipe = plan.recipe
         self.uses_b = plan.recipe.calc_mode.uses_b
         self.link = device_link(device)  # None: compute on the CPU in reusable buffers; else on that device
@@ -483,7 +484,10 @@ class KeyMerger:
         src = self.source(job)
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
-            tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
+            if into is not None and job.kind == COPY_A and job.key in self.dest_holds_a:
+                tensor = dest  # it holds A's values already: nothing to read
+            else:
+                tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
             known = getattr(src, "finite_keys", None)  # a copy is finite exactly where its source is
             if known is None or job.key not in known:
                 if self._check_finite(job, tensor, tensor) and known is not None:
@@ -506,11 +510,12 @@ class KeyMerger:
         known = self._known_finite(job)
         check = known is None or key not in known[0] or key not in known[1]
         finite = [True]  # every piece checked came out finite
+        a_in_out = self._reads_a_from_out(job, out)
 
         def compute(start: int, stop: int, keep_equal: bool) -> bool:
             """Merge one piece; True when it kept A's values because B equals C there (trainDifference)."""
             piece = flat[start:stop]
-            a = read(self.models.a, "a", start, stop)
+            a = piece if a_in_out else read(self.models.a, "a", start, stop)
             b = read(self.models.b, "b", start, stop) if self.uses_b else None
             c = read(self.models.c, "c", start, stop) if r.uses_c else None
             if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
@@ -522,8 +527,11 @@ class KeyMerger:
             work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
                                 mask=scratch.tensor("mask", torch.bool, a.shape))
             self._compute(job, a, b, c, out=piece.view(shape), work=work)
-            if check and not self._check_finite(job, piece, a, b, c):
-                finite[0] = False
+            if check:
+                if a_in_out and not all_finite(piece):  # the result took A's place: the file holds A's values
+                    a = read(self.models.a, "a", start, stop).view(shape)
+                if not self._check_finite(job, piece, a, b, c):
+                    finite[0] = False
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
@@ -542,6 +550,15 @@ class KeyMerger:
             known[0].add(key)
             known[1].add(key)
         return out
+
+    def _reads_a_from_out(self, job: Job, out: torch.Tensor) -> bool:
+        """Whether a piece may take A's values from the output itself (it holds them: the live model's first merge
+        after a load) and be overwritten in place. Only for formulas that read every input element before writing
+        that element: Weight sum (an elementwise lerp) and Add difference (summed in fp32 buffers, rounded into the
+        output last), in the normal calc mode."""
+        return (job.key in self.dest_holds_a and self.recipe.calc == "normal"
+                and self.recipe.mode in (kernels.WEIGHT_SUM, kernels.ADD_DIFF)
+                and out.dtype == self.models.a.dtype(job.key) and out.device.type == "cpu")
 
     def _known_finite(self, job: Job) -> tuple[set[str], set[str]] | None:
         """The sets of keys known to hold finite values in models A and B, when this job's result is finite exactly
@@ -682,14 +699,17 @@ def default_threads(plan: MergePlan) -> int:
 
 def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | None = None,
               cancel: Cancel | None = None, threads: int | None = None,
-              device: DeviceLink | torch.device | str | None = None, scratch: ScratchPool | None = None) -> object:
+              device: DeviceLink | torch.device | str | None = None, scratch: ScratchPool | None = None,
+              dest_holds_a: Collection[str] = ()) -> object:
     """Run every job of `plan` into `sink`; on cancel or error the sink is aborted and nothing is kept.
 
     Workers take jobs in order, each with its own scratch buffers, and hand every finished tensor to the sink
     at once (sinks accept keys in any order); progress is reported after every key. With a `device` ("cuda"),
     each key's inputs are moved there (core.device), computed, and the result written into the sink's tensor,
     on the device or on the CPU. `scratch` keeps the workers' buffers for the next run (default: they are freed
-    with this run).
+    with this run). `dest_holds_a`: keys whose sink tensor already holds model A's exact values (in A's dtype),
+    which then are not read from A's file: copies of A are skipped, and Weight sum / Add difference take A from
+    the tensor they overwrite.
     """
     threads = max(1, threads or default_threads(plan))
     buffers = scratch or ScratchPool()
@@ -699,7 +719,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
             plan, combs = similarity_pass(plan, models, None, cancel)
-        merger = KeyMerger(plan, models, combs, link)
+        merger = KeyMerger(plan, models, combs, link, dest_holds_a)
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
         local = threading.local()

@@ -45,7 +45,9 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
+from ..io.read import file_identity
 from ..lora.files import find_lora, list_lora_files
+from ..service.as_loaded import AsLoaded
 from ..service.lora_service import LoraTools, is_lora_record
 from ..service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 from . import webui_xyz
@@ -290,6 +292,22 @@ class A1111Host:
             yield m.state_dict()
         finally:
             sd_hijack.model_hijack.hijack(m)
+
+    def note_as_loaded(self) -> AsLoaded | None:
+        """The model's tensors right after the WebUI loaded its checkpoint by itself (see service.as_loaded); None
+        when they may not hold the file's values: loaded from the WebUI's RAM cache of checkpoints (which may predate
+        the file), or stored as fp8. An external VAE's tensors are left out."""
+        m = self._model()
+        if int(getattr(shared.opts, "sd_checkpoint_cache", 0) or 0) > 0 or getattr(devices, "fp8", False):
+            return None
+        path = Path(m.sd_checkpoint_info.filename)
+        try:
+            identity = file_identity(os.stat(path))
+        except OSError:  # gone since: nothing to vouch for
+            return None
+        external_vae = sd_vae.loaded_vae_file is not None
+        with self.live_weights() as tensors:
+            return AsLoaded.note(path, identity, {k: t for k, t in tensors.items() if loadable(k, external_vae)})
 
     def loaded_identity(self) -> MergeIdentity | None:
         m = sd_models.model_data.sd_model
@@ -647,9 +665,10 @@ class Extension:
             return self._lora_tools
 
     def model_loaded(self, sd_model) -> None:
-        """The WebUI loaded a checkpoint by itself (the user chose another one): that is now the user's choice."""
-        if self._service is not None and not self.host.busy and self.host.loaded_identity() is None:
-            self._service.forget_loaded()
+        """The WebUI loaded a checkpoint by itself (at start, or the user chose another one): that is now the user's
+        choice, and its tensors are noted so that the first merge need not read them again from the file."""
+        if not self.host.busy and self.host.loaded_identity() is None:
+            self.service().base_loaded(self.host.note_as_loaded())
 
     def close(self) -> None:
         if self._service is not None:

@@ -204,6 +204,11 @@ class ForgeHost(A1111Host):
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
         yield live_tensors(self._model())
 
+    def note_as_loaded(self) -> None:
+        """Nothing is vouched for: Forge's loader may convert a checkpoint's tensors on the way in (dtypes, quantized
+        storage, the user's extra modules), so the first merge reads model A from its file."""
+        return None
+
     @contextlib.contextmanager
     def writable_weights(self, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Iterator[LiveWeights]:
         """The modules' own tensors by checkpoint key (the merge's keys and the base file's), LoRAs taken out first.

@@ -44,6 +44,7 @@ from ..io.history import History
 from ..lora.bake import plan_bake
 from ..lora.blocks import LoraSpec, load_presets
 from . import finite_memory
+from .as_loaded import AsLoaded
 from .lora_service import LiveBake, ModelShapes, apply_bake, live_identity, live_record
 from .pipeline import SaveResult, check_device, check_files, merge_to_file
 from .ratio_log import write_ratio_log
@@ -131,6 +132,7 @@ class MergeService:
         self._committed: Recipe | None = None  # what the user chose (tab/API merge); None = the base checkpoint
         self._baked: list[LiveBake] = []  # LoRAs baked into the loaded model on top of its merge (or base)
         self._committed_loras: tuple[tuple[LoraSpec, ...], ...] = ()  # the LoRA bakes the user chose, in order
+        self._as_loaded: AsLoaded | None = None  # when the model's tensors last held their base file's values
         self._mutex = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------------------------
@@ -246,14 +248,27 @@ class MergeService:
                     sink.touched = touched
                     if jobs:
                         run_merge(dataclasses.replace(todo, jobs=jobs), models, sink, report, cancel, self.threads,
-                                  self._device(live), scratch)
+                                  self._device(live), scratch, self._holding_a(models, live))
             if not live.refused:
                 self.host.weights_written(identity, touched)
                 return _left_out_note(left_out)
         device = check_device(self.device)
         state = run_merge(todo, models, DictSink(), report, cancel, self.threads, device, scratch) if todo.jobs else {}
+        self._as_loaded = None  # the host may build new tensors, even at the old ones' addresses
         self.host.load_weights(state, identity)
         return live.refused
+
+    def _holding_a(self, models: Models, live: LiveWeights) -> frozenset[str]:
+        """The keys whose tensors hold model A's exact values now (see as_loaded): the merge need not read them."""
+        if self._as_loaded is None or self._baked or self.host.loaded_identity() is not None:
+            return frozenset()
+        return self._as_loaded.keys_holding(models.a, live.tensors)
+
+    def base_loaded(self, as_loaded: AsLoaded | None) -> None:
+        """The host loaded its base checkpoint from the file by itself; `as_loaded` notes its tensors then (None when
+        the host cannot vouch that they hold the file's values)."""
+        self.forget_loaded()
+        self._as_loaded = as_loaded
 
     @contextlib.contextmanager
     def _undone_on_failure(self, previous: MergePlan | None, before: MergeIdentity | None, what: str):
@@ -297,8 +312,8 @@ class MergeService:
             raise MergeError(f"The merge failed, and putting the previous weights back failed too ({e}); press "
                              f"'Restore base model' before generating.") from e
 
-    def _copy_from_base(self, live: LiveWeights, keys) -> list[str]:
-        """Copy `keys` of the loaded model from its checkpoint file; returns the keys copied."""
+    def _copy_from_base(self, live: LiveWeights, keys) -> tuple[list[str], tuple[int, ...] | None]:
+        """Copy `keys` of the loaded model from its checkpoint file; returns the keys copied and the file's identity."""
         if live.base is None:
             raise MergeError("the loaded model has no checkpoint file to copy its weights from")
         base = open_checkpoint(live.base)
@@ -308,7 +323,7 @@ class MergeService:
                       device=self._device(live))
         finally:
             base.close()
-        return keys
+        return keys, base.opened_as
 
     def _log(self, plan: MergePlan, identity: MergeIdentity) -> int:
         return self.history().append(identity.name, plan.recipe.to_dict())
@@ -321,6 +336,7 @@ class MergeService:
         model cannot take them in place, e.g. after a merge of another architecture) reloaded by the host."""
         with self._mutex:
             if not self._restore_in_place():
+                self._as_loaded = None
                 self.host.restore_base()
             self._loaded = None
             self._baked = []
@@ -335,7 +351,9 @@ class MergeService:
             with open_checkpoint(live.base) as base:
                 if any(key not in base or tuple(base.shape(key)) != tuple(t.shape) for key, t in live.tensors.items()):
                     return False
-            keys = self._copy_from_base(live, live.tensors)
+            keys, identity = self._copy_from_base(live, live.tensors)
+            if identity is not None:
+                self._as_loaded = AsLoaded.note(live.base, identity, {k: live.tensors[k] for k in keys})
         self.host.weights_written(None, keys)
         return True
 
