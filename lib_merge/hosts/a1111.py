@@ -128,6 +128,16 @@ def take_out_networks(m) -> None:
                 module.network_bias_backup = None
 
 
+@contextlib.contextmanager
+def _checkpoint_state(m) -> Iterator[Mapping[str, torch.Tensor]]:
+    """The model's tensors by checkpoint key: its state dict with the hijack's wrappers taken off meanwhile."""
+    sd_hijack.model_hijack.undo_hijack(m)
+    try:
+        yield m.state_dict()
+    finally:
+        sd_hijack.model_hijack.hijack(m)
+
+
 def loadable(key: str, external_vae: bool) -> bool:
     """Keys the live model takes from a merge: model weights only (no schedule buffers, EMA or position ids), and
     no VAE weights while the user has an external VAE loaded."""
@@ -284,20 +294,13 @@ class A1111Host:
         info = getattr(sd_models.model_data.sd_model, "sd_checkpoint_info", None)
         return getattr(getattr(info, BASE_ATTR, info), "title", "") or ""
 
-    @contextlib.contextmanager
-    def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
-        m = self._model()
-        sd_hijack.model_hijack.undo_hijack(m)
-        try:
-            yield m.state_dict()
-        finally:
-            sd_hijack.model_hijack.hijack(m)
+    def live_weights(self) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:
+        return _checkpoint_state(self._model())
 
-    def note_as_loaded(self) -> AsLoaded | None:
-        """The model's tensors right after the WebUI loaded its checkpoint by itself (see service.as_loaded); None
-        when they may not hold the file's values: loaded from the WebUI's RAM cache of checkpoints (which may predate
-        the file), or stored as fp8. An external VAE's tensors are left out."""
-        m = self._model()
+    def note_as_loaded(self, m) -> AsLoaded | None:
+        """The tensors of `m`, which the WebUI just loaded from its checkpoint by itself (see service.as_loaded);
+        None when they may not hold the file's values: loaded from the WebUI's RAM cache of checkpoints (which may
+        predate the file), or stored as fp8. An external VAE's tensors are left out."""
         if int(getattr(shared.opts, "sd_checkpoint_cache", 0) or 0) > 0 or getattr(devices, "fp8", False):
             return None
         path = Path(m.sd_checkpoint_info.filename)
@@ -306,7 +309,7 @@ class A1111Host:
         except OSError:  # gone since: nothing to vouch for
             return None
         external_vae = sd_vae.loaded_vae_file is not None
-        with self.live_weights() as tensors:
+        with _checkpoint_state(m) as tensors:
             return AsLoaded.note(path, identity, {k: t for k, t in tensors.items() if loadable(k, external_vae)})
 
     def loaded_identity(self) -> MergeIdentity | None:
@@ -668,7 +671,7 @@ class Extension:
         """The WebUI loaded a checkpoint by itself (at start, or the user chose another one): that is now the user's
         choice, and its tensors are noted so that the first merge need not read them again from the file."""
         if not self.host.busy and self.host.loaded_identity() is None:
-            self.service().base_loaded(self.host.note_as_loaded())
+            self.service().base_loaded(self.host.note_as_loaded(sd_model))
 
     def close(self) -> None:
         if self._service is not None:

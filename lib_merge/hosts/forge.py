@@ -204,7 +204,7 @@ class ForgeHost(A1111Host):
     def live_weights(self) -> Iterator[Mapping[str, torch.Tensor]]:
         yield live_tensors(self._model())
 
-    def note_as_loaded(self) -> None:
+    def note_as_loaded(self, m) -> None:
         """Nothing is vouched for: Forge's loader may convert a checkpoint's tensors on the way in (dtypes, quantized
         storage, the user's extra modules), so the first merge reads model A from its file."""
         return None
