@@ -131,3 +131,17 @@ def test_bad_inputs_are_messages_and_write_nothing(tab, call, message):
         call(tab)
     assert sorted(p.name for p in tab.host.models_folder().rglob("*")) == files
     assert tab.service.history().rows() == []
+
+
+def test_the_standalone_model_lists_leave_out_the_lora_folder(tmp_path):
+    """models/Lora sits inside the models folder: its files are LoRAs, never checkpoints or VAEs to merge."""
+    models = tmp_path / "models"
+    (models / "Lora" / "styles").mkdir(parents=True)
+    (models / "sub").mkdir()
+    for name in ("a.safetensors", "sub/b.ckpt", "my_vae.safetensors", "Lora/l1.safetensors",
+                 "Lora/styles/l2.safetensors", "Lora/vae_lora.safetensors"):
+        (models / name).write_bytes(b"x")
+    host = StandaloneHost(models)
+    assert host.list_models() == ["a.safetensors", "sub/b.ckpt"]
+    assert host.list_vaes() == ["my_vae.safetensors"]
+    assert host.list_loras() == ["l1.safetensors", "styles/l2.safetensors", "vae_lora.safetensors"]

@@ -31,9 +31,12 @@ class StandaloneHost:
         self._stop = False
 
     def _files(self) -> list[Path]:
+        """Checkpoint-like files of the models folder, without the LoRA folder's (a LoRA is not a model to merge)."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in MODEL_EXTS and p.is_file())
+        loras = self.loras.resolve()
+        return sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in MODEL_EXTS and p.is_file()
+                      and loras not in p.resolve().parents)
 
     def list_models(self) -> list[str]:
         return [str(p.relative_to(self.folder)) for p in self._files() if "vae" not in p.name.lower()]
