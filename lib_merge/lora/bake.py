@@ -82,10 +82,9 @@ class BakePlan:
         low_rank: dict[tuple[int, int] | None, list] = {}  # rows -> [(ratio·up·scale, down)]: one fused add each
         for c in contributions:
             rows = slice(*c.rows) if c.rows else slice(None)
-            factors = None if c.bias else c.module.low_rank_factors()
+            factors = None if c.bias else c.module.low_rank_factors(c.ratio)
             if factors is not None:
-                up, down = factors
-                low_rank.setdefault(c.rows, []).append((up * c.ratio, down))
+                low_rank.setdefault(c.rows, []).append(factors)
                 continue
             if c.bias:
                 change = c.module.bias_delta(tuple(tensor[rows].shape))

@@ -147,11 +147,7 @@ class LoraModule:
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
         for part, t in self.parts.items():
-            # min and max are finite exactly when every value is (NaN propagates through both): no temporary, far
-            # cheaper than isfinite or a float64 sum on fp16 tensors (torch.aminmax has no fp16 CPU kernel in the
-            # WebUI's torch 2.1)
-            if t.is_floating_point() and t.device.type != "meta" and t.numel() and \
-                    not (math.isfinite(float(t.min())) and math.isfinite(float(t.max()))):
+            if t.is_floating_point() and t.device.type != "meta" and t.numel() and not _all_finite(t):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
@@ -161,10 +157,19 @@ class LoraModule:
 
     @cached_property
     def raw_shape(self) -> tuple[int, ...] | None:
-        """The shape of ΔW_raw as the factors give it (None for (IA)3, which takes W's shape); computed once."""
+        """The shape of ΔW_raw as the factors give it (None for (IA)3, which takes W's shape); computed once.
+
+        A plain LoRA's is read off its factors (`_matmul_to`'s rule); the other kinds run their ΔW on the meta
+        device, whose first use imports sympy (over a second), which a bake of plain LoRAs then never pays.
+        """
         if self.kind == "ia3" or not self.supported:
             return None
-        return tuple(self.on_meta().raw_delta(torch.empty(0, device="meta")).shape)
+        p = self.parts
+        if self.kind == "lora" and not any(part in p for part in ("mid", "bias")) and "up" in p and "down" in p:
+            up, down = p["up"].shape, p["down"].shape
+            if up and down and math.prod(up[1:]) == down[0]:
+                return (up[0], *down[1:])
+        return tuple(self.on_meta().raw_delta(torch.empty(0, device="meta")).shape)  # raises on mismatched factors
 
     def raw_delta(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW_raw in fp32 (unscaled), shaped like its factors say (reshaped to W by `delta`)."""
@@ -215,14 +220,16 @@ class LoraModule:
             return p["w_norm"]
         raise LoraError(f"module {self.name} is {kind}, which is not supported")
 
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up·scale [out, r], down [r, in·kh·kw]) in fp32 when ΔW is exactly their product (a plain LoRA/LoCon
-        without Tucker mid, bias or DoRA), so a bake can add it with one fused multiply-add; else None."""
+    def low_rank_factors(self, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up·ratio·scale [out, r], down [r, in·kh·kw]) in fp32 when ratio·ΔW is exactly their product (a plain
+        LoRA/LoCon without Tucker mid, bias or DoRA), so a bake can add it with one fused multiply-add; else None.
+        ratio·scale is one float64 product, so up is rounded once; new tensors, the module's parts untouched."""
         p = self.parts
         if self.kind != "lora" or any(part in p for part in ("mid", "bias", "dora_scale", "magnitude")):
             return None
         up, down = p["up"], p["down"]
-        return up.reshape(up.shape[0], -1).float() * self.scale, down.reshape(down.shape[0], -1).float()
+        return (up.reshape(up.shape[0], -1).to(torch.float32, copy=True).mul_(ratio * self.scale),
+                down.reshape(down.shape[0], -1).float())
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW added to `weight` at strength 1, fp32, in W's shape (DoRA: the whole decomposed change).
@@ -247,6 +254,16 @@ class LoraModule:
             where = "no bias" if bias_shape is None else f"a {list(bias_shape)} bias"
             raise LoraError(f"module {self.name} has a bias change of {list(part.shape)} but the weight has {where}")
         return part.float().reshape(bias_shape) * self.scale
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite, in as few passes as its dtype allows: a NaN or inf makes
+    the sum NaN or inf, and an fp16 tensor's sum in fp32 cannot overflow (|sum| <= 65504·numel); a wider dtype's
+    sum could, so min and max decide there (NaN propagates through both; aminmax has no fp16 CPU kernel in the
+    WebUI's torch 2.1). One reduction per tensor, no temporary: each costs a thread-pool round trip."""
+    if t.dtype == torch.float16:
+        return math.isfinite(float(t.sum(dtype=torch.float32)))
+    return math.isfinite(float(t.min())) and math.isfinite(float(t.max()))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
