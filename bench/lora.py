@@ -1,14 +1,19 @@
 """LoRA benchmarks (issue 14): bake 3 LoRAs into a full-size checkpoint, and extract a rank-128 LoRA.
 
-    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3]
+    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--json OUT.json]
     python bench/lora.py extract [--rank 128]
 
 Each contender runs in its own subprocess (so its peak RSS is its own) on the same files in one run; the ratios
-are what to read on a shared machine. Contenders:
+are what to read on a shared machine. `--threads`: torch thread counts to run every contender with (0: torch's
+default, one per core). Contenders:
 - bake: ours (`bake_to_file`, streamed, fp32 per key, rounded once) against a re-implementation of the seed's
   merge-to-checkpoint data flow (§2.3 of seed-lora-analysis.md, device cpu): the whole checkpoint loaded, each
   LoRA's up@down computed in fp32 and added in place in the checkpoint's dtype, LoRA after LoRA, then everything
-  saved with safetensors.
+  saved with safetensors; and sd-mecha (each kohya LoRA converted to a delta of the base model's format, added
+  with add_difference, streamed to the output). Two times each: `seconds`, until the call returns (the seed's
+  save_file and sd-mecha return with the data still in the page cache; ours fsyncs before its atomic rename, so
+  `unsynced_seconds` is ours without that wait), and `synced_seconds`, until the output is on disk (the others'
+  output fsynced after their call returns; ours as it returns).
 - extract: ours with a full SVD and with torch.svd_lowrank, against kohya's extraction as the seed calls it
   (both models loaded, per layer fp32 difference, `torch.linalg.svd` with full matrices, 0.99 quantile clamp).
   Memory of the kohya path is a lower bound: kohya converts both models to fp32 modules first, which this does
@@ -83,11 +88,43 @@ def seed_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
     save_file(state, str(out))
 
 
-def ours_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
+def ours_bake(model: Path, loras: list[Path], out: Path, family: str) -> float:
+    """Ours; returns the seconds its own fsync of the output took (the wait for the disk)."""
     from lib_merge.lora.bake import bake_to_file
     from lib_merge.lora.blocks import parse_spec
 
-    bake_to_file(model, [parse_spec(f"{p}:1") for p in loras], out, metadata=False, overwrite=True)
+    waited = [0.0]
+    fsync = os.fsync
+
+    def timed_fsync(fd: int) -> None:
+        start = time.perf_counter()
+        fsync(fd)
+        waited[0] += time.perf_counter() - start
+
+    os.fsync = timed_fsync
+    try:
+        bake_to_file(model, [parse_spec(f"{p}:1") for p in loras], out, metadata=False, overwrite=True)
+    finally:
+        os.fsync = fsync
+    return waited[0]
+
+
+#: sd-mecha's model config of a checkpoint of each family (the LoRA's config is found from its keys)
+MECHA_CONFIGS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+
+
+def mecha_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
+    """sd-mecha: each LoRA converted to a delta of the checkpoint's format, added to the base (fp32 inside, one
+    rounding to fp16 at the output), keys no LoRA has taken from the base; streamed to `out`."""
+    import mecha_ref
+    import sd_mecha
+    from sd_mecha.extensions.builtin.merge_methods import linear
+
+    recipe = sd_mecha.model(model)
+    for path in loras:
+        delta = sd_mecha.convert(sd_mecha.model(path), MECHA_CONFIGS[family])
+        recipe = linear.add_difference(recipe, delta, alpha=1.0) | recipe
+    mecha_ref.run(recipe, out)
 
 
 def kohya_extract(a: Path, b: Path, out: Path, family: str, rank: int) -> None:
@@ -140,23 +177,43 @@ def extraction_error(a: Path, b: Path, lora: Path, family: str) -> float:
     return (num / den) ** 0.5
 
 
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def run_one(args) -> None:
+    if args.contender == "mecha-bake":
+        sys.path.insert(0, str(ROOT / "bench"))
+        import mecha_ref  # noqa: F401  (sd_mecha's import and registrations before the clock starts, as torch's)
     start = time.perf_counter()
     out = Path(args.out)
-    if args.contender == "seed-bake":
-        seed_bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
+    times = {}
+    if args.contender in ("seed-bake", "mecha-bake"):
+        bake = seed_bake if args.contender == "seed-bake" else mecha_bake
+        bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
+        seconds = time.perf_counter() - start  # until the call returned
+        sync_file(out)
+        times = {"synced_seconds": time.perf_counter() - start}
     elif args.contender == "ours-bake":
-        ours_bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
-    elif args.contender == "kohya-extract":
-        kohya_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank)
+        waited = ours_bake(Path(args.model), [Path(p) for p in args.loras], out, args.family)
+        seconds = time.perf_counter() - start
+        times = {"synced_seconds": seconds, "unsynced_seconds": seconds - waited}
     else:
-        ours_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank,
-                     args.contender.removeprefix("ours-extract-"))
-    seconds = time.perf_counter() - start
+        if args.contender == "kohya-extract":
+            kohya_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank)
+        else:
+            ours_extract(Path(args.model), Path(args.loras[0]), out, args.family, args.rank,
+                         args.contender.removeprefix("ours-extract-"))
+        seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss / 1024 / 1024  # KiB -> GiB on Linux
     cpu = usage.ru_utime + usage.ru_stime  # on a loaded machine, CPU time says more than wall time
-    print(json.dumps({"contender": args.contender, "seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak}))
+    print(json.dumps({"contender": args.contender, "seconds": seconds, "cpu_seconds": cpu, "peak_gib": peak,
+                      "threads": torch.get_num_threads(), **times}))
 
 
 def warm(paths) -> None:
@@ -169,12 +226,18 @@ def warm(paths) -> None:
     os.sync()
 
 
-def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int) -> dict:
+def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int, threads: int = 0,
+              may_fail: bool = False) -> dict:
+    """One contender in its own process. `may_fail`: a failure is recorded (its last error line) instead of
+    ending the run (sd-mecha, whose converters do not cover every family)."""
     warm([model, *loras])
     cmd = [sys.executable, __file__, "_run", name, "--model", str(model), "--out", str(out), "--family", family,
-           "--rank", str(rank), "--loras", *map(str, loras)]
+           "--rank", str(rank), "--threads", str(threads), "--loras", *map(str, loras)]
     load = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode and may_fail:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        return {"contender": name, "threads": threads, "failed": lines[-1] if lines else f"exit {res.returncode}"}
     if res.returncode:
         raise SystemExit(f"{name} failed:\n{res.stderr}")
     result = json.loads(res.stdout.strip().splitlines()[-1])
@@ -192,13 +255,16 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--out")
     parser.add_argument("--loras", nargs="*")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", default="0", help="torch threads; for bake a comma list, each contender "
+                        "runs with each (0: torch's default)")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.what == "_run":
+        if int(args.threads):
+            torch.set_num_threads(int(args.threads))
         run_one(args)
         return
+    load_before = os.getloadavg()
     model_a = model_path(args.family, "A", 1, CACHE)
     # the bake reads model A only: an SDXL set is 3 x 7 GB, so B and C are made only for the extraction
     models = {"A": model_a} if args.what == "bake" and model_a.exists() else make_models(args.family, verbose=False)
@@ -208,10 +274,12 @@ def main() -> None:
     if args.what == "bake":
         rank = args.rank or 32
         loras = make_loras(models["A"], args.family, rank, args.count)
-        for name in ("seed-bake", "ours-bake"):
-            out = out_dir / f"{name}.safetensors"
-            results.append(contender(name, models["A"], loras, out, args.family, rank))
-            out.unlink()  # an SDXL output is 7 GB: not two of them at once
+        for threads in (int(t) for t in args.threads.split(",")):
+            for name in ("seed-bake", "ours-bake", "mecha-bake"):
+                out = out_dir / f"{name}.safetensors"
+                results.append(contender(name, models["A"], loras, out, args.family, rank, threads,
+                                         may_fail=name == "mecha-bake"))
+                out.unlink(missing_ok=True)  # an SDXL output is 7 GB: not two of them at once
     else:
         rank = args.rank or 128
         for name in ("kohya-extract", "ours-extract-full", "ours-extract-lowrank"):
@@ -221,6 +289,18 @@ def main() -> None:
             out.unlink()
     for r in results:
         print(json.dumps(r))
+    load = {"before_1_5_15min": [round(x, 2) for x in load_before],
+            "after_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps({"load": load}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"family": args.family, "load": load, "results": results}, indent=1))
+    if args.what == "bake":
+        for r in results:
+            seed = next(x for x in results if x["contender"] == "seed-bake" and x["threads"] == r["threads"])
+            if r is not seed and "failed" not in r:
+                print(f"{r['contender']} (threads {r['threads']}): {seed['seconds'] / r['seconds']:.2f}x the seed "
+                      f"as it returns, {seed['synced_seconds'] / r['synced_seconds']:.2f}x until on disk")
+        return
     base = results[0]["seconds"]
     for r in results[1:]:
         print(f"{r['contender']}: {base / r['seconds']:.2f}x faster than {results[0]['contender']}")
