@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -216,6 +217,47 @@ def run_one(args) -> None:
                       "threads": torch.get_num_threads(), **times}))
 
 
+def floor(model: Path, loras: list[Path], family: str, threads: int) -> dict:
+    """The physical floor of a bake on this machine: reading the model (from the page cache, as every contender
+    starts), writing a file of its size to disk (fsynced), and the apply's GFLOP (2·out·in·Σrank per touched
+    key) at the GFLOPS of an fp32 addmm of the same shapes (measured on the first keys, `threads` torch threads)."""
+    from lib_merge.lora.bake import plan_bake
+    from lib_merge.lora.blocks import parse_spec
+
+    if threads:
+        torch.set_num_threads(threads)
+    warm([model])
+    size = model.stat().st_size
+    start = time.perf_counter()
+    with open(model, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+    read_s = time.perf_counter() - start
+    scratch = CACHE / "lora-out" / "floor.bin"
+    block = os.urandom(1 << 24)
+    start = time.perf_counter()
+    with open(scratch, "wb", buffering=0) as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    scratch.unlink()
+    with open_checkpoint(model) as ckpt:
+        plan = plan_bake(ckpt, [parse_spec(f"{p}:1") for p in loras])
+        work = [(ckpt.shape(k)[0], math.prod(ckpt.shape(k)[1:]), sum(c.module.rank for c in cs))
+                for k, cs in plan.changes.items()]
+    gflop = sum(2 * o * i * r for o, i, r in work) / 1e9
+    sample = work[:40]
+    tensors = [(torch.zeros(o, i), torch.randn(o, r), torch.randn(r, i)) for o, i, r in sample]
+    start = time.perf_counter()
+    for w, u, d in tensors:
+        w.addmm_(u, d)
+    gflops = sum(2 * o * i * r for o, i, r in sample) / 1e9 / (time.perf_counter() - start)
+    return {"model_gb": size / 1e9, "read_gb_s": size / 1e9 / read_s, "write_gb_s": size / 1e9 / write_s,
+            "apply_gflop": gflop, "gflops": gflops, "threads": torch.get_num_threads(),
+            "floor_seconds": read_s + write_s + gflop / gflops, "floor_unsynced_seconds": read_s + gflop / gflops}
+
+
 def warm(paths) -> None:
     """Read the inputs once (every contender starts with them in the page cache) and flush earlier outputs to
     disk (no contender pays for the previous one's writes)."""
@@ -237,7 +279,8 @@ def contender(name: str, model: Path, loras: list[Path], out: Path, family: str,
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode and may_fail:
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        return {"contender": name, "threads": threads, "failed": lines[-1] if lines else f"exit {res.returncode}"}
+        return {"contender": name, "threads": threads or torch.get_num_threads(),  # as the others record it
+                "failed": lines[-1] if lines else f"exit {res.returncode}"}
     if res.returncode:
         raise SystemExit(f"{name} failed:\n{res.stderr}")
     result = json.loads(res.stdout.strip().splitlines()[-1])
@@ -270,10 +313,13 @@ def main() -> None:
     models = {"A": model_a} if args.what == "bake" and model_a.exists() else make_models(args.family, verbose=False)
     out_dir = CACHE / "lora-out"
     out_dir.mkdir(exist_ok=True)
-    results = []
+    results, floors = [], []
     if args.what == "bake":
         rank = args.rank or 32
         loras = make_loras(models["A"], args.family, rank, args.count)
+        for threads in (int(t) for t in args.threads.split(",")):
+            floors.append(floor(models["A"], loras, args.family, threads))
+            print(json.dumps({"floor": floors[-1]}), flush=True)
         for threads in (int(t) for t in args.threads.split(",")):
             for name in ("seed-bake", "ours-bake", "mecha-bake"):
                 out = out_dir / f"{name}.safetensors"
@@ -293,13 +339,13 @@ def main() -> None:
             "after_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps({"load": load}))
     if args.json:
-        Path(args.json).write_text(json.dumps({"family": args.family, "load": load, "results": results}, indent=1))
+        record = {"family": args.family, "load": load, "floor": floors, "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     if args.what == "bake":
-        for r in results:
+        for r in (r for r in results if r["contender"] != "seed-bake" and "failed" not in r):
             seed = next(x for x in results if x["contender"] == "seed-bake" and x["threads"] == r["threads"])
-            if r is not seed and "failed" not in r:
-                print(f"{r['contender']} (threads {r['threads']}): {seed['seconds'] / r['seconds']:.2f}x the seed "
-                      f"as it returns, {seed['synced_seconds'] / r['synced_seconds']:.2f}x until on disk")
+            print(f"{r['contender']} (threads {r['threads']}): {seed['seconds'] / r['seconds']:.2f}x the seed "
+                  f"as it returns, {seed['synced_seconds'] / r['synced_seconds']:.2f}x until on disk")
         return
     base = results[0]["seconds"]
     for r in results[1:]:
