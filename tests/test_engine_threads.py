@@ -1,7 +1,8 @@
 """Torch's intra-op threads inside the merge's workers (core.intraop).
 
-With one worker per core, each worker's torch ops run on its own thread only; the caller's thread count and the
-count new threads start from stay what they were, so a WebUI thread started after a merge still uses every core.
+The workers share torch's threads (two workers on two cores: one each; on eight: four each) instead of each taking
+them all; the caller's thread count and the count new threads start from stay what they were, so a WebUI thread
+started after a merge still uses every core.
 The merged values are the float64 formula's, rounded once, whatever the thread counts.
 """
 
@@ -30,17 +31,17 @@ class CountingSink(DictSink):
         super().put(key, tensor)
 
 
-@pytest.fixture
-def two_intra_op_threads():
-    """A process whose default is two torch threads (this machine may have more cores, or fewer)."""
+@pytest.fixture(params=[2, 8], ids=["default 2", "default 8"])
+def default_threads(request):
+    """A process whose default is this many torch threads (whatever this machine's cores)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
+    torch.set_num_threads(request.param)
+    yield request.param
     torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_workers_use_one_torch_thread_and_leave_everyone_elses_count(two_intra_op_threads, threads):
+def test_workers_share_torch_threads_and_leave_everyone_elses_count(default_threads, threads):
     a = sd1_model(1, torch.float16)
     b = sd1_model(2, torch.float16, base=a, noise=0.5)
     recipe = Recipe("A", "B", alpha=0.3)
@@ -51,11 +52,11 @@ def test_workers_use_one_torch_thread_and_leave_everyone_elses_count(two_intra_o
     workers = {name for name, _ in sink.counts.values()}
     counts = {count for _, count in sink.counts.values()}
     if threads == 1:  # the caller's own thread merges: its count is the caller's business
-        assert workers == {threading.current_thread().name} and counts == {2}
+        assert workers == {threading.current_thread().name} and counts == {default_threads}
     else:
-        assert all(name.startswith("merge") for name in workers) and counts == {1}
-    assert torch.get_num_threads() == 2
-    assert new_thread_default() == 2
+        assert all(name.startswith("merge") for name in workers) and counts == {default_threads // 2}
+    assert torch.get_num_threads() == default_threads
+    assert new_thread_default() == default_threads
     for key, value in a.items():
         if selected(key, b, None):
             assert_rounded(state[key], value.double() * 0.7 + b[key].double() * 0.3, torch.float16, what=key)

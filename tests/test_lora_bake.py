@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from lora_helpers import rand, save_lora, tiny_model
@@ -281,3 +283,35 @@ def test_specs_and_presets(tmp_path):
 def test_bad_specs_refused(spec, message, tmp_path):
     with pytest.raises(MergeError, match=message):
         parse_spec(spec).slot_ratios(load_presets())
+
+
+@pytest.mark.parametrize("default", [2, 8])
+def test_the_bakes_workers_share_torchs_threads_and_leave_the_callers(sd1, base, tmp_path, monkeypatch, default):
+    """Two workers bake the touched keys, each with half of torch's threads (so a busy two-core machine runs two
+    one-thread multiplies, not two-thread teams that wait for each other); the caller's count and the count new
+    threads start from are unchanged after the bake; the values are those of the float64 formula."""
+    from lib_merge.core.intraop import new_thread_default
+    from lib_merge.io.output import FileSink
+
+    seen: dict[str, tuple[str, int]] = {}
+    real_put = FileSink.put
+
+    def recording_put(self, key, tensor):
+        seen[key] = (threading.current_thread().name, torch.get_num_threads())
+        return real_put(self, key, tensor)
+
+    monkeypatch.setattr(FileSink, "put", recording_put)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(default)
+    try:
+        up, down = rand((base[Q].shape[0], 4), 1), rand((4, base[Q].shape[1]), 2)
+        out = bake(sd1, tmp_path, [({f"{Q_K}.lora_up.weight": up, f"{Q_K}.lora_down.weight": down,
+                                     f"{Q_K}.alpha": torch.tensor(2.0)}, ":0.5")])
+        assert torch.get_num_threads() == default and new_thread_default() == default
+    finally:
+        torch.set_num_threads(before)
+    name, count = seen[Q]
+    assert name.startswith("bake") and count == default // 2
+    close(out[Q], base[Q] + 0.5 * (2.0 / 4) * (up.double() @ down.double()))
+    unchanged_except(out, base, {Q})

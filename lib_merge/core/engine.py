@@ -26,7 +26,7 @@ from .arch import ADJUST_KEYS, Arch, detect_arch, is_model_key, mergeable
 from .device import DeviceLink, device_link
 from .errors import MergeCancelled, MergeError
 from .finite import FiniteCheck, all_finite
-from .intraop import new_thread_default, use_one_thread_here
+from .intraop import use_threads_here, worker_share
 from .recipe import METHOD_PARAMS, Recipe, check_extract_ratios
 from .weights import (
     Adjust,
@@ -723,14 +723,14 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
         local = threading.local()
-        default = new_thread_default() if threads > 1 else 0
+        share = worker_share(threads) if threads > 1 else None
 
         def work(job: Job) -> None:
             _check_cancel(cancel)
             mine = getattr(local, "scratch", None)
             if mine is None:
-                if threads > 1:  # one worker per core already: its torch ops stay on its own core
-                    use_one_thread_here(default)
+                if share is not None:  # the workers share torch's threads instead of each taking them all
+                    use_threads_here(*share)
                 mine = local.scratch = buffers.acquire(sizes, link is not None and link.pinned)
                 taken.append(mine)
             sink.put(job.key, merger(job, sink.target(job.key), mine))

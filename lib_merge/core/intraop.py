@@ -8,7 +8,8 @@ threads spin while they wait for each other. Measured on the 2-core CI-class mac
 
 `torch.set_num_threads` sets the calling thread's OpenMP count, which is what we want, but it also stores the count
 new threads start from, process-wide: a WebUI thread started during a merge would then run its ops on one core.
-So each worker sets its own count and the process default is put back at once, from a short-lived thread.
+So each worker sets its own count (the default shared out: one each on two cores) and the process default is put
+back at once, from a short-lived thread.
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ def new_thread_default() -> int:
     return _run_in_new_thread(torch.get_num_threads)
 
 
-def use_one_thread_here(default: int) -> None:
-    """Make this thread's torch ops single-threaded, leaving every other thread's and the process default as is."""
+def worker_share(workers: int) -> tuple[int, int]:
+    """(each of `workers` worker threads' torch thread count, the process default): the default split between
+    them, at least one each, so that the workers together use what one thread would have used."""
+    default = new_thread_default()
+    return max(1, default // workers), default
+
+
+def use_threads_here(count: int, default: int) -> None:
+    """Give this thread's torch ops `count` threads, leaving every other thread's count and the process default
+    (`default`, from `worker_share`) as they are."""
     torch.get_num_threads()  # torch sets a thread's count lazily on its first op, from the process default: now
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     _run_in_new_thread(torch.set_num_threads, default)  # the process default back; that thread's own count is moot

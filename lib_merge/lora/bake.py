@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 
 from ..core.arch import Arch, detect_arch
 from ..core.errors import MergeError
+from ..core.intraop import use_threads_here, worker_share
 from ..core.weights import Presets
 from ..io.checkpoint import Checkpoint, SaveOptions, check_output_path, merge_metadata, open_checkpoint
 from ..io.hashes import HashCache
@@ -177,6 +181,41 @@ def _metadata(recipe: dict, model: Checkpoint, uses: list[LoraUse], hashes: Hash
     return merge_metadata(json.dumps(recipe), entries)
 
 
+def _bake_keys(plan: BakePlan, model: Checkpoint, keys: list[str], sink: FileSink, progress: Progress | None) -> None:
+    """Every key into `sink`: touched keys baked by two workers (one reads and writes while the other multiplies),
+    which share torch's threads instead of each taking them all (measured: torch's own two-thread team per matrix
+    multiply cost 3-15x the CPU of one thread on a busy two-core machine); untouched keys copied file to file
+    meanwhile. Each worker keeps one read buffer and one fp32 work buffer: fresh memory per key costs more page
+    faults than the bake itself, and put() has written (or, for .ckpt, cloned) each tensor before the next read
+    reuses them."""
+    workers = min(2, os.cpu_count() or 1)
+    share = worker_share(workers)
+    local = threading.local()
+    read_bytes = max((model.nbytes(k) for k in plan.changes), default=0)
+    work_numel = max((math.prod(model.shape(k)) for k in plan.changes), default=0)
+
+    def bake(key: str) -> None:
+        if not hasattr(local, "buffer"):
+            use_threads_here(*share)
+            local.buffer = torch.empty(read_bytes, dtype=torch.uint8)
+            local.scratch = torch.empty(work_numel)
+        sink.put(key, plan.apply(key, model.get(key, out=local.buffer), local.scratch))
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="bake") as pool:
+        baking = {key: pool.submit(bake, key) for key in keys if key in plan.changes}
+        try:
+            for done, key in enumerate(keys, 1):
+                if key in baking:
+                    baking[key].result()
+                else:
+                    sink.put_unchanged(key, model)
+                if progress is not None:
+                    progress(done, len(keys))
+        finally:
+            for future in baking.values():
+                future.cancel()
+
+
 def bake_to_file(model_path: str | Path, specs: Sequence[LoraSpec], output: str | Path,
                  options: SaveOptions | None = None, *, overwrite: bool = False, presets: Presets | None = None,
                  hashes: HashCache | None = None, history: History | None = None, metadata: bool = True,
@@ -194,19 +233,8 @@ def bake_to_file(model_path: str | Path, specs: Sequence[LoraSpec], output: str 
         keys = model.keys()
         sink = FileSink(output, options, meta, plan.arch.is_sdxl, overwrite)
         sink.begin([(k, model.dtype(k), model.shape(k)) for k in keys])
-        # One reused read buffer and one fp32 work buffer: fresh memory per key costs more page faults than the
-        # bake itself; put() has written (or, for .ckpt, cloned) each tensor before the next read reuses it. Keys
-        # no LoRA touches are copied file to file.
-        buffer = torch.empty(max((model.nbytes(k) for k in plan.changes), default=0), dtype=torch.uint8)
-        scratch = torch.empty(max((math.prod(model.shape(k)) for k in plan.changes), default=0))
         try:
-            for done, key in enumerate(keys, 1):
-                if key in plan.changes:
-                    sink.put(key, plan.apply(key, model.get(key, out=buffer), scratch))
-                else:
-                    sink.put_unchanged(key, model)
-                if progress is not None:
-                    progress(done, len(keys))
+            _bake_keys(plan, model, keys, sink, progress)
             sink.finish()
         except BaseException:
             with contextlib.suppress(Exception):
