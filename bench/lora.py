@@ -1,7 +1,7 @@
 """LoRA benchmarks (issue 14): bake 3 LoRAs into a full-size checkpoint, and extract a rank-128 LoRA.
 
     python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--json OUT.json]
-    python bench/lora.py extract [--rank 128]
+    python bench/lora.py extract [--rank 128] [--threads N] [--limit 2400] [--markdown TABLE.md] [--json OUT.json]
 
 Each contender runs in its own subprocess (so its peak RSS is its own) on the same files in one run; the ratios
 are what to read on a shared machine. `--threads`: torch thread counts to run every contender with (0: torch's
@@ -14,8 +14,11 @@ default, one per core). Contenders:
   save_file and sd-mecha return with the data still in the page cache; ours fsyncs before its atomic rename, so
   `unsynced_seconds` is ours without that wait), and `synced_seconds`, until the output is on disk (the others'
   output fsynced after their call returns; ours as it returns).
-- extract: ours with a full SVD and with torch.svd_lowrank, against kohya's extraction as the seed calls it
-  (both models loaded, per layer fp32 difference, `torch.linalg.svd` with full matrices, 0.99 quantile clamp).
+- extract: ours with the default exact truncated SVD (`full`: Gram matrix eigenvectors for large layers, a plain SVD
+  for small ones) and with torch.svd_lowrank, against kohya's extraction as the seed calls it (per layer fp32
+  difference, `torch.linalg.svd` with full matrices, 0.99 quantile clamp), each in one process with a time limit
+  (`--limit`, seconds; a contender past it is recorded as such), wall and CPU seconds, peak RSS and the relative
+  error ‖ΔW − up·down‖/‖ΔW‖ of its saved file; `--markdown` writes the table.
   Memory of the kohya path is a lower bound: kohya converts both models to fp32 modules first, which this does
   not do (8.6 GB would not fit beside the other sessions of this machine).
 The LoRAs are synthetic: every attention Linear/1x1 and text-encoder module of the model, random factors.
@@ -279,14 +282,19 @@ def warm(paths) -> None:
 
 
 def contender(name: str, model: Path, loras: list[Path], out: Path, family: str, rank: int, threads: int = 0,
-              may_fail: bool = False) -> dict:
+              may_fail: bool = False, limit: float | None = None) -> dict:
     """One contender in its own process. `may_fail`: a failure is recorded (its last error line) instead of
-    ending the run (sd-mecha, whose converters do not cover every family)."""
+    ending the run (sd-mecha, whose converters do not cover every family). Past `limit` seconds the contender is
+    stopped and recorded as timed out."""
     warm([model, *loras])
     cmd = [sys.executable, __file__, "_run", name, "--model", str(model), "--out", str(out), "--family", family,
            "--rank", str(rank), "--threads", str(threads), "--loras", *map(str, loras)]
     load = os.getloadavg()[0]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"contender": name, "timed_out_after": limit, "load_before_after": [round(load, 1),
+                                                                                   round(os.getloadavg()[0], 1)]}
     if res.returncode and may_fail:
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         return {"contender": name, "threads": threads or torch.get_num_threads(),  # as the others record it
@@ -296,6 +304,24 @@ def contender(name: str, model: Path, loras: list[Path], out: Path, family: str,
     result = json.loads(res.stdout.strip().splitlines()[-1])
     result["load_before_after"] = [round(load, 1), round(os.getloadavg()[0], 1)]
     return result
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The extraction results as a markdown table, ratios against the first (kohya's) contender."""
+    base = results[0]
+    lines = ["| Contender | wall s | CPU s | peak RSS GiB | relative error | wall ratio | CPU ratio | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        load = " / ".join(map(str, r["load_before_after"]))
+        if "timed_out_after" in r:
+            lines.append(f"| {r['contender']} | > {r['timed_out_after']:g} (stopped) | | | | | | {load} |")
+            continue
+        ratios = ["", ""]
+        if "seconds" in base:
+            ratios = [f"{base['seconds'] / r['seconds']:.2f}x", f"{base['cpu_seconds'] / r['cpu_seconds']:.2f}x"]
+        lines.append(f"| {r['contender']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} | "
+                     f"{r['relative_error']:.6f} | {ratios[0]} | {ratios[1]} | {load} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -311,6 +337,8 @@ def main() -> None:
     parser.add_argument("--threads", default="0", help="torch threads; for bake a comma list, each contender "
                         "runs with each (0: torch's default)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--limit", type=float, default=None, help="seconds per contender (extract)")
+    parser.add_argument("--markdown", help="write the extraction table to this file")
     args = parser.parse_args()
     if args.what == "_run":
         if int(args.threads):
@@ -340,9 +368,13 @@ def main() -> None:
         rank = args.rank or 128
         for name in ("kohya-extract", "ours-extract-full", "ours-extract-lowrank"):
             out = out_dir / f"{name}.safetensors"
-            results.append(contender(name, models["B"], [models["A"]], out, args.family, rank))
-            results[-1]["relative_error"] = extraction_error(models["B"], models["A"], out, args.family)
-            out.unlink()
+            results.append(contender(name, models["B"], [models["A"]], out, args.family, rank, int(args.threads),
+                                     limit=args.limit))
+            if out.exists():
+                if "seconds" in results[-1]:
+                    results[-1]["relative_error"] = extraction_error(models["B"], models["A"], out, args.family)
+                out.unlink()
+            print(json.dumps(results[-1]), flush=True)
     for r in results:
         print(json.dumps(r))
     load = {"before_1_5_15min": [round(x, 2) for x in load_before],
@@ -357,9 +389,10 @@ def main() -> None:
             print(f"{r['contender']} (threads {r['threads']}): {seed['seconds'] / r['seconds']:.2f}x the seed "
                   f"as it returns, {seed['synced_seconds'] / r['synced_seconds']:.2f}x until on disk")
         return
-    base = results[0]["seconds"]
-    for r in results[1:]:
-        print(f"{r['contender']}: {base / r['seconds']:.2f}x faster than {results[0]['contender']}")
+    table = markdown_table(results)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
 
 
 if __name__ == "__main__":
