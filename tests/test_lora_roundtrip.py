@@ -165,3 +165,16 @@ def test_concat_refuses_loha_and_merge_refuses_dora(tmp_path):
     with pytest.raises(LoraError, match="DoRA"):
         combine_to_file([parse_spec(f"{p}:1")], tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_extract_refuses_a_nan_layer_by_name_and_writes_nothing(pair, tmp_path):
+    a, b, _ = pair
+    state = load_file(a)
+    state[FF] = state[FF].clone()
+    state[FF][2, 3] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    out = tmp_path / "e.safetensors"
+    with pytest.raises(LoraError, match=r"1·A − 1·B of " + FF.replace(".", r"\.") + " has NaN or infinite values"):
+        extract_to_file(bad, b, out, rank=RankChoice(4))
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]

@@ -95,7 +95,7 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
         for done, mid in enumerate(order, 1):
             choice = conv_rank if extract_kind(mid) == "conv" else rank
             diff = _difference(a, b, targets[mid], alpha, beta)
-            up, down = factorize(diff, choice, method, clamp)
+            up, down = factorize(diff, choice, method, clamp, what=f"{alpha:g}·A − {beta:g}·B of {targets[mid].key}")
             ranks.add(add_factors(tensors, kohya_name(mid, family), up, down))
             if progress is not None:
                 progress(done, len(order))

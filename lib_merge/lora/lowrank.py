@@ -74,8 +74,10 @@ def _gram_factors(mat: torch.Tensor, choice: RankChoice) -> tuple[torch.Tensor, 
     scaled to unit length (a zero row, from a zero singular value, stays zero: no division by ~0). Either way
     up @ down = M·V·Vᵀ (or U·Uᵀ·M), an orthogonal projection onto the top-r subspace, so the error is the
     Eckart–Young truncation error. Accuracy: the eigenvalues of G = M's squared singular values carry an error of
-    about eps64·s_max², so a singular value is off by at most ~sqrt(eps64)·s_max ≈ 1.5e-8·s_max, the size of a float32
-    SVD's error (eps32·s_max ≈ 6e-8·s_max); the factors are rounded to float32 anyway.
+    about eps64·s_max², so a singular value is off by at most ~sqrt(eps64)·s_max ≈ 1.5e-8·s_max, no worse than a
+    float32 SVD (eps32·s_max ≈ 6e-8·s_max); measured on 1100×600 and 600×1100 float32 matrices with s from 1 down to
+    1e-12: sqrt(λ) within 3e-9·s_max of numpy's float64 SVD, torch's float32 SVD within 4e-7·s_max, and the rank-16
+    and rank-128 errors equal to Eckart–Young's to 9 digits. The factors are rounded to float32 anyway.
     Only the top-r eigenpairs are computed (LAPACK's MRRR, `evr`), which is what makes this faster than a full SVD:
     2·m·n² FLOPs for G plus an n×n tridiagonal reduction, against a full bidiagonalisation of M.
     "auto" needs every eigenvalue to pick r, so it takes them all (divide and conquer, `evd`): as fast as all
@@ -101,8 +103,8 @@ def _gram_factors(mat: torch.Tensor, choice: RankChoice) -> tuple[torch.Tensor, 
     return basis * norms, rows / torch.where(norms > 0, norms, 1.0)[:, None]
 
 
-def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full",
-              clamp: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full", clamp: float | None = None,
+              what: str = "The weight change") -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW [out, in(, kh, kw)] -> (up [out, r(, 1, 1)], down [r, in(, kh, kw)]) with up @ down ≈ ΔW, in fp32.
 
     method "full" is the exact truncated SVD (up = U·S, down = Vᵀ with unit rows, as kohya's extraction): a plain
@@ -110,13 +112,14 @@ def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full",
     subspace, 1.5-34x faster, measured in bench/LORA_EXTRACT.md); "lowrank" uses torch.svd_lowrank (randomised, for
     a fixed rank only; "auto" falls back to "full").
     clamp: the seed's (kohya's) clamp of both factors to ±(that quantile of their values); None keeps them exact.
+    what: names ΔW in the error raised when it has NaN or infinite values.
     """
     if method not in ("full", "lowrank"):
         raise LoraError(f"Unknown SVD method {method!r}; use full or lowrank.")
     out = delta.shape[0]
     mat = delta.reshape(out, -1).float()
     if not bool(torch.isfinite(mat).all()):
-        raise LoraError("The weight change has NaN or infinite values; check the models (or LoRAs) it comes from.")
+        raise LoraError(f"{what} has NaN or infinite values; check the models (or LoRAs) it comes from.")
     if method == "lowrank" and choice.rank is not None:
         q = min(choice.rank + 8, min(mat.shape))
         u, s, v = torch.svd_lowrank(mat, q=q, niter=2)
