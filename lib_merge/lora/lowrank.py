@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import scipy.linalg
+import scipy.linalg.blas
 import torch
 
 from .formats import LoraError
@@ -79,21 +80,23 @@ def _gram_factors(mat: torch.Tensor, choice: RankChoice) -> tuple[torch.Tensor, 
     1e-12: sqrt(λ) within 3e-9·s_max of numpy's float64 SVD, torch's float32 SVD within 4e-7·s_max, and the rank-16
     and rank-128 errors equal to Eckart–Young's to 9 digits. The factors are rounded to float32 anyway.
     Only the top-r eigenpairs are computed (LAPACK's MRRR, `evr`), which is what makes this faster than a full SVD:
-    2·m·n² FLOPs for G plus an n×n tridiagonal reduction, against a full bidiagonalisation of M.
+    m·n² FLOPs for G (one triangle) plus an n×n tridiagonal reduction, against a full bidiagonalisation of M.
     "auto" needs every eigenvalue to pick r, so it takes them all (divide and conquer, `evd`): as fast as all
     eigenvalues alone followed by the top-r pairs, measured.
     """
     m64 = mat.double()
     tall = m64.shape[0] >= m64.shape[1]
-    gram = (m64.T @ m64) if tall else (m64 @ m64.T)
+    # BLAS syrk fills only G's upper triangle, half a matrix product's FLOPs (1.7-1.9x faster, measured); Mᵀ of a
+    # C-ordered M is the Fortran-ordered matrix BLAS takes without a copy
+    gram = scipy.linalg.blas.dsyrk(1.0, m64.numpy().T, trans=0 if tall else 1)
     n = gram.shape[0]
     if choice.rank is None:
-        values, vectors = scipy.linalg.eigh(gram.numpy(), driver="evd", overwrite_a=True, check_finite=False)
+        values, vectors = scipy.linalg.eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
         r = choose_rank(torch.from_numpy(values[::-1].clip(min=0) ** 0.5), choice)
         vectors = vectors[:, n - r:]
     else:
         r = min(choice.rank, n)
-        _, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - r, n - 1], driver="evr",
+        _, vectors = scipy.linalg.eigh(gram, lower=False, subset_by_index=[n - r, n - 1], driver="evr",
                                        overwrite_a=True, check_finite=False)
     basis = torch.from_numpy(vectors[:, ::-1].copy())  # largest first, as an SVD orders them
     if tall:
