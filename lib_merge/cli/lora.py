@@ -50,7 +50,8 @@ def add_lora_parser(sub, data_dir: Path) -> None:
     extract.add_argument("--rank", default="128", help="rank of the Linear/1x1 layers: N (default 128) or auto")
     extract.add_argument("--conv-rank", default=None, help="also extract 3x3 convs at this rank (N or auto)")
     extract.add_argument("--energy", type=float, default=0.99, help="fraction of |dW|^2 kept by rank auto")
-    extract.add_argument("--svd", default="full", choices=("full", "lowrank"), help="exact or randomised SVD")
+    extract.add_argument("--svd", default="full", choices=("full", "lowrank"),
+                         help="full: the exact truncated SVD (default); lowrank: torch's randomised SVD")
     extract.add_argument("--clamp", type=float, default=0.99,
                          help="clamp factors to this quantile, as the seed (kohya) does; 1 keeps them exact")
     common(extract, "fp16", ("fp16", "bf16", "fp32"))
