@@ -107,6 +107,19 @@ def _gram_factors(mat: torch.Tensor, choice: RankChoice) -> tuple[torch.Tensor, 
     return basis * norms, rows / torch.where(norms > 0, norms, 1.0)[:, None]
 
 
+def _orient(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each component (a column of up with its row of down: the product stays the same) so that the third
+    moment of its values is positive.
+
+    An SVD's signs are arbitrary, and the seed's clamp is not symmetric in them: it bounds the values at ±(their 0.99
+    quantile), so a component whose heavy tail is negative loses more to it. With heavy tails on the positive side the
+    clamp cuts less: on 30 layers of the SD1.5 bench pair, relative error 0.76421 against 0.76453 with LAPACK's signs
+    (0.76455 with each component's largest value made positive instead). Deterministic either way.
+    """
+    sign = torch.where((up ** 3).sum(0) + (down ** 3).sum(1) < 0, -1.0, 1.0)
+    return up * sign, down * sign[:, None]
+
+
 def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full", clamp: float | None = None,
               what: str = "The weight change") -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW [out, in(, kh, kw)] -> (up [out, r(, 1, 1)], down [r, in(, kh, kw)]) with up @ down ≈ ΔW, in fp32.
@@ -116,6 +129,7 @@ def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full", cla
     subspace, 1.5-34x faster, measured in bench/LORA_EXTRACT.md); "lowrank" uses torch.svd_lowrank (randomised, for
     a fixed rank only; "auto" falls back to "full").
     clamp: the seed's (kohya's) clamp of both factors to ±(that quantile of their values); None keeps them exact.
+    Each component's sign is chosen for the clamp (`_orient`).
     what: names ΔW in the error raised when it has NaN or infinite values.
     """
     if method not in ("full", "lowrank"):
@@ -133,7 +147,8 @@ def factorize(delta: torch.Tensor, choice: RankChoice, method: str = "full", cla
         up, down = _gram_factors(mat, choice)
     else:
         up, down = _svd_factors(mat, choice)
-    up, down = up.float().contiguous(), down.float().contiguous()
+    up, down = _orient(up.float(), down.float())
+    up, down = up.contiguous(), down.contiguous()
     r = up.shape[1]
     if clamp is not None and clamp < 1:
         values = torch.cat([up.flatten(), down.flatten()])
