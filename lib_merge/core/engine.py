@@ -633,19 +633,27 @@ class KeyMerger:
         path) and written into `dest` wherever it lives (else into a CPU buffer)."""
         src = self.source(job)
         dtype, shape = src.dtype(job.key), src.shape(job.key)
+        # the destination on this device already holds A's values: A is neither read nor uploaded (a result is made
+        # in new device memory before it overwrites them, so every formula may read them)
+        a_in_dest = (dest is not None and job.key in self.dest_holds_a and dest.dtype == self.models.a.dtype(job.key)
+                     and _same_device(dest.device, link.device))
         link.wait(scratch.mark)
         if job.kind != MERGE:
+            if a_in_dest and job.kind == COPY_A:
+                return dest
             tensor = src.get(job.key, out=scratch.raw("out"))
             if dest is None:
                 return tensor
             moved = link.upload(tensor) if dest.device != tensor.device else tensor
             scratch.mark = link.mark()
             return dest.copy_(moved)
-        inputs = [self.models.a.get(job.key, out=scratch.raw("a")),
+        inputs = [None if a_in_dest else self.models.a.get(job.key, out=scratch.raw("a")),
                   self.models.b.get(job.key, out=scratch.raw("b")) if self.uses_b else None,
                   self.models.c.get(job.key, out=scratch.raw("c")) if self.recipe.uses_c else None]
         full, b, c = (link.upload(t) if t is not None else None for t in inputs)
         scratch.mark = link.mark()
+        if a_in_dest:
+            full = dest
         if self.recipe.calc == "trainDifference" and torch.equal(b, c):  # the seed keeps A where B equals C
             result = full
         else:
@@ -708,8 +716,8 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
     each key's inputs are moved there (core.device), computed, and the result written into the sink's tensor,
     on the device or on the CPU. `scratch` keeps the workers' buffers for the next run (default: they are freed
     with this run). `dest_holds_a`: keys whose sink tensor already holds model A's exact values (in A's dtype),
-    which then are not read from A's file: copies of A are skipped, and Weight sum / Add difference take A from
-    the tensor they overwrite.
+    which then are not read from A's file: copies of A are skipped; on the CPU, Weight sum and Add difference take
+    A from the tensor they overwrite; on a device holding the tensors (a GPU model), every formula does.
     """
     threads = max(1, threads or default_threads(plan))
     buffers = scratch or ScratchPool()
@@ -762,6 +770,11 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
             link.finish()  # no copy may still read a buffer handed back
         for mine in taken:
             buffers.release(mine)
+
+
+def _same_device(tensor_device: torch.device, compute: torch.device) -> bool:
+    """Whether a tensor lives where the merge computes ("cuda" without an index means the current one)."""
+    return tensor_device.type == compute.type and compute.index in (None, tensor_device.index)
 
 
 ALIGN = 64  # bytes; every tensor carved from an arena starts on a cache line (and on its element size)
