@@ -334,12 +334,14 @@ class Scratch:
     def __init__(self, sizes: dict[str, int] | None = None, pinned: bool = False):
         self._sizes = dict(sizes or {})
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # the typed views handed out, by slot, dtype and shape
         self.pinned = pinned
         self.mark: object | None = None
 
     def resize(self, sizes: dict[str, int], pinned: bool = False) -> None:
         """Prepare for a run whose largest keys need `sizes`; buffers big enough (and pinned as asked) are kept."""
         self._sizes = dict(sizes)
+        self._views.clear()
         if pinned != self.pinned:
             self._buffers.clear()
             self.pinned = pinned
@@ -349,12 +351,20 @@ class Scratch:
         need = max(self._sizes.get(slot, 0), 1)
         if buf is None or buf.numel() < need:
             self._buffers.pop(slot, None)  # free the small one before touching the new one
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}
             buf = self._buffers[slot] = torch.empty(need, dtype=torch.uint8, pin_memory=self.pinned)
         return buf
 
     def tensor(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        count = math.prod(shape)
-        return self.raw(slot)[: count * dtype.itemsize].view(dtype).view(shape)
+        """The slot's memory as a `dtype` tensor of `shape`. The same view is handed out again for the same request:
+        a merge asks for its pieces' work buffers thousands of times, and three view operations each time cost more
+        than a piece's arithmetic on a small key."""
+        key = (slot, dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            count = math.prod(shape)
+            view = self._views[key] = self.raw(slot)[: count * dtype.itemsize].view(dtype).view(shape)
+        return view
 
 
 class ScratchPool:
