@@ -494,7 +494,7 @@ class KeyMerger:
         src = self.source(job)
         if job.kind != MERGE:  # a copy: read straight into dest's bytes when it has the source's dtype
             into = _byte_view(dest) if dest is not None and dest.dtype == src.dtype(job.key) else None
-            if into is not None and job.kind == COPY_A and job.key in self.dest_holds_a:
+            if job.kind == COPY_A and self._holds_a(job, dest):
                 tensor = dest  # it holds A's values already: nothing to read
             else:
                 tensor = src.get(job.key, out=into if into is not None else scratch.raw("out"))
@@ -561,14 +561,17 @@ class KeyMerger:
             known[1].add(key)
         return out
 
+    def _holds_a(self, job: Job, dest: torch.Tensor | None) -> bool:
+        """Whether `dest` already holds model A's exact values of the job's key (the live model's first merge after
+        a load), in A's dtype, so A need not be read."""
+        return dest is not None and job.key in self.dest_holds_a and dest.dtype == self.models.a.dtype(job.key)
+
     def _reads_a_from_out(self, job: Job, out: torch.Tensor) -> bool:
-        """Whether a piece may take A's values from the output itself (it holds them: the live model's first merge
-        after a load) and be overwritten in place. Only for formulas that read every input element before writing
-        that element: Weight sum (an elementwise lerp) and Add difference (summed in fp32 buffers, rounded into the
-        output last), in the normal calc mode."""
-        return (job.key in self.dest_holds_a and self.recipe.calc == "normal"
-                and self.recipe.mode in (kernels.WEIGHT_SUM, kernels.ADD_DIFF)
-                and out.dtype == self.models.a.dtype(job.key) and out.device.type == "cpu")
+        """Whether a CPU piece may take A's values from the output itself and be overwritten in place. Only for
+        formulas that read every input element before writing that element: Weight sum (an elementwise lerp) and
+        Add difference (summed in fp32 buffers, rounded into the output last), in the normal calc mode."""
+        return (self._holds_a(job, out) and self.recipe.calc == "normal"
+                and self.recipe.mode in (kernels.WEIGHT_SUM, kernels.ADD_DIFF))
 
     def _known_finite(self, job: Job) -> tuple[set[str], set[str]] | None:
         """The sets of keys known to hold finite values in models A and B, when this job's result is finite exactly
@@ -645,8 +648,7 @@ class KeyMerger:
         dtype, shape = src.dtype(job.key), src.shape(job.key)
         # the destination on this device already holds A's values: A is neither read nor uploaded (a result is made
         # in new device memory before it overwrites them, so every formula may read them)
-        a_in_dest = (dest is not None and job.key in self.dest_holds_a and dest.dtype == self.models.a.dtype(job.key)
-                     and _same_device(dest.device, link.device))
+        a_in_dest = self._holds_a(job, dest) and _same_device(dest.device, link.device)
         link.wait(scratch.mark)
         if job.kind != MERGE:
             if a_in_dest and job.kind == COPY_A:
