@@ -12,7 +12,14 @@ import pytest
 import torch
 from conftest import UNET, assert_rounded, assert_same, merge, randn, sd1_model, selected
 from safetensors.torch import save_file
-from test_formulas import MODES, cosine_expected, normal_expected, three, train_difference_expected
+from test_formulas import (
+    MODES,
+    cosine_expected,
+    normal_expected,
+    smooth_expected,
+    three,
+    train_difference_expected,
+)
 
 from lib_merge.core import engine
 from lib_merge.core.engine import DictSink, Models, TensorSink, plan_merge, run_merge
@@ -126,21 +133,40 @@ def test_files_with_a_tensor_larger_than_one_piece(tmp_path):
             assert_same(state[key], a[key], key)
 
 
-def test_live_tensors_of_another_dtype_get_cast_values(tmp_path, tiny_pieces):
-    """Merging into fp32 tensors from fp16 files: copied and merged keys are cast, not reinterpreted bytes."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode,calc", [("Weight sum", "normal"), ("Add difference", "normal"),
+                                       ("Add difference", "smoothAdd")], ids=["ws", "ad", "smooth-whole-keys"])
+def test_fp16_files_into_fp32_tensors_give_the_fp16_merge_widened(tmp_path, tiny_pieces, threads, mode, calc):
+    """Merging fp16 files into an fp32 model (the WebUI on a CPU): every key holds exactly what loading the merged
+    fp16 file gives, so each merged value is rounded to fp16 once and then widened, piece by piece (normal) and
+    for whole keys (smoothAdd); copied keys are cast, not reinterpreted bytes. Computing straight into fp32 would
+    leave values fp16 cannot hold."""
     a = sd1_model(7, torch.float16)
     b = sd1_model(8, torch.float16, base=a)
-    paths = [_write(tmp_path, n, m) for n, m in (("A", a), ("B", b))]
+    c = sd1_model(9, torch.float16, base=a)
+    uses_c = mode != "Weight sum"
+    paths = [_write(tmp_path, n, m) for n, m in (("A", a), ("B", b), ("C", c))]
     live = {k: torch.zeros(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in a.items()}
-    with open_checkpoint(paths[0]) as fa, open_checkpoint(paths[1]) as fb:
-        models = Models(fa, fb)
-        run_merge(plan_merge(Recipe("A", "B", alpha=0.4), models), models, TensorSink(live), threads=1)
+    recipe = Recipe("A", "B", "C" if uses_c else "", mode=mode, calc=calc, alpha=0.4)
+    with open_checkpoint(paths[0]) as fa, open_checkpoint(paths[1]) as fb, open_checkpoint(paths[2]) as fc:
+        models = Models(fa, fb, fc if uses_c else None)
+        run_merge(plan_merge(recipe, models), models, TensorSink(live), threads=threads)
+    merged = 0
     for key in a:
-        if selected(key, b):
-            expected = normal_expected("Weight sum", a[key], b[key], None, 0.4, 0).to(torch.float16)
-            assert_rounded(live[key], expected.double(), torch.float32, ulps=0, atol=0, what=key)
-        else:
+        if not selected(key, b, c if uses_c else None):
             assert torch.equal(live[key], a[key].to(live[key].dtype)), key
+            continue
+        merged += 1
+        assert live[key].dtype == torch.float32, key
+        assert torch.equal(live[key], live[key].half().float()), f"{key}: values fp16 cannot hold"
+        if calc == "smoothAdd":
+            expected, ulps = smooth_expected(a[key], b[key], c[key], 0.4), 1
+        else:  # one rounding of the exact value: the nearest fp16
+            expected = normal_expected(mode, a[key], b[key], c[key] if uses_c else None, 0.4, 0).half().double()
+            ulps = 0
+        assert_rounded(live[key].half(), expected, torch.float16, ulps=ulps, atol=0 if ulps == 0 else 1e-6,
+                       what=key)
+    assert merged >= 20
 
 
 @pytest.mark.parametrize("start,stop", [(-1, 3), (5, 4), (0, 10**9)])
@@ -160,3 +186,19 @@ def test_span_reads_the_right_elements(tmp_path):
         buffer = torch.empty(1000, dtype=torch.uint8)
         assert_same(f.get_span(BIG, 0, 5, out=buffer), flat[:5], "span into a buffer")
         assert f.get_span(BIG, 7, 7).numel() == 0
+
+
+def test_read_span_writes_exactly_the_stored_bytes(tmp_path):
+    """`read_span` (the merge's piece reads) fills exactly the bytes given, and refuses a buffer of another size."""
+    a = sd1_model(3, torch.float16)
+    path = _write(tmp_path, "A", a)
+    flat = a[BIG].reshape(-1)
+    with open_checkpoint(path) as f:
+        buffer = torch.full((64,), 7, dtype=torch.uint8)
+        f.read_span(BIG, 10, 30, memoryview(buffer.numpy())[:40])
+        assert_same(buffer[:40].view(torch.float16), flat[10:30], "span bytes")
+        assert torch.all(buffer[40:] == 7)  # nothing written past the span
+        with pytest.raises(ValueError, match="cannot hold"):
+            f.read_span(BIG, 10, 30, memoryview(buffer.numpy()))
+        with pytest.raises(IndexError, match="outside"):
+            f.read_span(BIG, 0, 10**9, memoryview(buffer.numpy()))

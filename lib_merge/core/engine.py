@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import queue
 import secrets
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -334,7 +334,7 @@ class Scratch:
     def __init__(self, sizes: dict[str, int] | None = None, pinned: bool = False):
         self._sizes = dict(sizes or {})
         self._buffers: dict[str, torch.Tensor] = {}
-        self._views: dict[tuple, torch.Tensor] = {}  # the typed views handed out, by slot, dtype and shape
+        self._views: dict[tuple, object] = {}  # the typed views handed out, by slot, dtype and shape (or "bytes")
         self.pinned = pinned
         self.mark: object | None = None
 
@@ -354,6 +354,17 @@ class Scratch:
             self._views = {k: v for k, v in self._views.items() if k[0] != slot}
             buf = self._buffers[slot] = torch.empty(need, dtype=torch.uint8, pin_memory=self.pinned)
         return buf
+
+    def typed_bytes(self, slot: str, dtype: torch.dtype) -> tuple[torch.Tensor, memoryview]:
+        """The whole slot as a flat `dtype` tensor and as writable bytes, both kept: a file's pieces are read into
+        the bytes and used through a slice of the tensor."""
+        key = (slot, dtype, "bytes")
+        views = self._views.get(key)
+        if views is None:
+            raw = self.raw(slot)
+            raw = raw[: raw.numel() // dtype.itemsize * dtype.itemsize]
+            views = self._views[key] = (raw.view(dtype), memoryview(raw.numpy()))
+        return views
 
     def tensor(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The slot's memory as a `dtype` tensor of `shape`. The same view is handed out again for the same request:
@@ -384,6 +395,23 @@ class ScratchPool:
     def release(self, scratch: Scratch) -> None:
         with self._lock:
             self._idle.append(scratch)
+
+
+def _span_reader(source: Source, key: str, scratch: Scratch, slot: str) -> Callable[[int, int], torch.Tensor]:
+    """A function reading spans of `key` from `source` into the scratch slot: straight into the slot's kept typed
+    view for a file (`read_span`), else through `get_span`."""
+    read_span = getattr(source, "read_span", None)
+    if read_span is None:
+        buffer = scratch.raw(slot)
+        return lambda start, stop: source.get_span(key, start, stop, out=buffer)
+    typed, raw = scratch.typed_bytes(slot, source.dtype(key))
+    size = typed.element_size()
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        read_span(key, start, stop, raw[: (stop - start) * size])
+        return typed[: stop - start]
+
+    return read
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -454,7 +482,7 @@ class KeyMerger:
 
     def scratch_sizes(self) -> dict[str, int]:
         """Bytes each scratch slot needs for the largest key (or piece) of this plan."""
-        sizes = dict.fromkeys(("a", "b", "c", "out", "mask", *FP32_SLOTS), 0)
+        sizes = dict.fromkeys(("a", "b", "c", "out", "piece", "mask", *FP32_SLOTS), 0)
 
         def need(slot: str, count: int, dtype: torch.dtype) -> None:
             sizes[slot] = max(sizes[slot], count * dtype.itemsize)
@@ -467,6 +495,7 @@ class KeyMerger:
                 continue
             piece = self.piece_length(job)  # pieces work in the fp32 buffers; whole keys allocate their own
             need("a", piece or numel, src.dtype(job.key))
+            need("piece", piece, src.dtype(job.key))  # a piece's result before it is widened into a wider tensor
             for slot in FP32_SLOTS:
                 need(slot, piece, torch.float32)
             need("mask", piece, torch.bool)
@@ -503,52 +532,77 @@ class KeyMerger:
                 if self._check_finite(job, tensor, tensor) and known is not None:
                     known.add(job.key)
             return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
-        if dest is None:
-            dest = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
         step = self.piece_length(job)
+        if dest is None or (not step and not _rounds_once(src.dtype(job.key), dest.dtype)):
+            # no destination, or a whole key that must be rounded to the source's dtype before it is widened
+            result = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
+            if step:
+                return self._merge_in_pieces(job, result, scratch, step)
+            result = self._merge_whole(job, result, scratch)
+            return result if dest is None else dest.copy_(result)
         if step:
             return self._merge_in_pieces(job, dest, scratch, step)
         return self._merge_whole(job, dest, scratch)
 
     def _merge_in_pieces(self, job: Job, out: torch.Tensor, scratch: Scratch, step: int) -> torch.Tensor:
+        """The job merged piece by piece into `out`. An `out` wider than the source (an fp16 file into an fp32 model)
+        gets each piece rounded to the source's dtype in a cache-sized buffer first, then widened exactly: the bits
+        of loading the merged file, without a key-sized buffer written and read back."""
         key, r = job.key, self.recipe
         flat = out.view(-1)
+        dtype = self.dtype(job)
+        narrow = None if _rounds_once(dtype, out.dtype) else scratch.tensor("piece", dtype, (step,))
+        rows = out.shape[1:] if r.calc in ROWWISE_CALCS else None  # rowwise pieces keep their rows' shape
+        a_in_out = self._reads_a_from_out(job, out)
+        read_a = _span_reader(self.models.a, key, scratch, "a")
+        read_b = _span_reader(self.models.b, key, scratch, "b") if self.uses_b else None
+        read_c = _span_reader(self.models.c, key, scratch, "c") if r.uses_c else None
+        works: dict[int, kernels.Fp32] = {}  # the fp32 work buffers, by piece length (all but the last are `step`)
 
-        def read(source: Source, slot: str, start: int, stop: int) -> torch.Tensor:
-            return source.get_span(key, start, stop, out=scratch.raw(slot))
+        def shaped(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or rows is None else t.view(-1, *rows)
+
+        def work_for(piece: torch.Tensor) -> kernels.Fp32:
+            work = works.get(piece.numel())
+            if work is None:
+                shape = piece.shape
+                work = works[piece.numel()] = kernels.Fp32(
+                    *(scratch.tensor(slot, torch.float32, shape) for slot in FP32_SLOTS),
+                    mask=scratch.tensor("mask", torch.bool, shape))
+            return work
 
         known = self._known_finite(job)
         check = known is None or key not in known[0] or key not in known[1]
         finite = [True]  # every piece checked came out finite
-        a_in_out = self._reads_a_from_out(job, out)
 
         def compute(start: int, stop: int, keep_equal: bool) -> bool:
             """Merge one piece; True when it kept A's values because B equals C there (trainDifference)."""
             piece = flat[start:stop]
-            a = piece if a_in_out else read(self.models.a, "a", start, stop)
-            b = read(self.models.b, "b", start, stop) if self.uses_b else None
-            c = read(self.models.c, "c", start, stop) if r.uses_c else None
+            result = piece if narrow is None else narrow[: stop - start]
+            a = piece if a_in_out else read_a(start, stop)
+            b = read_b(start, stop) if read_b is not None else None
+            c = read_c(start, stop) if read_c is not None else None
             if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
                 piece.copy_(a)
-                self._check_finite(job, piece, a)
+                self._check_finite(job, a, a)
                 return True
-            shape = (-1, *out.shape[1:]) if r.calc in ROWWISE_CALCS else piece.shape
-            a, b, c = (t.view(shape) if t is not None else None for t in (a, b, c))
-            work = kernels.Fp32(*(scratch.tensor(slot, torch.float32, a.shape) for slot in FP32_SLOTS),
-                                mask=scratch.tensor("mask", torch.bool, a.shape))
-            self._compute(job, a, b, c, out=piece.view(shape), work=work)
+            a, b, c, result = shaped(a), shaped(b), shaped(c), shaped(result)
+            self._compute(job, a, b, c, out=result, work=work_for(a))
+            if narrow is not None:
+                piece.copy_(result.view(-1))
             if check:
-                if a_in_out and not all_finite(piece):  # the result took A's place: the file holds A's values
-                    a = read(self.models.a, "a", start, stop).view(shape)
-                if not self._check_finite(job, piece, a, b, c):
+                if a_in_out and not all_finite(result):  # the result took A's place: the file holds A's values
+                    a = shaped(read_a(start, stop))
+                if not self._check_finite(job, result, a, b, c):
                     finite[0] = False
             return False
 
         # trainDifference keeps A where B equals C over the whole tensor (as the seed does); pieces that matched
         # are computed after all when another piece differs.
         kept, differs = [], False
-        for start in range(0, flat.numel(), step):
-            span = (start, min(start + step, flat.numel()))
+        numel = flat.numel()
+        for start in range(0, numel, step):
+            span = (start, min(start + step, numel))
             if compute(*span, keep_equal=not differs):
                 kept.append(span)
             else:
@@ -742,36 +796,21 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         merger = KeyMerger(plan, models, combs, link, dest_holds_a)
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
-        local = threading.local()
-        share = worker_share(threads) if threads > 1 else None
-
-        def work(job: Job) -> None:
-            _check_cancel(cancel)
-            mine = getattr(local, "scratch", None)
-            if mine is None:
-                if share is not None:  # the workers share torch's threads instead of each taking them all
-                    use_threads_here(*share)
-                mine = local.scratch = buffers.acquire(sizes, link is not None and link.pinned)
-                taken.append(mine)
-            sink.put(job.key, merger(job, sink.target(job.key), mine))
+        def take_scratch() -> Scratch:
+            mine = buffers.acquire(sizes, link is not None and link.pinned)
+            taken.append(mine)
+            return mine
 
         total = len(plan.jobs)
         if threads == 1:
+            mine = take_scratch()
             for index, job in enumerate(plan.jobs, 1):
-                work(job)
+                _check_cancel(cancel)
+                sink.put(job.key, merger(job, sink.target(job.key), mine))
                 if progress:
                     progress(index, total)
         else:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
-                futures = [pool.submit(work, job) for job in plan.jobs]
-                try:
-                    for index, future in enumerate(futures, 1):
-                        future.result()
-                        if progress:
-                            progress(index, total)
-                finally:
-                    for future in futures:
-                        future.cancel()
+            _run_workers(plan.jobs, threads, take_scratch, merger, sink, progress, cancel)
         _check_cancel(cancel)  # a Stop during the last key still keeps nothing: the workers check before a key only
         return sink.finish()
     except BaseException:
@@ -782,6 +821,50 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
             link.finish()  # no copy may still read a buffer handed back
         for mine in taken:
             buffers.release(mine)
+
+
+def _run_workers(jobs: list[Job], threads: int, take_scratch: Callable[[], Scratch], merger: KeyMerger, sink: Sink,
+                 progress: Progress | None, cancel: Cancel | None) -> None:
+    """Run `jobs` on `threads` worker threads, each taking the next job as it finishes one; progress is reported
+    from the calling thread, which also raises the first worker error. A queue of finished keys instead of a future
+    per key: a future's lock and condition, made and waited on under the GIL for each of a model's ~1100 keys, held
+    the GIL longer than the small keys' own work."""
+    share = worker_share(threads)
+    pending = iter(jobs)
+    take = threading.Lock()
+    finished: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            use_threads_here(*share)  # the workers share torch's threads instead of each taking them all
+            mine = take_scratch()
+            while not stop.is_set():
+                with take:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                _check_cancel(cancel)
+                sink.put(job.key, merger(job, sink.target(job.key), mine))
+                finished.put(None)
+        except BaseException as e:  # handed to the calling thread, which raises it
+            stop.set()
+            finished.put(e)
+
+    workers = [threading.Thread(target=worker, name=f"merge-{i}", daemon=True) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    try:
+        for index in range(1, len(jobs) + 1):
+            error = finished.get()
+            if error is not None:
+                raise error
+            if progress:
+                progress(index, len(jobs))
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
 
 
 def _same_device(tensor_device: torch.device, compute: torch.device) -> bool:
@@ -843,11 +926,10 @@ class TensorSink:
 
     def target(self, key: str) -> torch.Tensor | None:
         t = self.targets.get(key)
-        dtype, shape = self._entries[key]
-        if t is None or tuple(t.shape) != shape:
+        if t is None or tuple(t.shape) != self._entries[key][1]:
             return None
-        if t.device.type == "cpu" and (_byte_view(t) is None or not _rounds_once(dtype, t.dtype)):
-            return None  # computed in a buffer of the source's dtype, then cast by put
+        if t.device.type == "cpu" and not t.is_contiguous():
+            return None  # not contiguous: computed in a buffer, then cast by put
         self.touched.add(key)
         return t
 

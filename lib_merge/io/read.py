@@ -222,13 +222,23 @@ class SafetensorsCheckpoint(_Base):
         """Elements [start, stop) of the flattened tensor (1-D), read like `get`: a merge streams a large tensor
         through cache-sized pieces this way."""
         entry = self._entry(key)
+        _check_span(start, stop, _numel(entry.shape))
+        nbytes = (stop - start) * itemsize(entry.dtype)
+        buf = out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
+        self.read_span(key, start, stop, memoryview(buf.numpy()))
+        return buf.view(entry.dtype)
+
+    def read_span(self, key: str, start: int, stop: int, into: memoryview) -> None:
+        """The stored bytes of elements [start, stop) of the flattened tensor, written into `into` (exactly that
+        long): `get_span` without making a tensor, for a caller that reads thousands of pieces into views it keeps
+        (each tensor view made and dropped under the GIL costs as much as a small piece's arithmetic)."""
+        entry = self._entry(key)
         size = itemsize(entry.dtype)
         _check_span(start, stop, _numel(entry.shape))
-        nbytes = (stop - start) * size
-        buf = out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            self._read_into(memoryview(buf.numpy()), entry.start + start * size, key)
-        return buf.view(entry.dtype)
+        if len(into) != (stop - start) * size:
+            raise ValueError(f"{len(into)} bytes cannot hold elements {start}..{stop} of {key!r}")
+        if len(into):
+            self._read_into(into, entry.start + start * size, key)
 
     def _read_into(self, view: memoryview, offset: int, key: str) -> None:
         done = 0
