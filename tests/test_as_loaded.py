@@ -187,3 +187,33 @@ def test_a_model_loaded_in_another_dtype_than_its_file_is_read_from_the_file(web
     assert live_keys(webui) <= keys_read(reads, "modelF.safetensors")
     live, files_only = webui.live(), expected(webui, recipe)
     assert all(torch.equal(live[k], files_only[k].to(live[k].dtype)) for k in live_keys(webui))
+
+
+@pytest.mark.parametrize("mode,calc", [("Weight sum", "normal"), ("Add difference", "normal"),
+                                       ("Add difference", "trainDifference"), ("Weight sum", "cosineA")])
+def test_a_model_widened_to_fp32_on_a_cpu_takes_a_from_the_model(webui, reads, mode, calc):
+    """With --no-half (the WebUI on a CPU) the model holds the fp16 file's values widened to fp32, exactly: the
+    first merge reads no merged key of A's file, for piecewise formulas of every kind (A is narrowed from each piece
+    before the piece is overwritten), and the model ends bit for bit as loading the merged fp16 file would leave it."""
+    webui.shared.cmd_opts.no_half = True
+    service = loaded_through_the_webui(webui)
+    assert all(t.dtype == torch.float32 for k, t in webui.live().items() if k.startswith("model.diffusion_model."))
+    uses_c = mode == "Add difference"
+    recipe = Recipe("modelA.safetensors", "modelB.safetensors", "modelC.safetensors" if uses_c else "", mode=mode,
+                    calc=calc, alpha=0.35)
+    reads.clear()
+    service.merge_and_load(recipe)
+    a, b = (load_file(str(webui.folder / f"model{x}.safetensors")) for x in "AB")
+    merged = {k for k in live_keys(webui) if k in b and k.startswith("model.diffusion_model.")}
+    read_a = keys_read(reads, "modelA.safetensors") & merged
+    if calc == "cosineA":  # its similarity pass reads A and B whole first; the merge itself reads no key of A again
+        assert sum(1 for file, key in reads if file == "modelA.safetensors" and key in merged) == len(read_a)
+    else:
+        assert not read_a
+    live, files_only = webui.live(), expected(webui, recipe)
+    for key in live_keys(webui):
+        assert torch.equal(live[key], files_only[key].to(live[key].dtype)), key
+    if mode == "Weight sum" and calc == "normal":
+        for key in merged:  # fp16 values (as the merged file holds), within rounding of the exact formula
+            assert torch.equal(live[key], live[key].half().float()), key
+            assert_rounded(live[key].half(), a[key].double() * 0.65 + b[key].double() * 0.35, torch.float16, what=key)

@@ -553,7 +553,9 @@ class KeyMerger:
         dtype = self.dtype(job)
         narrow = None if _rounds_once(dtype, out.dtype) else scratch.tensor("piece", dtype, (step,))
         rows = out.shape[1:] if r.calc in ROWWISE_CALCS else None  # rowwise pieces keep their rows' shape
-        a_in_out = self._reads_a_from_out(job, out)
+        a_in_out = narrow is None and self._reads_a_from_out(job, out)
+        # a wider `out` holding A: each piece of A is narrowed from it (exactly) before the piece is overwritten
+        a_from_out = scratch.typed_bytes("a", dtype)[0] if narrow is not None and self._holds_a(job, out) else None
         read_a = _span_reader(self.models.a, key, scratch, "a")
         read_b = _span_reader(self.models.b, key, scratch, "b") if self.uses_b else None
         read_c = _span_reader(self.models.c, key, scratch, "c") if r.uses_c else None
@@ -579,7 +581,10 @@ class KeyMerger:
             """Merge one piece; True when it kept A's values because B equals C there (trainDifference)."""
             piece = flat[start:stop]
             result = piece if narrow is None else narrow[: stop - start]
-            a = piece if a_in_out else read_a(start, stop)
+            if a_in_out:
+                a = piece
+            else:
+                a = read_a(start, stop) if a_from_out is None else a_from_out[: stop - start].copy_(piece)
             b = read_b(start, stop) if read_b is not None else None
             c = read_c(start, stop) if read_c is not None else None
             if r.calc == "trainDifference" and keep_equal and torch.equal(b, c):
@@ -617,8 +622,9 @@ class KeyMerger:
 
     def _holds_a(self, job: Job, dest: torch.Tensor | None) -> bool:
         """Whether `dest` already holds model A's exact values of the job's key (the live model's first merge after
-        a load), in A's dtype, so A need not be read."""
-        return dest is not None and job.key in self.dest_holds_a and dest.dtype == self.models.a.dtype(job.key)
+        a load), in A's dtype or widened, so A need not be read."""
+        return (dest is not None and job.key in self.dest_holds_a
+                and holds_exactly(self.models.a.dtype(job.key), dest.dtype))
 
     def _reads_a_from_out(self, job: Job, out: torch.Tensor) -> bool:
         """Whether a CPU piece may take A's values from the output itself and be overwritten in place. Only for
@@ -781,7 +787,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
     at once (sinks accept keys in any order); progress is reported after every key. With a `device` ("cuda"),
     each key's inputs are moved there (core.device), computed, and the result written into the sink's tensor,
     on the device or on the CPU. `scratch` keeps the workers' buffers for the next run (default: they are freed
-    with this run). `dest_holds_a`: keys whose sink tensor already holds model A's exact values (in A's dtype),
+    with this run). `dest_holds_a`: keys whose sink tensor already holds model A's exact values (`holds_exactly`),
     which then are not read from A's file: copies of A are skipped; on the CPU, Weight sum and Add difference take
     A from the tensor they overwrite; on a device holding the tensors (a GPU model), every formula does.
     """
@@ -948,6 +954,12 @@ class TensorSink:
 
     def abort(self) -> None:
         self.extra = {}
+
+
+def holds_exactly(source: torch.dtype, tensor: torch.dtype) -> bool:
+    """Whether a tensor of dtype `tensor` loaded from values of dtype `source` holds them exactly: the same dtype,
+    or fp16/bf16 widened to fp32 (the WebUI's model on a CPU, `--no-half`)."""
+    return source == tensor or (source in (torch.float16, torch.bfloat16) and tensor == torch.float32)
 
 
 def _rounds_once(source: torch.dtype, target: torch.dtype) -> bool:

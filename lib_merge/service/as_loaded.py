@@ -9,7 +9,8 @@ model already held: half of a Weight sum's reading. Skipping that read needs pro
   address with the same count has not been written since, by a merge, a LoRA patch, another extension's
   `load_state_dict` or anything else that writes through torch;
 - the file is the one noted then (same size, mtime, inode and ctime: `io.read.file_identity`), and the tensor has the
-  file's dtype (the WebUI casts an fp32 file to fp16, which is not A's value).
+  file's dtype or widens it exactly (fp16 in an fp32 model, the WebUI on a CPU); the WebUI casting an fp32 file to
+  fp16 leaves values that are not A's.
 Whatever fails one of these is read from the file as before.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.engine import Source
+from ..core.engine import Source, holds_exactly
 
 
 def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
@@ -43,11 +44,12 @@ class AsLoaded:
 
     def keys_holding(self, source: Source, tensors: Mapping[str, torch.Tensor]) -> frozenset[str]:
         """The keys of `tensors` that hold `source`'s exact values: none unless `source` is the noted file, still
-        the same, and then those not written since and of the file's dtype."""
+        the same, and then those not written since and holding the file's dtype exactly."""
         path = getattr(source, "path", None)
         if path is None or Path(path).resolve() != self.base.resolve():
             return frozenset()
         if getattr(source, "opened_as", None) != self.identity:
             return frozenset()
         return frozenset(key for key, t in tensors.items()
-                         if self.stamps.get(key) == _stamp(t) and key in source and source.dtype(key) == t.dtype)
+                         if self.stamps.get(key) == _stamp(t) and key in source
+                         and holds_exactly(source.dtype(key), t.dtype))

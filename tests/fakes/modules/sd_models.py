@@ -247,7 +247,10 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
     if state_dict is None:
         state_dict = get_checkpoint_state_dict(checkpoint_info, timer)
     model.load_state_dict(state_dict, strict=False)
-    model.half()
+    if shared.cmd_opts.no_half:  # the WebUI on a CPU: an fp16 file's values widened exactly
+        model.float()
+    else:
+        model.half()
     if check_fp8(model):
         devices.fp8 = True
         first_stage = model.first_stage_model  # the VAE stays fp16
