@@ -117,7 +117,7 @@ def _merged_tags(loras: list[LoraFile]) -> dict[str, str]:
     return {"ss_tag_frequency": json.dumps(tags)} if tags else {}
 
 
-def _output_metadata(mode: str, loras: list[LoraFile], specs: Sequence[LoraSpec], base: dict[str, str],
+def output_metadata(mode: str, loras: list[LoraFile], specs: Sequence[LoraSpec], base: dict[str, str],
                      output: Path) -> dict[str, str]:
     """The seed's metadata choices (§2.7), without mutating the inputs' own dicts."""
     if mode not in METADATA_MODES:
@@ -191,7 +191,7 @@ def combine_to_file(specs: Sequence[LoraSpec], output: str | Path, rank: RankCho
     recipe = {"operation": "lora merge", "mode": "LoRA merge", "rank": "concat" if rank is None else rank.describe(),
               "loras": [{"path": s.path, "ratio": s.ratio, "blocks": s.blocks} for s in specs]}
     dim = str(max(ranks))
-    meta = _output_metadata(metadata, loras, specs, kohya_metadata(family, output, dim, dim, recipe=recipe), output)
+    meta = output_metadata(metadata, loras, specs, kohya_metadata(family, output, dim, dim, recipe=recipe), output)
     write_lora(output, tensors, meta, dtype, overwrite)
     history_id = None
     if history is not None:
