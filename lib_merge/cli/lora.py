@@ -1,4 +1,4 @@
-"""`python -m lib_merge lora bake|merge|extract|inspect`: the LoRA tools from the command line.
+"""`python -m lib_merge lora bake|merge|extract|diff|inspect`: the LoRA tools from the command line.
 
 Same contract as `merge`: a bad input is one line on stderr, exit status 2, and nothing is written.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+from ..lora.combine import METADATA_MODES
 
 
 def add_lora_parser(sub, data_dir: Path) -> None:
@@ -37,8 +39,7 @@ def add_lora_parser(sub, data_dir: Path) -> None:
     merge.add_argument("--rank", default="concat", help="concat (exact, ranks add up; default), a rank N, or auto")
     merge.add_argument("--energy", type=float, default=0.99, help="fraction of |dW|^2 kept by --rank auto")
     merge.add_argument("--presets", default=None, metavar="FILE", help="your LoRA Block Weight preset file")
-    merge.add_argument("--metadata", default="new",
-                       choices=("new", "new-without-name", "merge", "save-all", "first"),
+    merge.add_argument("--metadata", default="new", choices=METADATA_MODES,
                        help="output metadata, as the seed's options")
     common(merge, "fp16", ("fp16", "bf16", "fp32"))
 
@@ -55,6 +56,18 @@ def add_lora_parser(sub, data_dir: Path) -> None:
     extract.add_argument("--clamp", type=float, default=0.99,
                          help="clamp factors to this quantile, as the seed (kohya) does; 1 keeps them exact")
     common(extract, "fp16", ("fp16", "bf16", "fp32"))
+
+    diff = tools.add_parser("diff", help="extract from two LoRAs: the features of C like or unlike those of B "
+                                         "(SuperMerger's 'Extract from two LoRAs')")
+    diff.add_argument("--lora", action="append", required=True, metavar="SPEC",
+                      help="file:ratio[:block weights], twice: B first, then C")
+    diff.add_argument("--alpha", type=float, default=1.0, help="0: B's factors, 1: C's (default 1)")
+    diff.add_argument("--beta", type=float, default=1.0, help="0: keep similar rows, 1: dissimilar ones (default 1)")
+    diff.add_argument("--gamma", type=float, default=1.0, help="selectivity, >= 0 (default 1; 0: no selection)")
+    diff.add_argument("--presets", default=None, metavar="FILE", help="your LoRA Block Weight preset file")
+    diff.add_argument("--metadata", default="new", choices=METADATA_MODES,
+                      help="output metadata, as the seed's options")
+    common(diff, "keep", ("keep", "fp16", "bf16", "fp32"))
 
     inspect = tools.add_parser("inspect", help="describe a LoRA: type, family, ranks, alpha, metadata")
     inspect.add_argument("file")
@@ -93,6 +106,12 @@ def _logged(history_id: int | None) -> str:
     return f", logged as merge {history_id}" if history_id is not None else ""
 
 
+def _saved_lora(result) -> str:
+    ranks = f"{result.ranks[0]}" if len(result.ranks) == 1 else f"{result.ranks[0]}-{result.ranks[-1]}"
+    return (f"Saved {result.path} ({result.modules} modules, rank {ranks}, for "
+            f"{result.family.upper()}{_logged(result.history_id)})")
+
+
 def _bake(args, specs, data_dir: Path, update) -> str:
     from ..io.checkpoint import SaveOptions
     from ..io.hashes import HashCache
@@ -121,9 +140,7 @@ def _merge(args, specs, data_dir: Path, update) -> str:
                              progress=update)
     for name, names in result.unmatched.items():
         print(f"{name}: {len(names)} modules of unknown names left out: {', '.join(names[:8])}")
-    ranks = f"{result.ranks[0]}" if len(result.ranks) == 1 else f"{result.ranks[0]}-{result.ranks[-1]}"
-    return (f"Saved {result.path} ({result.modules} modules, rank {ranks}, for "
-            f"{result.family.upper()}{_logged(result.history_id)})")
+    return _saved_lora(result)
 
 
 def _extract(args, specs, data_dir: Path, update) -> str:
@@ -139,4 +156,14 @@ def _extract(args, specs, data_dir: Path, update) -> str:
     return f"Saved {result.path} ({result.modules} modules, {te}{_logged(result.history_id)})"
 
 
-RUNNERS = {"bake": _bake, "merge": _merge, "extract": _extract}
+def _diff(args, specs, data_dir: Path, update) -> str:
+    from ..lora.blocks import load_presets
+    from ..lora.difference import difference_to_file
+
+    result = difference_to_file(specs, args.output, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                                presets=load_presets(args.presets), dtype=args.save_dtype, metadata=args.metadata,
+                                overwrite=args.overwrite, history=_history(args, data_dir), progress=update)
+    return _saved_lora(result)
+
+
+RUNNERS = {"bake": _bake, "merge": _merge, "extract": _extract, "diff": _diff}

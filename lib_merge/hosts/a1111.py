@@ -827,6 +827,16 @@ class Extension:
         return {"path": str(result.path), "history_id": result.history_id, "modules": result.modules,
                 "text_encoder": result.text_encoder, "ranks": result.ranks}
 
+    def api_lora_diff(self, body) -> dict:
+        args = lora_body(body, {"loras": None, "name": None, "alpha": 1.0, "beta": 1.0, "gamma": 1.0,
+                                "save_dtype": "fp16", "metadata": "new", "overwrite": False})
+        with self.host.job("Block Merger: LoRA diff"):
+            result = self.lora_tools().difference(args["loras"], args["name"], args["alpha"], args["beta"],
+                                                  args["gamma"], args["save_dtype"], args["metadata"],
+                                                  args["overwrite"])
+        return {"path": str(result.path), "history_id": result.history_id, "modules": result.modules,
+                "ranks": result.ranks}
+
     def api_lora_inspect(self, name: str) -> dict:
         return {"name": name, "text": self.lora_tools().inspect(name)}
 
@@ -868,7 +878,8 @@ class Extension:
         app.add_api_route("/block-merger/restore", restore, methods=["POST"], **options)
         app.add_api_route("/block-merger/history", history, methods=["GET"], **options)
         for path, handler in (("bake-loaded", self.api_lora_bake_loaded), ("bake", self.api_lora_bake),
-                              ("merge", self.api_lora_merge), ("extract", self.api_lora_extract)):
+                              ("merge", self.api_lora_merge), ("extract", self.api_lora_extract),
+                              ("diff", self.api_lora_diff)):
             app.add_api_route(f"/block-merger/lora/{path}", _post_route(call, handler), methods=["POST"], **options)
 
         def lora_inspect(name: str = ""):

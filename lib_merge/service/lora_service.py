@@ -26,6 +26,7 @@ from ..io.write import OutputExists
 from ..lora.bake import BakePlan, bake_recipe, bake_to_file
 from ..lora.blocks import LoraSpec, load_presets, parse_spec, split_specs
 from ..lora.combine import combine_to_file
+from ..lora.difference import difference_to_file
 from ..lora.extract import extract_to_file
 from ..lora.formats import read_lora
 from ..lora.inspect import LoraSummary, describe_lora, summarize
@@ -34,7 +35,7 @@ from ..lora.lowrank import RankChoice
 #: the LoRA list's filters (the seed's type names; "LyCORIS" is every kind that is not plain LoRA/LoCon)
 KIND_FILTERS = ("All", "LoRA", "LoCon", "LyCORIS")
 FAMILY_FILTERS = ("All", "SD1", "SD2", "SDXL")
-LORA_RECORD_OPERATIONS = ("lora bake", "lora merge", "lora extract")
+LORA_RECORD_OPERATIONS = ("lora bake", "lora merge", "lora extract", "lora diff")
 
 
 class ModelShapes:
@@ -222,6 +223,17 @@ class LoraTools:
             return combine_to_file(specs, out, choice, presets=self.presets(), dtype=dtype, metadata=metadata,
                                    overwrite=overwrite, history=self._history(),
                                    progress=self._progress("LoRA merge", cancel))
+
+    def difference(self, text: str, name: str, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                   dtype: str = "fp16", metadata: str = "new", overwrite: bool = False,
+                   cancel: Callable[[], bool] | None = None):
+        """Extract from two LoRAs: the field's first LoRA is B, the second C."""
+        specs = self.specs(text)
+        out = self._output(self.host.lora_folder(), name, "LoRA extracted from two LoRAs")
+        with self._named_output():
+            return difference_to_file(specs, out, alpha=alpha, beta=beta, gamma=gamma, presets=self.presets(),
+                                      dtype=dtype, metadata=metadata, overwrite=overwrite, history=self._history(),
+                                      progress=self._progress("LoRA diff", cancel))
 
     def extract(self, model_a: str, model_b: str, name: str, alpha: float = 1.0, beta: float = 1.0,
                 rank: str = "128", conv_rank: str = "", dtype: str = "fp16", overwrite: bool = False,

@@ -1,6 +1,6 @@
 """The "LoRA" sub-tab: the LoRA list (type and family filters, read once per file version), the spec field
-(`name:ratio[:block weights]`, one per line), "Get from prompt", and the four actions: bake into the loaded model,
-bake into a checkpoint file, merge LoRAs into one, extract a LoRA from two checkpoints.
+(`name:ratio[:block weights]`, one per line), "Get from prompt", and the five actions: bake into the loaded model,
+bake into a checkpoint file, merge LoRAs into one, extract a LoRA from two checkpoints, extract from two LoRAs.
 
 `LoraHandlers` holds the logic (tested without a browser); `build_lora_tab` lays out and wires the widgets. In the
 standalone app no model is loaded, so "Bake into the loaded model" is disabled with the host's reason, as the Merge
@@ -16,6 +16,7 @@ import gradio as gr
 
 from ..core.errors import MergeError
 from ..hosts.base import model_choices
+from ..lora.combine import METADATA_MODES
 from ..lora.prompt import specs_from_prompt
 from ..lora.save import SAVE_DTYPES
 from ..service.lora_service import FAMILY_FILTERS, KIND_FILTERS, LoraTools, is_lora_record
@@ -25,8 +26,12 @@ log = logging.getLogger("block_merger")
 #: the page reads the txt2img prompt itself (the WebUI has it in this textarea; the standalone app has none)
 PROMPT_JS = ("(prompt, ...rest) => { const box = document.querySelector('#txt2img_prompt textarea'); "
              "return [box ? box.value : prompt, ...rest]; }")
-METADATA_MODES = ("new", "new-without-name", "merge", "save-all", "first")
 CHECKPOINT_DTYPES = ("keep", "fp16", "bf16", "fp32")
+DIFF_HELP = ("The first two LoRAs of the list: B, then C (same layers and ranks). Each factor row of the output is "
+             "lerp(B, C, alpha) times how alike (beta 0) or unlike (beta 1) the two rows are, sharpened by gamma; "
+             "the defaults keep C's features unlike B's, written with B's alphas. The likeness is the cosine of "
+             "factor rows, which depends on the basis each LoRA's training happened to pick (factors are defined "
+             "only up to an r×r mixing), so it is a heuristic, not a comparison of the LoRAs' changes.")
 
 
 def name_of(label: str) -> str:
@@ -72,10 +77,7 @@ class LoraHandlers:
 
     def merge(self, text: str, rank: str, name: str, dtype: str, metadata: str, overwrite: bool) -> str:
         with self.host.job("Block Merger: LoRA merge"):
-            result = self.tools.merge(text, rank, name, dtype, metadata, bool(overwrite))
-        ranks = "-".join(str(r) for r in sorted({result.ranks[0], result.ranks[-1]}))
-        return (f"Saved {result.path} ({result.modules} modules, rank {ranks}, for {result.family.upper()}"
-                f"{_logged(result.history_id)}).")
+            return _saved_lora(self.tools.merge(text, rank, name, dtype, metadata, bool(overwrite)))
 
     def extract(self, model_a: str, model_b: str, name: str, alpha: float, beta: float, rank: str, conv_rank: str,
                 dtype: str, overwrite: bool) -> str:
@@ -83,6 +85,12 @@ class LoraHandlers:
             result = self.tools.extract(model_a, model_b, name, alpha, beta, rank, conv_rank, dtype, bool(overwrite))
         te = "with the text encoder" if result.text_encoder else "U-Net only (the text encoders did not change)"
         return f"Saved {result.path} ({result.modules} modules, {te}{_logged(result.history_id)})."
+
+    def difference(self, text: str, name: str, alpha: float, beta: float, gamma: float, dtype: str, metadata: str,
+                   overwrite: bool) -> str:
+        with self.host.job("Block Merger: LoRA diff"):
+            return _saved_lora(self.tools.difference(text, name, alpha, beta, gamma, dtype, metadata,
+                                                     bool(overwrite)))
 
     def inspect(self, selected: list[str]) -> str:
         if not selected:
@@ -111,6 +119,13 @@ class LoraHandlers:
 
 def _logged(history_id: int | None) -> str:
     return f", merge ID {history_id}" if history_id is not None else ""
+
+
+def _saved_lora(result) -> str:
+    """The message for a written LoRA (a merge, or an extract from two LoRAs)."""
+    ranks = "-".join(str(r) for r in sorted({result.ranks[0], result.ranks[-1]}))
+    return (f"Saved {result.path} ({result.modules} modules, rank {ranks}, for {result.family.upper()}"
+            f"{_logged(result.history_id)}).")
 
 
 def build_lora_tab(service, guard) -> dict[str, Any]:
@@ -175,6 +190,18 @@ def build_lora_tab(service, guard) -> dict[str, Any]:
                     w["conv_rank"] = gr.Textbox(value="", label="3x3 conv rank (empty: none)",
                                                 elem_id="bm_lora_conv_rank")
                 w["extract"] = gr.Button("Extract a LoRA", elem_id="bm_lora_extract")
+            with gr.Tab("Extract from two LoRAs"):
+                with gr.Row():
+                    w["diff_alpha"] = gr.Slider(0, 1, value=1, step=0.001, label="alpha (0: B, 1: C)",
+                                                elem_id="bm_lora_diff_alpha")
+                    w["diff_beta"] = gr.Slider(0, 1, value=1, step=0.001, label="beta (0: similar, 1: dissimilar)",
+                                               elem_id="bm_lora_diff_beta")
+                    w["diff_gamma"] = gr.Slider(0, 20, value=1, step=0.1, label="gamma (selectivity)",
+                                                elem_id="bm_lora_diff_gamma")
+                w["diff_metadata"] = gr.Radio(list(METADATA_MODES), value="new", label="Metadata",
+                                              elem_id="bm_lora_diff_metadata")
+                gr.Markdown(DIFF_HELP, elem_id="bm_lora_diff_help")
+                w["diff"] = gr.Button("Extract from two LoRAs", elem_id="bm_lora_diff")
             with gr.Row():
                 w["name"] = gr.Textbox(label="Output file name", elem_id="bm_lora_name")
                 w["lora_dtype"] = gr.Radio(list(SAVE_DTYPES), value="fp16", label="LoRA save dtype",
@@ -216,5 +243,8 @@ def _wire(h: LoraHandlers, w: dict[str, Any], guard) -> None:
     w["extract"].click(guard(h.extract, lambda msg: msg),
                        [w["model_a"], w["model_b"], w["name"], w["alpha"], w["beta"], w["extract_rank"],
                         w["conv_rank"], w["lora_dtype"], w["overwrite"]], message)
+    w["diff"].click(guard(h.difference, lambda msg: msg),
+                    [w["specs"], w["name"], w["diff_alpha"], w["diff_beta"], w["diff_gamma"], w["lora_dtype"],
+                     w["diff_metadata"], w["overwrite"]], message)
 
 
