@@ -79,7 +79,7 @@ def test_every_registration(webui, entry):
     assert set(routes(webui)) == {("GET", "/block-merger/presets"), ("POST", "/block-merger/merge"),
                                   ("POST", "/block-merger/restore"), ("GET", "/block-merger/history"),
                                   *(("POST", f"/block-merger/lora/{p}") for p in ("bake-loaded", "bake", "merge",
-                                                                                  "extract")),
+                                                                                  "extract", "diff")),
                                   ("GET", "/block-merger/lora/inspect"), ("GET", "/block-merger/lora/list")}
 
 
