@@ -244,7 +244,7 @@ def test_loras_for_different_families_are_refused(tmp_path):
     k2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # SD1's 768-wide context
     sd1 = save_lora(tmp_path / "sd1.safetensors", {f"{k2}.lora_down.weight": rand((4, 768), 10),
                                                    f"{k2}.lora_up.weight": rand((320, 4), 11)})
-    with pytest.raises(LoraError, match="different model families"):
+    with pytest.raises(LoraError, match="different model families and cannot be compared"):
         difference_to_file([LoraSpec(str(sd1)), LoraSpec(str(xl))], tmp_path / "o.safetensors")
 
 

@@ -45,7 +45,7 @@ class CombineResult:
     history_id: int | None = None
 
 
-def common_family(loras: Sequence[LoraFile]) -> str:
+def common_family(loras: Sequence[LoraFile], doing: str = "merged") -> str:
     """The family all inputs fit (SD1 naming when nothing tells SD1 from SD2; their names are the same)."""
     possible = set(FAMILIES)
     for lora in loras:
@@ -53,7 +53,7 @@ def common_family(loras: Sequence[LoraFile]) -> str:
         if not possible & fits:
             others = ", ".join(f"{x.name} ({'/'.join(FAMILY_NAMES[f] for f in FAMILIES if f in lora_families(x)[0])})"
                                for x in loras)
-            raise LoraError(f"These LoRAs are for different model families and cannot be merged: {others}.")
+            raise LoraError(f"These LoRAs are for different model families and cannot be {doing}: {others}.")
         possible &= fits
     return next(f for f in FAMILIES if f in possible)
 

@@ -112,7 +112,8 @@ def _pair(b: LoraModule, c: LoraModule, names: tuple[str, str]) -> list[str]:
             ranks = f"rank {b.rank} in {names[0]} and {c.rank} in {names[1]}" if b.rank != c.rank else \
                 f"{part} {list(xb.shape)} in {names[0]} and {list(xc.shape)} in {names[1]}"
             raise LoraError(f"Module {b.name} has {ranks}; both LoRAs need the same rank and shapes for every "
-                            f"module (re-rank one first: Merge LoRAs with only it, at rank {b.rank}).")
+                            f"module (re-rank one of them first: Merge LoRAs with only that LoRA, at the other's "
+                            f"rank).")
     return parts_b
 
 
@@ -141,7 +142,7 @@ def difference_to_file(specs: Sequence[LoraSpec], output: str | Path, *, alpha: 
     loras = [read_lora(s.path) for s in specs]
     for lora in loras:
         lora.check()
-    family = common_family(loras)
+    family = common_family(loras, "compared")
     mods_b, mods_c = (_plain_modules(lora, family, role) for lora, role in zip(loras, "BC", strict=True))
     names = (f"B ({loras[0].name})", f"C ({loras[1].name})")
     _missing(mods_b, mods_c, *names)
