@@ -58,6 +58,19 @@ def common_family(loras: Sequence[LoraFile], doing: str = "merged") -> str:
     return next(f for f in FAMILIES if f in possible)
 
 
+def read_inputs(specs: Sequence[LoraSpec], output: str | Path, overwrite: bool, presets: Presets | None,
+                doing: str = "merged") -> tuple[Path, list[dict[str, float]], list[LoraFile], str]:
+    """The checked output path, each spec's ratio per block slot, the LoRA files (checked) and their family:
+    everything refused before any work is done."""
+    output = check_lora_output(output, [s.path for s in specs], overwrite)
+    presets = presets or load_presets()
+    slots = [s.slot_ratios(presets) for s in specs]
+    loras = [read_lora(s.path) for s in specs]
+    for lora in loras:
+        lora.check()
+    return output, slots, loras, common_family(loras, doing)
+
+
 def _plain_factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) in fp32 with up @ down = ΔW_raw; a Tucker mid is folded into down (kernel on the down side)."""
     up, down = module.parts["up"].float(), module.parts["down"].float()
@@ -149,13 +162,7 @@ def combine_to_file(specs: Sequence[LoraSpec], output: str | Path, rank: RankCho
     """Merge the LoRAs of `specs` into one file; rank None = exact concat, else SVD to that RankChoice."""
     if len(specs) < 1:
         raise LoraError("No LoRA given; add the LoRAs to merge as file:ratio[:block weights].")
-    output = check_lora_output(output, [s.path for s in specs], overwrite)
-    presets = presets or load_presets()
-    slots = [s.slot_ratios(presets) for s in specs]
-    loras = [read_lora(s.path) for s in specs]
-    for lora in loras:
-        lora.check()
-    family = common_family(loras)
+    output, slots, loras, family = read_inputs(specs, output, overwrite, presets)
     grouped: dict[str, list[Term]] = {}
     unmatched: dict[str, list[str]] = {}
     for lora, spec, ratios in zip(loras, specs, slots, strict=True):

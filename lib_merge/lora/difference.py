@@ -26,11 +26,11 @@ import torch
 
 from ..core.weights import Presets
 from ..io.history import History
-from .blocks import LoraSpec, load_presets
-from .combine import common_family, output_metadata
-from .formats import KIND_NAMES, LoraError, LoraFile, LoraModule, read_lora
+from .blocks import LoraSpec
+from .combine import output_metadata, read_inputs
+from .formats import KIND_NAMES, LoraError, LoraFile, LoraModule
 from .keys import block_slot, kohya_name, module_id
-from .save import SAVE_DTYPES, check_lora_output, kohya_metadata, write_lora
+from .save import SAVE_DTYPES, kohya_metadata, write_lora
 
 FACTORS = {"up": "lora_up.weight", "down": "lora_down.weight", "mid": "lora_mid.weight"}
 SCALARS = ("alpha", "scale")
@@ -136,13 +136,7 @@ def difference_to_file(specs: Sequence[LoraSpec], output: str | Path, *, alpha: 
     if len(specs) != 2:
         raise LoraError(f"Extract from two LoRAs takes exactly two LoRAs, B then C ({len(specs)} given); list "
                         f"them as file:ratio[:block weights].")
-    output = check_lora_output(output, [s.path for s in specs], overwrite)
-    presets = presets or load_presets()
-    slots = [s.slot_ratios(presets) for s in specs]
-    loras = [read_lora(s.path) for s in specs]
-    for lora in loras:
-        lora.check()
-    family = common_family(loras, "compared")
+    output, slots, loras, family = read_inputs(specs, output, overwrite, presets, "compared")
     mods_b, mods_c = (_plain_modules(lora, family, role) for lora, role in zip(loras, "BC", strict=True))
     names = (f"B ({loras[0].name})", f"C ({loras[1].name})")
     _missing(mods_b, mods_c, *names)
