@@ -145,3 +145,23 @@ def test_the_standalone_model_lists_leave_out_the_lora_folder(tmp_path):
     assert host.list_models() == ["a.safetensors", "sub/b.ckpt"]
     assert host.list_vaes() == ["my_vae.safetensors"]
     assert host.list_loras() == ["l1.safetensors", "styles/l2.safetensors", "vae_lora.safetensors"]
+
+
+def test_the_list_reads_only_headers_and_says_the_same(tab, tmp_path):
+    """The list's summaries come from the safetensors header (meta tensors, no data read) and equal a full read's,
+    for LoRA, LoCon, LoHa and LoKr files."""
+    from lib_merge.lora.formats import read_lora
+    from lib_merge.lora.inspect import summarize
+
+    loha = save_lora(tmp_path / "loha.safetensors", {f"{Q_K}.hada_w{i}_{s}": rand((40, 4) if s == "a" else (4, 40), i)
+                                                     for i in (1, 2) for s in "ab"})
+    lokr = save_lora(tmp_path / "lokr.safetensors", {f"{Q_K}.lokr_w1": rand((4, 4), 1),
+                                                     f"{Q_K}.lokr_w2_a": rand((10, 2), 2),
+                                                     f"{Q_K}.lokr_w2_b": rand((2, 10), 3)})
+    folder = tab.host.lora_folder()
+    for path in (folder / "plain.safetensors", folder / "styles" / "conv.safetensors", folder / "xl.safetensors",
+                 loha, lokr):
+        header = read_lora(path, shapes_only=True)
+        assert {t.device.type for m in header.modules.values() for t in m.parts.values()} == {"meta"}
+        assert summarize(header) == summarize(read_lora(path)), path.name
+    assert [summarize(read_lora(p, shapes_only=True)).kind for p in (loha, lokr)] == ["LoHa", "LoKr"]

@@ -331,13 +331,19 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraModul
     return modules, unknown
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a whole LoRA file (they are small): .safetensors, or .pt/.ckpt through torch.load(weights_only=True)."""
+def read_lora(path: str | Path, shapes_only: bool = False) -> LoraFile:
+    """Read a whole LoRA file (they are small): .safetensors, or .pt/.ckpt through torch.load(weights_only=True).
+
+    `shapes_only` gives meta tensors from a safetensors header without reading the data (kind, ranks and family
+    need only shapes): the LoRA list reads a folder of SDXL LoRAs, hundreds of MB each, this way."""
     from ..io.checkpoint import open_checkpoint
 
     path = Path(path)
     with open_checkpoint(path) as ckpt:
-        tensors = {k: ckpt.get(k) for k in ckpt.keys()}
+        if shapes_only:
+            tensors = {k: torch.empty(ckpt.shape(k), dtype=ckpt.dtype(k), device="meta") for k in ckpt.keys()}
+        else:
+            tensors = {k: ckpt.get(k) for k in ckpt.keys()}
         metadata = ckpt.metadata
     modules, unknown = group_modules(tensors)
     if not modules:

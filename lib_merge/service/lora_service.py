@@ -161,7 +161,7 @@ class LoraTools:
             cached = self._summaries.get(path)
             if cached is None or cached[0] != stamp:
                 try:
-                    entry = CatalogEntry(name, summarize(read_lora(path)))
+                    entry = CatalogEntry(name, summarize(read_lora(path, shapes_only=True)))
                 except Exception as e:  # noqa: BLE001 - one broken file must not hide the others
                     entry = CatalogEntry(name, None, str(e).split("\n")[0][:120])
                 cached = self._summaries[path] = (stamp, entry)
