@@ -484,3 +484,32 @@ def test_the_output_is_fsynced_before_it_is_renamed_into_place(models, tmp_path,
     inode = events[published[0]][1]
     assert inode == out.stat().st_ino
     assert ("fsync", inode) in events[: published[0]], events
+
+
+FINITE_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                 *(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)]
+
+
+@pytest.mark.parametrize("dtype", FINITE_DTYPES, ids=str)
+def test_all_finite_is_exact_for_every_float_dtype(dtype):
+    """all_finite against torch.isfinite, element by element: inf and NaN anywhere (first, middle, last, in a
+    transposed view), and the largest finite values, whose sum overflows but which are finite."""
+    from lib_merge.core.finite import all_finite
+
+    largest = torch.finfo(dtype).max
+    base = (torch.randn(64, 33, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype)
+    cases = {"random": base, "largest": torch.full((1000,), largest, dtype=torch.float64).to(dtype),
+             "empty": torch.empty(0, dtype=dtype)}
+    specials = [float("inf"), float("-inf"), float("nan")] if dtype != getattr(torch, "float8_e4m3fn", None) \
+        else [float("nan")]  # e4m3fn has no inf
+    for value in specials:
+        for where in (0, 1000, 64 * 33 - 1):
+            t = base.clone()
+            t.view(-1)[where] = value
+            cases[f"{value}@{where}"] = t
+        t = base.clone().t()
+        t[5, 7] = value
+        cases[f"{value} in a transposed view"] = t
+    for name, t in cases.items():
+        assert all_finite(t) == bool(torch.isfinite(t.double()).all()), name
+    assert all_finite(torch.arange(5))  # not a float tensor: nothing to check

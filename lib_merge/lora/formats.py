@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import MergeError
+from ..core.finite import all_finite
 
 #: Stored part name -> canonical part name. Longest names are matched first, so `lora_A.weight` wins over `weight`.
 PART_ALIASES = {
@@ -147,7 +148,7 @@ class LoraModule:
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
         for part, t in self.parts.items():
-            if t.is_floating_point() and t.device.type != "meta" and t.numel() and not _all_finite(t):
+            if t.is_floating_point() and t.device.type != "meta" and t.numel() and not all_finite(t):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
@@ -254,16 +255,6 @@ class LoraModule:
             where = "no bias" if bias_shape is None else f"a {list(bias_shape)} bias"
             raise LoraError(f"module {self.name} has a bias change of {list(part.shape)} but the weight has {where}")
         return part.float().reshape(bias_shape) * self.scale
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of a float tensor is finite, in as few passes as its dtype allows: a NaN or inf makes
-    the sum NaN or inf, and an fp16 tensor's sum in fp32 cannot overflow (|sum| <= 65504·numel); a wider dtype's
-    sum could, so min and max decide there (NaN propagates through both; aminmax has no fp16 CPU kernel in the
-    WebUI's torch 2.1). One reduction per tensor, no temporary: each costs a thread-pool round trip."""
-    if t.dtype == torch.float16:
-        return math.isfinite(float(t.sum(dtype=torch.float32)))
-    return math.isfinite(float(t.min())) and math.isfinite(float(t.max()))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
