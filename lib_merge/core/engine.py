@@ -73,7 +73,9 @@ class Source(Protocol):
 class Sink(Protocol):
     """Where merged tensors go. `target(key)` may offer the tensor to compute into (None: the engine uses its own
     buffer, and `put` must consume the tensor before returning); `put` is called from worker threads, in any
-    order; `abort` must leave nothing partial behind."""
+    order; `abort` must leave nothing partial behind. A target of another dtype than the source's is computed into
+    directly, rounded once (a file's save dtype), unless the sink has `rounds_to_source` true: then each result is
+    rounded to the source's dtype first and cast (the live model holds what loading the merged file would give)."""
 
     def begin(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None: ...
     def target(self, key: str) -> torch.Tensor | None: ...
@@ -426,8 +428,12 @@ class KeyMerger:
     (each with its own Scratch)."""
 
     def __init__(self, plan: MergePlan, models: Models, combs: dict[str, torch.Tensor] | None = None,
-                 device: DeviceLink | torch.device | str | None = None, dest_holds_a: Collection[str] = ()):
+                 device: DeviceLink | torch.device | str | None = None, dest_holds_a: Collection[str] = (),
+                 round_to_source: bool = False):
         self.plan, self.models, self.combs = plan, models, combs or {}
+        # a destination of another dtype gets the result rounded to the source's dtype first, then cast (the sink's
+        # `rounds_to_source`: the live model), instead of computed straight into its dtype (a file's save dtype)
+        self.round_to_source = round_to_source
         self.dest_holds_a = dest_holds_a  # keys whose destination tensor already holds model A's exact values
         self.recipe = plan.recipe
         self.uses_b = plan.recipe.calc_mode.uses_b
@@ -533,7 +539,7 @@ class KeyMerger:
                     known.add(job.key)
             return tensor if dest is None or tensor.data_ptr() == dest.data_ptr() else dest.copy_(tensor)
         step = self.piece_length(job)
-        if dest is None or (not step and not _rounds_once(src.dtype(job.key), dest.dtype)):
+        if dest is None or (not step and self._narrows(src.dtype(job.key), dest)):
             # no destination, or a whole key that must be rounded to the source's dtype before it is widened
             result = scratch.tensor("out", src.dtype(job.key), src.shape(job.key))
             if step:
@@ -551,7 +557,7 @@ class KeyMerger:
         key, r = job.key, self.recipe
         flat = out.view(-1)
         dtype = self.dtype(job)
-        narrow = None if _rounds_once(dtype, out.dtype) else scratch.tensor("piece", dtype, (step,))
+        narrow = scratch.tensor("piece", dtype, (step,)) if self._narrows(dtype, out) else None
         rows = out.shape[1:] if r.calc in ROWWISE_CALCS else None  # rowwise pieces keep their rows' shape
         a_in_out = narrow is None and self._reads_a_from_out(job, out)
         # a wider `out` holding A: each piece of A is narrowed from it (exactly) before the piece is overwritten
@@ -619,6 +625,10 @@ class KeyMerger:
             known[0].add(key)
             known[1].add(key)
         return out
+
+    def _narrows(self, source: torch.dtype, dest: torch.Tensor) -> bool:
+        """Whether a result for `dest` is rounded to the source's dtype before it is cast into `dest`."""
+        return self.round_to_source and not _rounds_once(source, dest.dtype)
 
     def _holds_a(self, job: Job, dest: torch.Tensor | None) -> bool:
         """Whether `dest` already holds model A's exact values of the job's key (the live model's first merge after
@@ -799,7 +809,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         combs: dict[str, torch.Tensor] = {}
         if plan.recipe.calc in ("cosineA", "cosineB"):
             plan, combs = similarity_pass(plan, models, None, cancel)
-        merger = KeyMerger(plan, models, combs, link, dest_holds_a)
+        merger = KeyMerger(plan, models, combs, link, dest_holds_a, getattr(sink, "rounds_to_source", False))
         sink.begin([(job.key, merger.dtype(job), merger.shape(job)) for job in plan.jobs])
         sizes = merger.scratch_sizes()
         def take_scratch() -> Scratch:
@@ -919,6 +929,8 @@ class TensorSink:
     leaves the keys already written changed: `touched` names every tensor written to (or being written when the run
     stopped), so that a caller can put exactly those back.
     """
+
+    rounds_to_source = True  # a tensor of another dtype gets the source-dtype result cast (see KeyMerger)
 
     def __init__(self, targets: Mapping[str, torch.Tensor]):
         self.targets = targets
