@@ -16,6 +16,7 @@ from fakes.stubs import FakeApp
 from webui_fixture import FAKES, ROOT, webui_fixture  # noqa: F401  (provides the `webui` fixture)
 
 from lib_merge.core.recipe import Recipe
+from lib_merge.hosts.base import GenerationRequest
 from lib_merge.service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
 RECIPE = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
@@ -254,6 +255,81 @@ def test_a_stop_during_the_hook_merge_cancels_it_and_keeps_the_model(webui, entr
     processed = webui.txt2img(script_args=[RECIPE.to_json()])
     assert "cancelled" in processed.extra_generation_params[INFOTEXT_FAILED]
     assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
+
+
+# -- the empty-prompt conditioning (read by the WebUI only under "Pad prompt/negative prompt") --------------------
+
+TEXT_ONLY = Recipe("modelA.safetensors", "modelB.safetensors", weights_alpha="1" + ",0" * 25)
+OUT11_TOO = Recipe("modelA.safetensors", "modelB.safetensors", weights_alpha="1" + ",0" * 24 + ",0.5")
+STALE = "block_merger_empty_prompt_stale"
+
+
+def empty_prompt_now(webui):
+    """What the WebUI's load computes for the model's current text encoder (sd_models.get_empty_cond, hijacked)."""
+    return webui.sd_models.get_empty_cond(webui.shared.sd_model)
+
+
+def test_padding_off_defers_the_empty_prompt_until_padding_is_switched_on(webui, entry):
+    m = webui.shared.sd_model
+    at_load = m.cond_stage_model_empty_prompt
+    assert at_load == empty_prompt_now(webui)
+    service = entry.EXTENSION.service()
+    service.merge_and_load(TEXT_ONLY)
+    assert getattr(m, STALE) and m.cond_stage_model_empty_prompt == at_load  # not computed: nothing reads it
+    assert webui.shared.opts.set("pad_cond_uncond", True)  # the settings page and /sdapi/v1/options run onchange
+    merged = m.cond_stage_model_empty_prompt
+    assert not getattr(m, STALE) and merged == empty_prompt_now(webui) != at_load
+    webui.shared.opts.set("pad_cond_uncond", False)
+    assert service.merge_and_load(OUT11_TOO).recomputed < 100  # only OUT11 written: the text encoder is as it was
+    assert not getattr(m, STALE) and m.cond_stage_model_empty_prompt == merged
+
+
+def test_padding_on_computes_the_empty_prompt_with_the_merge(webui, entry):
+    m = webui.shared.sd_model
+    at_load = m.cond_stage_model_empty_prompt
+    webui.shared.opts.set("pad_cond_uncond", True)
+    entry.EXTENSION.service().merge_and_load(TEXT_ONLY)
+    assert not getattr(m, STALE) and m.cond_stage_model_empty_prompt == empty_prompt_now(webui) != at_load
+
+
+def test_a_generation_that_pads_through_its_overrides_gets_the_current_empty_prompt(webui, entry):
+    m = webui.shared.sd_model
+    at_load = m.cond_stage_model_empty_prompt
+    entry.EXTENSION.service().merge_and_load(TEXT_ONLY)
+    padded = webui.txt2img(script_args=[""], override_settings={"pad_cond_uncond": True})
+    assert m.cond_stage_model_empty_prompt == empty_prompt_now(webui) != at_load
+    assert webui.shared.opts.pad_cond_uncond is False  # the override was for that request only
+    # the image depends on the empty prompt (the fake pads with it): the stale one would have given another
+    m.cond_stage_model_empty_prompt = at_load
+    stale = webui.txt2img(script_args=[""], override_settings={"pad_cond_uncond": True})
+    assert padded.images[0].tobytes() != stale.images[0].tobytes()
+
+
+def test_the_tabs_generation_pads_with_the_current_empty_prompt(webui, entry):
+    m = webui.shared.sd_model
+    entry.EXTENSION.service().merge_and_load(TEXT_ONLY)
+    webui.shared.opts.data["pad_cond_uncond"] = True  # set without onchange (a settings file edited by hand)
+    assert getattr(m, STALE)
+    entry.EXTENSION.service().generate(GenerationRequest(prompt="a cat", steps=2, seed=3))
+    assert not getattr(m, STALE) and m.cond_stage_model_empty_prompt == empty_prompt_now(webui)
+
+
+def test_restore_gives_back_the_bases_empty_prompt(webui, entry):
+    m = webui.shared.sd_model
+    at_load = m.cond_stage_model_empty_prompt
+    service = entry.EXTENSION.service()
+    webui.shared.opts.set("pad_cond_uncond", True)
+    service.merge_and_load(TEXT_ONLY)
+    assert m.cond_stage_model_empty_prompt != at_load
+    service.restore_base()  # the WebUI's reload keeps the merge's empty prompt; the restore computes it again
+    assert webui.shared.sd_model.cond_stage_model_empty_prompt == at_load
+
+
+def test_closing_unchains_the_padding_watch(webui, entry):
+    label = webui.shared.opts.data_labels["pad_cond_uncond"]
+    assert label.onchange is not None
+    webui.script_callbacks.script_unloaded_callback()
+    assert label.onchange is None
 
 
 # -- API --------------------------------------------------------------------------------------------------------

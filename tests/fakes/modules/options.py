@@ -70,6 +70,18 @@ class Options:
         if key not in self.data and not info.do_not_save:
             self.data[key] = info.default
 
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """As the real one: the value, then the option's onchange (process_images applies a request's
+        override_settings with run_callbacks=False)."""
+        old = self.data.get(key, None)
+        if old == value:
+            return False
+        option = self.data_labels[key]
+        setattr(self, key, value)
+        if run_callbacks and option.onchange is not None:
+            option.onchange()
+        return True
+
     def get_default(self, key):
         info = self.data_labels.get(key)
         return None if info is None else info.default

@@ -166,9 +166,13 @@ def init_hires(p):
 
 
 def render(sd_model, cond, seed, width, height):
-    """The fake sampler + VAE decode: a colour from (cond, UNet, VAE, seed) and a seed stripe."""
+    """The fake sampler + VAE decode: a colour from (cond, UNet, VAE, seed) and a seed stripe; with "Pad
+    prompt/negative prompt" on, the model's empty-prompt conditioning too (the real one pads with it when the
+    prompt and the negative prompt differ in length)."""
     h = hashlib.sha256()
     h.update(cond.encode())
+    if opts.pad_cond_uncond:
+        h.update(sd_model.cond_stage_model_empty_prompt.encode())
     h.update(sd_model.weights_digest("model.diffusion_model").encode())
     h.update(sd_model.weights_digest("first_stage_model").encode())
     h.update(str(seed).encode())
@@ -189,8 +193,16 @@ def setup_prompts(p):
 def process_images(p):
     if p.scripts is not None:
         p.scripts.before_process(p)
-    sd_models.reload_model_weights()
-    return process_images_inner(p)
+    stored = {k: opts.data[k] for k in p.override_settings if k in opts.data}
+    try:
+        sd_models.reload_model_weights()
+        for k, v in p.override_settings.items():  # after before_process, without callbacks, as the real one
+            opts.set(k, v, is_api=True, run_callbacks=False)
+        return process_images_inner(p)
+    finally:
+        if p.override_settings_restore_afterwards:
+            for k, v in stored.items():
+                setattr(opts, k, v)
 
 
 def process_images_inner(p):

@@ -33,6 +33,7 @@ _defaults = {
     "face_restoration": OptionInfo(False, "Restore faces"),
     "face_restoration_model": OptionInfo("CodeFormer", "Face restoration model"),
     "tiling": OptionInfo(False, "Tiling"),
+    "pad_cond_uncond": OptionInfo(False, "Pad prompt/negative prompt"),
 }
 
 opts = options.Options(_defaults)
