@@ -487,30 +487,34 @@ class KeyMerger:
         return self.plan.adjust is not None and job.key in ADJUST_KEYS
 
     def scratch_sizes(self) -> dict[str, int]:
-        """Bytes each scratch slot needs for the largest key (or piece) of this plan."""
+        """Bytes each scratch slot needs for the largest key (or piece) of this plan. The fp32 work slots and the
+        mask depend only on the longest piece, so they are sized once after the loop (it runs on every merge)."""
         sizes = dict.fromkeys(("a", "b", "c", "out", "piece", "mask", *FP32_SLOTS), 0)
 
-        def need(slot: str, count: int, dtype: torch.dtype) -> None:
-            sizes[slot] = max(sizes[slot], count * dtype.itemsize)
+        def need(slot: str, nbytes: int) -> None:
+            sizes[slot] = max(sizes.get(slot, 0), nbytes)
 
+        inputs = [(slot, model) for slot, model in (("b", self.models.b if self.uses_b else None),
+                                                    ("c", self.models.c if self.recipe.uses_c else None),
+                                                    *((f"m{i}", m) for i, m in enumerate(self.models.others)))
+                  if model is not None]
+        longest_piece = 0
         for job in self.plan.jobs:
             src = self.source(job)
+            itemsize = src.dtype(job.key).itemsize
             numel = math.prod(src.shape(job.key))
-            need("out", numel, src.dtype(job.key))
+            need("out", numel * itemsize)
             if job.kind != MERGE:
                 continue
             piece = self.piece_length(job)  # pieces work in the fp32 buffers; whole keys allocate their own
-            need("a", piece or numel, src.dtype(job.key))
-            need("piece", piece, src.dtype(job.key))  # a piece's result before it is widened into a wider tensor
-            for slot in FP32_SLOTS:
-                need(slot, piece, torch.float32)
-            need("mask", piece, torch.bool)
-            for slot, other in (("b", self.models.b if self.uses_b else None),
-                                ("c", self.models.c if self.recipe.uses_c else None),
-                                *((f"m{i}", m) for i, m in enumerate(self.models.others))):
-                if other is not None:
-                    sizes.setdefault(slot, 0)
-                    need(slot, piece or math.prod(other.shape(job.key)), other.dtype(job.key))
+            longest_piece = max(longest_piece, piece)
+            need("a", (piece or numel) * itemsize)
+            need("piece", piece * itemsize)  # a piece's result before it is widened into a wider tensor
+            for slot, other in inputs:
+                need(slot, (piece or math.prod(other.shape(job.key))) * other.dtype(job.key).itemsize)
+        for slot in FP32_SLOTS:
+            need(slot, longest_piece * torch.float32.itemsize)
+        need("mask", longest_piece * torch.bool.itemsize)
         return sizes
 
     def __call__(self, job: Job, dest: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:

@@ -417,9 +417,9 @@ class A1111Host:
         devices.torch_gc()
 
     def _rehijack(self, m) -> None:
+        """Hijack and UNet replacement back on. Nothing moved the model's tensors (they are written in place; a
+        medvram/lowvram model's hooks move its parts), so there is no `m.to(device)`, which walks every module."""
         sd_hijack.model_hijack.hijack(m)
-        if not getattr(m, "lowvram", False):
-            m.to(devices.device)
         sd_unet.apply_unet()
 
     def _rebuild(self, m, state, live, info, base, architecture_changed: bool):
