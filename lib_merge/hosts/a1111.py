@@ -490,13 +490,16 @@ class A1111Host:
         """Before a generation (`override_settings`: its per-request settings, applied by the WebUI only after the
         scripts' before_process) and when the padding setting changes: compute the mark's empty prompt if padding
         will read it."""
-        m = sd_models.model_data.sd_model
-        if m is not None and getattr(m, EMPTY_PROMPT_STALE, False) and _pads(override_settings):
+        if self.empty_prompt_due(override_settings):
             self.busy += 1
             try:
-                self._refresh_empty_prompt(m)
+                self._refresh_empty_prompt(sd_models.model_data.sd_model)
             finally:
                 self.busy -= 1
+
+    def empty_prompt_due(self, override_settings: Mapping | None = None) -> bool:
+        m = sd_models.model_data.sd_model
+        return m is not None and getattr(m, EMPTY_PROMPT_STALE, False) and _pads(override_settings)
 
     def _refresh_empty_prompt(self, m) -> None:
         get_empty_cond = getattr(sd_models, "get_empty_cond", None)
@@ -697,7 +700,9 @@ class Extension:
         def changed():
             if previous is not None:
                 previous()
-            self.host.refresh_empty_prompt()
+            if self.host.empty_prompt_due():
+                with self.host.lock():  # as the WebUI's own checkpoint onchange: never while a generation runs
+                    self.host.refresh_empty_prompt()
 
         label.onchange = changed
         return label, previous, changed
