@@ -2,7 +2,9 @@
 model's memory, as a user of the tab sees it (issue 12's table, without the WebUI itself).
 
     python bench/webui_live.py                     # SD1.5, full size; writes bench/WEBUI_LIVE.md
-    python bench/webui_live.py --family sdxl       # SDXL (needs ~16 GB free: the fake loads a 6.9 GB model)
+    python bench/webui_live.py --family sdxl --prewarm --output bench/WEBUI_LIVE_SDXL.md
+                                                   # SDXL (needs ~16 GB free: the fake loads a 6.9 GB model; with
+                                                   # 24 GB of RAM the model, A and B just fit in the page cache)
     python bench/webui_live.py --factor 16 --merges 4 --output /tmp/w.md   # a quick, small run
     python bench/webui_live.py --no-half --output /tmp/w.md   # the model in fp32, as the WebUI runs on a CPU
 
@@ -192,6 +194,9 @@ def render(result: dict, spec: dict, machine: str) -> str:
                  "text-encoder weight, 0.28 s) is computed after a merge only with \"Pad prompt/negative prompt\" on, "
                  "the one setting under which the WebUI reads it; here it is off, the WebUI's default, so it is left "
                  "to the first generation that pads (`A1111Host.refresh_empty_prompt`).")
+    if spec["prewarm"]:
+        lines.append("- B and A were read once before the run (`--prewarm`), so the merges read them from the page "
+                     "cache; C was not (Add difference reads it from the disk).")
     notes = sorted({row["note"] for row in result["rows"] if row["note"]})
     lines += [f"- Note: {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -208,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
     ap.add_argument("--factor", type=int, default=1, help="model size divisor (1 = full size)")
     ap.add_argument("--merges", type=int, default=20, help="merges before the restore (at least 5)")
+    ap.add_argument("--prewarm", action="store_true",
+                    help="read B and A once before the run, so that merges read them from the page cache")
     ap.add_argument("--no-half", action="store_true", help="the model in fp32 (the WebUI's --no-half, as on a CPU)")
     ap.add_argument("--cache", default=str(BENCH / "cache"), help="where the synthetic models are (made if missing)")
     ap.add_argument("--output", default=str(BENCH / "WEBUI_LIVE.md"))
@@ -224,10 +231,15 @@ def main(argv=None) -> int:
     with open(cache / ".lock", "a") as lock:  # the cache may be shared: one writer at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
         models = {k: str(v) for k, v in make_models(args.family, args.factor, cache, verbose=False).items()}
+    if args.prewarm:
+        for which in ("B", "A"):
+            with open(models[which], "rb") as f:
+                while f.read(1 << 24):
+                    pass
     machine = _machine()
     with tempfile.TemporaryDirectory(prefix="webui-live-") as tmp:
         spec = {"folder": tmp, "models": models, "merges": max(5, args.merges), "family": args.family,
-                "no_half": args.no_half,
+                "no_half": args.no_half, "prewarm": args.prewarm,
                 "factor": args.factor, "argv": list(argv if argv is not None else sys.argv[1:])}
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]

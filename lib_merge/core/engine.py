@@ -825,8 +825,7 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
         if threads == 1:
             mine = take_scratch()
             for index, job in enumerate(plan.jobs, 1):
-                _check_cancel(cancel)
-                sink.put(job.key, merger(job, sink.target(job.key), mine))
+                _run_job(job, merger, sink, mine, cancel)
                 if progress:
                     progress(index, total)
         else:
@@ -841,6 +840,12 @@ def run_merge(plan: MergePlan, models: Models, sink: Sink, progress: Progress | 
             link.finish()  # no copy may still read a buffer handed back
         for mine in taken:
             buffers.release(mine)
+
+
+def _run_job(job: Job, merger: KeyMerger, sink: Sink, scratch: Scratch, cancel: Cancel | None) -> None:
+    """One key: stop first if asked, then merge it into the sink's tensor (or a buffer) and hand it to the sink."""
+    _check_cancel(cancel)
+    sink.put(job.key, merger(job, sink.target(job.key), scratch))
 
 
 def _run_workers(jobs: list[Job], threads: int, take_scratch: Callable[[], Scratch], merger: KeyMerger, sink: Sink,
@@ -864,8 +869,7 @@ def _run_workers(jobs: list[Job], threads: int, take_scratch: Callable[[], Scrat
                     job = next(pending, None)
                 if job is None:
                     return
-                _check_cancel(cancel)
-                sink.put(job.key, merger(job, sink.target(job.key), mine))
+                _run_job(job, merger, sink, mine, cancel)
                 finished.put(None)
         except BaseException as e:  # handed to the calling thread, which raises it
             stop.set()
@@ -940,15 +944,15 @@ class TensorSink:
         self.targets = targets
         self.extra: dict[str, torch.Tensor] = {}
         self.touched: set[str] = set()
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def begin(self, entries) -> None:
         self.extra = {}
-        self._entries = {key: (dtype, tuple(shape)) for key, dtype, shape in entries}
+        self._shapes = {key: tuple(shape) for key, _, shape in entries}
 
     def target(self, key: str) -> torch.Tensor | None:
         t = self.targets.get(key)
-        if t is None or tuple(t.shape) != self._entries[key][1]:
+        if t is None or tuple(t.shape) != self._shapes[key]:
             return None
         if t.device.type == "cpu" and not t.is_contiguous():
             return None  # not contiguous: computed in a buffer, then cast by put
