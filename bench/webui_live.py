@@ -69,7 +69,9 @@ def _fake_webui(folder: Path, names: dict[str, Path], no_half: bool = False):
 
     sys.modules.setdefault("gradio", stubs.make_gradio())
     sys.modules.setdefault("fastapi", stubs.make_fastapi())
-    from modules import sd_models, shared
+    from modules import paths, sd_models, shared
+
+    paths.data_path = str(folder)  # the WebUI's data folder (the extension's hash cache), not the working directory
 
     for which, path in names.items():
         (folder / f"{which}.safetensors").symlink_to(path)

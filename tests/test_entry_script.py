@@ -17,6 +17,7 @@ from webui_fixture import FAKES, ROOT, webui_fixture  # noqa: F401  (provides th
 
 from lib_merge.core.recipe import Recipe
 from lib_merge.hosts.base import GenerationRequest
+from lib_merge.io.hashes import HashCache
 from lib_merge.service.merge_service import INFOTEXT_FAILED, INFOTEXT_MERGE, INFOTEXT_RECIPE, MergeService
 
 RECIPE = Recipe("modelA.safetensors", "modelB.safetensors", alpha=0.3)
@@ -256,6 +257,14 @@ def test_a_stop_during_the_hook_merge_cancels_it_and_keeps_the_model(webui, entr
     assert "cancelled" in processed.extra_generation_params[INFOTEXT_FAILED]
     assert all(torch.equal(v, before[k]) for k, v in webui.live().items())
 
+
+def test_the_finite_memory_is_kept_in_the_webuis_data_folder(webui, entry):
+    """The first merge checks every piece of B for inf/NaN and remembers the file as finite: in the WebUI's data
+    folder, so that the first merge after a restart does not check it again."""
+    entry.EXTENSION.service().merge_and_load(RECIPE)
+    cache = webui.tmp / "block_merger_hashes.json"  # the fixture's data folder
+    assert HashCache(cache).all_finite(webui.b)  # a new cache object reads it from the file, as after a restart
+    assert not (ROOT / "block_merger_hashes.json").exists()
 
 # -- the empty-prompt conditioning (read by the WebUI only under "Pad prompt/negative prompt") --------------------
 

@@ -71,8 +71,10 @@ def forge(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "gradio", stubs.make_gradio())
     if importlib.util.find_spec("fastapi") is None:
         monkeypatch.setitem(sys.modules, "fastapi", stubs.make_fastapi())
-    from modules import processing, script_callbacks, scripts, sd_models, shared
+    from modules import paths, processing, script_callbacks, scripts, sd_models, shared
     from modules_forge import main_entry, main_thread
+
+    paths.data_path = str(tmp_path)  # the WebUI's data folder (our hash cache, the default history)
 
     folder = tmp_path / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)

@@ -75,6 +75,7 @@ def webui_fixture(tmp_path, monkeypatch):
         extra_networks,
         hashes,
         images,
+        paths,
         processing,
         script_callbacks,
         scripts,
@@ -96,6 +97,7 @@ def webui_fixture(tmp_path, monkeypatch):
     shared.opts.outdir_txt2img_grids = str(outputs / "txt2img-grids")
     shared.cmd_opts.ui_config_file = str(tmp_path / "ui-config.json")
     shared.opts.data["block_merger_history_file"] = str(tmp_path / "mergehistory.csv")  # never the repository
+    paths.data_path = str(tmp_path)  # the WebUI's data folder (our hash cache, the default history)
     sd_models.list_models()
     shared.opts.sd_model_checkpoint = "modelA.safetensors"
     assert shared.sd_model is not None  # first access loads model A, as at WebUI start

@@ -45,6 +45,7 @@ from modules import (
 from ..core.arch import BLOCKS_26, BLOCKS_XL
 from ..core.errors import MergeError
 from ..core.recipe import Recipe, json_object
+from ..io.hashes import HashCache
 from ..io.read import file_identity
 from ..lora.files import find_lora, list_lora_files
 from ..service.as_loaded import AsLoaded
@@ -59,6 +60,8 @@ OPT_THREADS = "block_merger_threads"
 OPT_KEEP = "block_merger_keep_models"
 OPT_HISTORY = "block_merger_history_file"
 DEFAULTS = {OPT_DEVICE: "cpu", OPT_THREADS: 0, OPT_KEEP: 3, OPT_HISTORY: ""}
+#: in the WebUI's data folder: file hashes and which files a merge found finite, kept across restarts
+HASH_CACHE = "block_merger_hashes.json"
 TITLE = "Block Merger"  # the tab's and the txt2img script's title
 TAB = (TITLE, "block_merger")  # title, elem_id
 
@@ -709,8 +712,8 @@ class Extension:
 
     def service(self) -> MergeService:
         with self._guard:
-            if self._service is None:
-                self._service = MergeService(self.host)
+            if self._service is None:  # the hash cache on disk: a restarted WebUI's first merge checks nothing again
+                self._service = MergeService(self.host, hashes=HashCache(Path(paths.data_path) / HASH_CACHE))
             service = self._service
         service.threads = int(option(OPT_THREADS) or 0) or None
         service.keep_models = max(1, int(option(OPT_KEEP) or 1))
