@@ -491,8 +491,8 @@ class A1111Host:
 
     def refresh_empty_prompt(self, override_settings: Mapping | None = None) -> None:
         """Before a generation (`override_settings`: its per-request settings, applied by the WebUI only after the
-        scripts' before_process) and when the padding setting changes: compute the mark's empty prompt if padding
-        will read it."""
+        scripts' before_process) and when the padding setting changes: compute the marked model's empty prompt if
+        padding will read it."""
         if self.empty_prompt_due(override_settings):
             self.busy += 1
             try:
