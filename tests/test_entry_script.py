@@ -334,6 +334,18 @@ def test_restore_gives_back_the_bases_empty_prompt(webui, entry):
     assert webui.shared.sd_model.cond_stage_model_empty_prompt == at_load
 
 
+def test_the_reload_restore_marks_the_empty_prompt_it_keeps(webui, entry):
+    """The fallback restore is the WebUI's forced reload, which keeps the merge's empty prompt: it is marked."""
+    m = webui.shared.sd_model
+    at_load = m.cond_stage_model_empty_prompt
+    webui.shared.opts.set("pad_cond_uncond", True)
+    entry.EXTENSION.service().merge_and_load(TEXT_ONLY)
+    webui.shared.opts.set("pad_cond_uncond", False)
+    entry.EXTENSION.host.restore_base()
+    assert webui.shared.sd_model is m and getattr(m, STALE) and m.cond_stage_model_empty_prompt != at_load
+    webui.shared.opts.set("pad_cond_uncond", True)
+    assert m.cond_stage_model_empty_prompt == at_load
+
 def test_closing_unchains_the_padding_watch(webui, entry):
     label = webui.shared.opts.data_labels["pad_cond_uncond"]
     assert label.onchange is not None
