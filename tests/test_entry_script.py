@@ -266,6 +266,7 @@ def test_the_finite_memory_is_kept_in_the_webuis_data_folder(webui, entry):
     assert HashCache(cache).all_finite(webui.b)  # a new cache object reads it from the file, as after a restart
     assert not (ROOT / "block_merger_hashes.json").exists()
 
+
 # -- the empty-prompt conditioning (read by the WebUI only under "Pad prompt/negative prompt") --------------------
 
 TEXT_ONLY = Recipe("modelA.safetensors", "modelB.safetensors", weights_alpha="1" + ",0" * 25)
@@ -330,7 +331,7 @@ def test_restore_gives_back_the_bases_empty_prompt(webui, entry):
     webui.shared.opts.set("pad_cond_uncond", True)
     service.merge_and_load(TEXT_ONLY)
     assert m.cond_stage_model_empty_prompt != at_load
-    service.restore_base()  # the WebUI's reload keeps the merge's empty prompt; the restore computes it again
+    service.restore_base()  # in place: the text encoder written back, its empty prompt computed (padding is on)
     assert webui.shared.sd_model.cond_stage_model_empty_prompt == at_load
 
 
@@ -345,6 +346,7 @@ def test_the_reload_restore_marks_the_empty_prompt_it_keeps(webui, entry):
     assert webui.shared.sd_model is m and getattr(m, STALE) and m.cond_stage_model_empty_prompt != at_load
     webui.shared.opts.set("pad_cond_uncond", True)
     assert m.cond_stage_model_empty_prompt == at_load
+
 
 def test_closing_unchains_the_padding_watch(webui, entry):
     label = webui.shared.opts.data_labels["pad_cond_uncond"]
