@@ -1,15 +1,16 @@
 """LoRA benchmarks (issue 14): bake 3 LoRAs into a full-size checkpoint, and extract a rank-128 LoRA.
 
-    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--json OUT.json]
+    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--repeat N] [--json OUT.json]
     python bench/lora.py extract [--rank 128] [--threads N] [--limit 2400] [--markdown TABLE.md] [--json OUT.json]
 
 Each contender runs in its own subprocess (so its peak RSS is its own) on the same files in one run; the ratios
 are what to read on a shared machine. `--threads`: torch thread counts to run every contender with (0: torch's
-default, one per core). Contenders:
+default, one per core); `--repeat N`: N runs of every contender, alternating, and ratios of the medians. Contenders:
 - bake: ours (`bake_to_file`, streamed, fp32 per key, rounded once) against a re-implementation of the seed's
-  merge-to-checkpoint data flow (§2.3 of seed-lora-analysis.md, device cpu): the whole checkpoint loaded, each
-  LoRA's up@down computed in fp32 and added in place in the checkpoint's dtype, LoRA after LoRA, then everything
-  saved with safetensors; and sd-mecha (each kohya LoRA converted to a delta of the base model's format, added
+  merge-to-checkpoint data flow (§2.3 of seed-lora-analysis.md, device cpu; `seed_bake` lists its steps): the
+  whole checkpoint loaded, each LoRA's factors put in fp16 modules, per module W.to(fp32) made, up@down computed in
+  fp32, scaled twice and added in place in the checkpoint's dtype, LoRA after LoRA, then everything saved with
+  safetensors; and sd-mecha (each kohya LoRA converted to a delta of the base model's format, added
   with add_difference, streamed to the output). Two times each: `seconds`, until the call returns (the seed's
   save_file and sd-mecha return with the data still in the page cache; ours fsyncs before its atomic rename, so
   `unsynced_seconds` is ours without that wait), and `synced_seconds`, until the output is on disk (the others'
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -72,24 +74,49 @@ def make_loras(model: Path, family: str, rank: int, count: int) -> list[Path]:
 
 
 def seed_bake(model: Path, loras: list[Path], out: Path, family: str) -> None:
+    """The seed's merge-to-checkpoint on the CPU, step by step as its code does them (§2.3 of
+    seed-lora-analysis.md; `pluslora` -> `newpluslora` -> `plusweights`, and the WebUI Lora loader it carries):
+    the whole checkpoint read; each LoRA read whole, its factors copied into fp16 `nn` modules (`create_module`);
+    then per LoRA and module: `W.to(fp32)` passed as the original weight (`plusweights`), the factors upcast to
+    fp32 (`cpufloat`), `up @ down`, `* scale`, `* multiplier` (`finalize_updown`: two products, each a new
+    tensor), cast to W's dtype and added in place; everything saved with safetensors. Unlike the seed, the rows
+    of OpenCLIP's fused `in_proj` get their q/k/v deltas (the seed drops them), so both paths do the same work."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(model))  # the whole checkpoint, as read_state_dict does
     targets = checkpoint_targets(state.keys(), lambda k: tuple(state[k].shape), family)
-    for path in loras:
-        tensors = load_file(str(path))
-        for key in tensors:
-            if not key.endswith(".lora_down.weight"):
-                continue
-            name = key[: -len(".lora_down.weight")]
-            down, up = tensors[key].float(), tensors[f"{name}.lora_up.weight"].float()
-            scale = float(tensors[f"{name}.alpha"]) / down.shape[0]
-            target = targets[module_id(name, family)]
-            updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale
-            w = state[target.key]
-            rows = slice(*target.rows) if target.rows else slice(None)
-            w[rows] += updown.reshape(w[rows].shape).to(w.dtype)  # in place, in W's dtype
+    with torch.no_grad():
+        for path in loras:
+            tensors = load_file(str(path))  # as the loader's read_state_dict
+            modules = {}
+            for key in tensors:
+                if key.endswith(".lora_down.weight"):
+                    name = key[: -len(".lora_down.weight")]
+                    modules[name] = [_seed_factor_module(tensors[f"{name}.{part}.weight"])
+                                     for part in ("lora_up", "lora_down")]
+            for name, (up_model, down_model) in modules.items():
+                target = targets[module_id(name, family)]
+                w = state[target.key]
+                rows = slice(*target.rows) if target.rows else slice(None)
+                orig_weight = w[rows].to(dtype=torch.float32)  # plusweights: calc_updown(weight.to(fp32))
+                up, down = up_model.weight.float(), down_model.weight.float()  # cpufloat
+                updown = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+                updown = updown.reshape(orig_weight.shape)
+                updown = updown * (float(tensors[f"{name}.alpha"]) / down.shape[0])  # calc_scale
+                updown = updown * 1.0  # multiplier(): the spec's strength 1 (lbw scaled the up factor by it)
+                w[rows] += updown.to(w.dtype)  # in place, in W's dtype
     save_file(state, str(out))
+
+
+def _seed_factor_module(weight: torch.Tensor) -> torch.nn.Module:
+    """The WebUI Lora loader's `create_module`: a new `nn.Linear` (or 1x1 `nn.Conv2d`) the factor's size, the
+    factor copied into it, the module cast to fp16 (`devices.dtype`)."""
+    if weight.dim() == 4:
+        module = torch.nn.Conv2d(weight.shape[1], weight.shape[0], (1, 1), bias=False)
+    else:
+        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    module.weight.copy_(weight.reshape(module.weight.shape))
+    return module.to(dtype=torch.float16).requires_grad_(False)
 
 
 def ours_bake(model: Path, loras: list[Path], out: Path, family: str) -> float:
@@ -306,6 +333,31 @@ def contender(name: str, model: Path, loras: list[Path], out: Path, family: str,
     return result
 
 
+def bake_ratios(results: list[dict]) -> list[str]:
+    """Seed ÷ contender per thread setting, from the median of each contender's repeats: as each call returns,
+    until the output is on disk, and page cache to page cache (the seed as it returns ÷ ours without its fsync)."""
+    def median(name: str, threads: int, field: str) -> float | None:
+        values = [r[field] for r in results if r["contender"] == name and r["threads"] == threads and field in r]
+        return statistics.median(values) if values else None
+
+    lines = []
+    for threads in dict.fromkeys(r["threads"] for r in results):
+        seed = {f: median("seed-bake", threads, f) for f in ("seconds", "synced_seconds")}
+        for name in ("ours-bake", "mecha-bake"):
+            returns, synced = median(name, threads, "seconds"), median(name, threads, "synced_seconds")
+            if returns is None:
+                continue
+            runs = sum(1 for r in results if r["contender"] == name and r["threads"] == threads and "seconds" in r)
+            line = (f"{name} (threads {threads}, median of {runs}): "
+                    f"{seed['seconds'] / returns:.2f}x the seed as it returns, "
+                    f"{seed['synced_seconds'] / synced:.2f}x until on disk")
+            unsynced = median(name, threads, "unsynced_seconds")
+            if unsynced is not None:
+                line += f", {seed['seconds'] / unsynced:.2f}x page cache to page cache"
+            lines.append(line)
+    return lines
+
+
 def markdown_table(results: list[dict]) -> str:
     """The extraction results as a markdown table, ratios against the first (kohya's) contender."""
     base = results[0]
@@ -337,6 +389,8 @@ def main() -> None:
     parser.add_argument("--threads", default="0", help="torch threads; for bake a comma list, each contender "
                         "runs with each (0: torch's default)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--repeat", type=int, default=1, help="bake: runs of every contender, alternating; the "
+                        "ratios are of the medians")
     parser.add_argument("--limit", type=float, default=None, help="seconds per contender (extract)")
     parser.add_argument("--markdown", help="write the extraction table to this file")
     args = parser.parse_args()
@@ -359,11 +413,13 @@ def main() -> None:
             floors.append(floor(models["A"], loras, args.family, threads))
             print(json.dumps({"floor": floors[-1]}), flush=True)
         for threads in (int(t) for t in args.threads.split(",")):
-            for name in ("seed-bake", "ours-bake", "mecha-bake"):
-                out = out_dir / f"{name}.safetensors"
-                results.append(contender(name, models["A"], loras, out, args.family, rank, threads,
-                                         may_fail=name == "mecha-bake"))
-                out.unlink(missing_ok=True)  # an SDXL output is 7 GB: not two of them at once
+            for rep in range(args.repeat):  # contenders alternate, so a slow spell of the machine hits them all
+                for name in ("seed-bake", "ours-bake", "mecha-bake"):
+                    out = out_dir / f"{name}.safetensors"
+                    results.append({**contender(name, models["A"], loras, out, args.family, rank, threads,
+                                                may_fail=name == "mecha-bake"), "repeat": rep})
+                    print(json.dumps(results[-1]), flush=True)
+                    out.unlink(missing_ok=True)  # an SDXL output is 7 GB: not two of them at once
     else:
         rank = args.rank or 128
         for name in ("kohya-extract", "ours-extract-full", "ours-extract-lowrank"):
@@ -384,10 +440,8 @@ def main() -> None:
         record = {"family": args.family, "load": load, "floor": floors, "results": results}
         Path(args.json).write_text(json.dumps(record, indent=1))
     if args.what == "bake":
-        for r in (r for r in results if r["contender"] != "seed-bake" and "failed" not in r):
-            seed = next(x for x in results if x["contender"] == "seed-bake" and x["threads"] == r["threads"])
-            print(f"{r['contender']} (threads {r['threads']}): {seed['seconds'] / r['seconds']:.2f}x the seed "
-                  f"as it returns, {seed['synced_seconds'] / r['synced_seconds']:.2f}x until on disk")
+        for line in bake_ratios(results):
+            print(line)
         return
     table = markdown_table(results)
     print(table)
