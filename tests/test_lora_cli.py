@@ -39,6 +39,7 @@ def files(tmp_path_factory):
         "unknown": {"lora_foo_bar.lora_down.weight": rand((4, 40), 5), "lora_foo_bar.lora_up.weight": rand((40, 4), 6)},
         "mismatched": {f"{Q_K}.lora_down.weight": rand((4, 40), 7), f"{Q_K}.lora_up.weight": rand((40, 3), 8)},
         "nan": {f"{Q_K}.lora_down.weight": torch.full((4, 40), math.nan), f"{Q_K}.lora_up.weight": rand((40, 4), 9)},
+        "rank0": {f"{Q_K}.lora_down.weight": rand((0, 40), 12), f"{Q_K}.lora_up.weight": rand((40, 0), 13)},
     }
     k2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # SD1's 768-wide context
     bad["sd1ctx"] = {f"{k2}.lora_down.weight": rand((4, 768), 10), f"{k2}.lora_up.weight": rand((320, 4), 11)}
@@ -96,6 +97,7 @@ def test_bake_merge_extract_inspect(files, tmp_path):
     ("unknown", ":1", "has no module that matches"),
     ("mismatched", ":1", "mismatched shapes"),
     ("nan", ":1", "NaN"),
+    ("rank0", ":1", "has empty factors (down [0, 40], up [40, 0])"),
     ("good", ":strong", "'strong' is not a number"),
     ("good", ":1:NOPE", "unknown block-weight preset 'NOPE'"),
     ("good", ":1:" + ",".join(["1"] * 18), "18 block weights given"),
@@ -114,12 +116,28 @@ def test_bad_inputs_one_line_exit_2_nothing_written(files, tmp_path, lora, spec,
     assert not (tmp_path / "data" / "block-merger" / "mergehistory.csv").exists()
 
 
+@pytest.mark.parametrize("lora,problem", [
+    ("nan", "has NaN or infinite values in down"),
+    ("rank0", "has empty factors (down [0, 40], up [40, 0])"),
+])
+def test_inspect_describes_a_damaged_lora_and_says_why_it_cannot_be_used(files, tmp_path, lora, problem):
+    res = run("inspect", str(files[lora]), home=tmp_path / "data")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "Type: LoRA" in res.stdout
+    assert f"Cannot be used: LoRA {lora}: module {Q_K} {problem}; the file is damaged" in res.stdout
+    res = run("inspect", str(files["good"]), home=tmp_path / "data")
+    assert res.returncode == 0 and "Cannot be used" not in res.stdout
+
+
 def test_merge_and_extract_bad_inputs(files, tmp_path):
     home = tmp_path / "data"
     out = tmp_path / "o.safetensors"
     res = run("merge", "--lora", f"{files['sd1ctx']}:1", "--lora", f"{files['sdxl']}:1", "--output", str(out),
               home=home)
     assert res.returncode == 2 and "different model families" in res.stderr and not out.exists()
+    res = run("merge", "--lora", f"{files['good']}:1", "--lora", f"{files['rank0']}:1", "--output", str(out),
+              home=home)
+    assert res.returncode == 2 and "has empty factors" in res.stderr and not out.exists()
     res = run("merge", "--lora", f"{files['good']}:1", "--rank", "many", "--output", str(out), home=home)
     assert res.returncode == 2 and "'many' is not a whole number" in res.stderr and not out.exists()
     res = run("extract", "--model-a", str(files["model"]), "--model-b", str(files["good"]), "--output", str(out),

@@ -5,6 +5,7 @@ ratio·alpha/rank folded into `up` once. Expectations in float64 from the factor
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -31,6 +32,22 @@ def test_a_single_non_finite_value_is_refused(dtype, bad, part):
     (up if part == "up" else down)[1, 1] = bad
     with pytest.raises(LoraError, match=f"NaN or infinite values in {part}"):
         module(up, down).check()
+
+
+@pytest.mark.parametrize("up_shape,down_shape,named", [
+    ((8, 0), (0, 8), "up [8, 0], down [0, 8]"),  # rank 0: no change, and a crash in the fused add before
+    ((0, 2), (2, 8), "up [0, 2]"),
+    ((8, 2), (2, 0), "down [2, 0]"),
+])
+def test_empty_factors_are_refused(up_shape, down_shape, named):
+    with pytest.raises(LoraError, match=re.escape(f"has empty factors ({named})")):
+        module(torch.zeros(up_shape), torch.zeros(down_shape), alpha=torch.tensor(1.0)).check()
+
+
+@pytest.mark.parametrize("alpha", [torch.zeros(0), torch.tensor([1.0, 2.0])])
+def test_an_alpha_that_is_not_one_number_is_refused(alpha):
+    with pytest.raises(LoraError, match=f"'s alpha holds {alpha.numel()} values, not one number"):
+        module(rand((8, 2), 1), rand((2, 8), 2), alpha=alpha).check()
 
 
 def test_largest_finite_values_pass():

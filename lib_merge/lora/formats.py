@@ -51,6 +51,9 @@ PART_ALIASES = {
 }
 _PARTS_LONGEST_FIRST = sorted(PART_ALIASES, key=len, reverse=True)
 
+#: parts that are numbers, not factors
+SCALAR_PARTS = ("alpha", "scale", "on_input")
+
 KINDS = ("lora", "loha", "lokr", "ia3", "full", "norm")
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)3", "full": "full/diff", "norm": "norm"}
 
@@ -140,21 +143,29 @@ class LoraModule:
         return 1.0
 
     def check(self) -> None:
-        """Refuse a module whose parts are incomplete or not finite (NaN/inf factors would poison the model)."""
+        """Refuse a module whose parts are incomplete, empty (a rank-0 factor has no change to give, and its
+        shapes say nothing about the weight it is for), with an alpha or scale that is not one number, or not
+        finite (NaN/inf factors would poison the model)."""
         if not self.supported:
             raise LoraError(f"module {self.name} is {self.kind}, which is not supported")
         needed = {"lora": ("up", "down"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
         missing = [part for part in needed.get(self.kind, ()) if part not in self.parts]
         if missing:
             raise LoraError(f"module {self.name} lacks {', '.join(missing)}")
+        empty = [f"{part} {list(t.shape)}" for part, t in self.parts.items()
+                 if part not in SCALAR_PARTS and not t.numel()]
+        if empty:
+            raise LoraError(f"module {self.name} has empty factors ({', '.join(empty)})")
+        for part in SCALAR_PARTS:
+            if part in self.parts and self.parts[part].numel() != 1:
+                raise LoraError(f"module {self.name}'s {part} holds {self.parts[part].numel()} values, not one number")
         for part, t in self.parts.items():
             if t.is_floating_point() and t.device.type != "meta" and t.numel() and not all_finite(t):
                 raise LoraError(f"module {self.name} has NaN or infinite values in {part}")
 
     def on_meta(self) -> LoraModule:
         """The same module with its float tensors on the meta device: shapes without data, for checks."""
-        scalars = ("alpha", "scale", "on_input")
-        return LoraModule(self.name, {k: v if k in scalars else v.to("meta") for k, v in self.parts.items()})
+        return LoraModule(self.name, {k: v if k in SCALAR_PARTS else v.to("meta") for k, v in self.parts.items()})
 
     @cached_property
     def raw_shape(self) -> tuple[int, ...] | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .detect import lora_families
-from .formats import KIND_NAMES, LoraFile, read_lora
+from .formats import KIND_NAMES, LoraError, LoraFile, read_lora
 from .keys import FAMILIES, FAMILY_NAMES, split_name
 
 #: Training metadata worth a line each; long ones (tag frequencies, dataset dirs) are only counted.
@@ -54,7 +56,12 @@ def describe_lora(path: str | Path) -> str:
     for name in lora.modules:
         split = split_name(name)
         parts[split[0] if split else None] += 1
-    alphas = sorted({a for m in lora.modules.values() if (a := m.alpha) is not None})
+    try:
+        lora.check()
+        problem = ""
+    except LoraError as e:  # still described: what the file is helps to see what went wrong with it
+        problem = str(e)
+    alphas = sorted({m.alpha for m in lora.modules.values() if m.parts.get("alpha", torch.zeros(0)).numel() == 1})
     fam = " or ".join(FAMILY_NAMES[f] for f in FAMILIES if f in families)
     lines = [
         f"LoRA file: {lora.path} ({lora.path.stat().st_size / 1e6:.1f} MB)",
@@ -66,6 +73,8 @@ def describe_lora(path: str | Path) -> str:
         f"Ranks: {', '.join(map(str, lora.ranks)) or 'none (full-rank kinds)'}",
         f"Alpha: {', '.join(f'{a:g}' for a in alphas) or 'not stored (scale 1)'}",
     ]
+    if problem:
+        lines.append(f"Cannot be used: {problem}")
     if lora.unknown_keys:
         lines.append(f"Keys of no known kind (ignored): {len(lora.unknown_keys)}, e.g. {lora.unknown_keys[0]}")
     shown = [f"  {k}: {lora.metadata[k][:200]}" for k in SHOWN_METADATA if lora.metadata.get(k)]
