@@ -1,4 +1,5 @@
-"""`factorize`, the truncated SVD behind LoRA extraction and re-rank merges, against float64 numpy SVDs of each test's
+"""`factorize`, the truncated SVD behind LoRA extraction and re-rank merges, and `factorize_product`, the same from a
+change's own factors (re-rank merges of LoRA/LoCon modules), against float64 numpy SVDs of each test's
 own matrix: the rank-r error is the Eckart–Young truncation error, the factors follow kohya's convention (up = U·S,
 down = Vᵀ with orthonormal rows), for both routes (plain SVD for small layers, the Gram matrix's eigenvectors for the
 others), tall, wide, square, 4-D conv, zero and rank-deficient inputs, and "auto" picks numpy's rank."""
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lib_merge.lora.formats import LoraError
-from lib_merge.lora.lowrank import GRAM_MIN_LONG_SIDE, GRAM_MIN_SIDE, RankChoice, factorize
+from lib_merge.lora.lowrank import GRAM_MIN_LONG_SIDE, GRAM_MIN_SIDE, RankChoice, factorize, factorize_product
 
 # (shape, route): each route is reached by a shape on its side of the size thresholds
 SHAPES = [((1100, 60), "gram"), ((60, 1100), "gram"), ((520, 520), "gram"), ((40, 120, 3, 3), "gram"),
@@ -177,3 +178,76 @@ def test_non_finite_change_is_refused(bad):
 def test_unknown_method_is_refused():
     with pytest.raises(LoraError, match="Unknown SVD method 'qr'"):
         factorize(_matrix((10, 10), 11), RankChoice(2), method="qr")
+
+
+# `factorize_product`: the same factors from the change's own factors (QR of each side, SVD of the small core)
+PRODUCT_SHAPES = [((900, 24), (24, 700)), ((60, 24), (24, 1300)), ((40, 6, 1, 1), (6, 30, 1, 1)),
+                  ((40, 6, 1, 1), (6, 20, 3, 3)), ((50, 12), (12, 50))]
+
+
+def _factors(up_shape, down_shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _matrix(up_shape, seed), _matrix(down_shape, seed + 1)
+
+
+@pytest.mark.parametrize(("up_shape", "down_shape"), PRODUCT_SHAPES)
+@pytest.mark.parametrize("rank", [1, 5])
+def test_product_rank_r_is_the_truncated_svd_of_the_product(up_shape, down_shape, rank):
+    up, down = _factors(up_shape, down_shape, 10)
+    flat = _product(up, down)
+    s = np.linalg.svd(flat, compute_uv=False)
+    new_up, new_down = factorize_product(up, down, RankChoice(rank))
+    assert new_up.dtype == new_down.dtype == torch.float32
+    change_shape = (up_shape[0], *down_shape[1:])
+    if len(change_shape) == 4:
+        assert new_up.shape == (up_shape[0], rank, 1, 1) and new_down.shape == (rank, *down_shape[1:])
+    error = float(((flat - _product(new_up, new_down)) ** 2).sum())
+    assert error == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-5)
+    d = new_down.reshape(rank, -1).double().numpy()
+    np.testing.assert_allclose(d @ d.T, np.eye(rank), atol=1e-6)  # down = Vᵀ: orthonormal rows
+    np.testing.assert_allclose(np.linalg.norm(new_up.reshape(up_shape[0], rank).double().numpy(), axis=0),
+                               s[:rank], rtol=0, atol=1e-6 * s[0])  # up = U·S
+
+
+@pytest.mark.parametrize(("up_shape", "down_shape"), PRODUCT_SHAPES)
+def test_product_matches_factorize_of_the_formed_change(up_shape, down_shape):
+    """The same factors as the whole change's SVD (signs chosen alike), to float32 precision."""
+    up, down = _factors(up_shape, down_shape, 20)
+    change = torch.from_numpy(_product(up, down)).float().reshape(up_shape[0], *down_shape[1:])
+    want_up, want_down = factorize(change, RankChoice(4))
+    got_up, got_down = factorize_product(up, down, RankChoice(4))
+    scale = float(want_up.abs().max())
+    np.testing.assert_allclose(got_up.numpy(), want_up.numpy(), rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(got_down.numpy(), want_down.numpy(), rtol=0, atol=1e-4)
+
+
+def test_product_rank_above_the_inner_rank_gives_the_change_back_with_zero_components():
+    up, down = _factors((300, 6), (6, 200), 30)
+    flat = _product(up, down)
+    new_up, new_down = factorize_product(up, down, RankChoice(10))
+    assert new_up.shape == (300, 10) and new_down.shape == (10, 200)
+    np.testing.assert_allclose(_product(new_up, new_down), flat, rtol=0, atol=1e-5 * np.abs(flat).max())
+    assert not new_up[:, 6:].any() and not new_down[6:].any()  # the change's singular values past 6 are 0
+    up_cap, down_cap = factorize_product(up[:8], down, RankChoice(50))  # capped at min(out, in) = 8
+    assert up_cap.shape == (8, 8) and down_cap.shape == (8, 200)
+
+
+def test_product_of_repeated_factors_is_exact_without_nan():
+    """Two identical LoRAs side by side: the stacked factors are rank-deficient (QR's R is singular)."""
+    up, down = _factors((120, 4), (4, 90), 40)
+    both_up, both_down = torch.cat([up, 0.5 * up], 1), torch.cat([down, down], 0)
+    flat = 1.5 * _product(up, down)
+    new_up, new_down = factorize_product(both_up, both_down, RankChoice(8))
+    assert torch.isfinite(new_up).all() and torch.isfinite(new_down).all()
+    np.testing.assert_allclose(_product(new_up, new_down), flat, rtol=0, atol=1e-5 * np.abs(flat).max())
+    zero_up, zero_down = factorize_product(torch.zeros(30, 4), torch.zeros(4, 20), RankChoice(None, 0.9))
+    assert zero_up.shape == (30, 1) and not np.any(_product(zero_up, zero_down))
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_product_auto_rank_is_the_float64_reference_rank(energy):
+    up, down = _factors((400, 16), (16, 300), 50)
+    flat = _product(up, down)
+    s2 = np.linalg.svd(flat, compute_uv=False) ** 2
+    expected = int(np.searchsorted(np.cumsum(s2) / s2.sum(), energy)) + 1
+    new_up, new_down = factorize_product(up, down, RankChoice(None, energy))
+    assert new_up.shape[1] == new_down.shape[0] == expected

@@ -23,7 +23,7 @@ from .blocks import LoraSpec, load_presets
 from .detect import lora_families
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .keys import FAMILIES, FAMILY_NAMES, block_slot, kohya_name, module_id
-from .lowrank import RankChoice, factorize
+from .lowrank import RankChoice, factorize, factorize_product
 from .save import add_factors, check_lora_output, kohya_metadata, write_lora
 
 METADATA_MODES = ("new", "new-without-name", "merge", "save-all", "first")
@@ -185,6 +185,8 @@ def combine_to_file(specs: Sequence[LoraSpec], output: str | Path, rank: RankCho
         if terms:
             if rank is None:
                 up, down = _concat(mid, terms)
+            elif all(t.module.kind == "lora" and "bias" not in t.module.parts for t in terms):
+                up, down = factorize_product(*_concat(mid, terms), rank)  # exact, and never forms ΔW
             else:
                 up, down = factorize(_summed_delta(mid, terms), rank)
                 first = terms[0].module.parts.get("up")
