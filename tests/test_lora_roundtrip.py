@@ -178,3 +178,43 @@ def test_extract_refuses_a_nan_layer_by_name_and_writes_nothing(pair, tmp_path):
     with pytest.raises(LoraError, match=r"1·A − 1·B of " + FF.replace(".", r"\.") + " has NaN or infinite values"):
         extract_to_file(bad, b, out, rank=RankChoice(4))
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"alpha": float("nan")}, "alpha must be a finite number, not nan"),
+    ({"beta": float("inf")}, "beta must be a finite number, not inf"),
+    ({"clamp": 0.0}, "clamp quantile must be above 0.5 and at most 1"),  # bound <= 0: every factor crushed
+    ({"clamp": 0.5}, "clamp quantile must be above 0.5 and at most 1"),
+    ({"clamp": 1.5}, "clamp quantile must be above 0.5 and at most 1"),
+    ({"clamp": float("nan")}, "clamp quantile must be above 0.5 and at most 1"),
+])
+def test_extract_refuses_bad_amounts_before_reading(pair, tmp_path, kwargs, message):
+    a, b, _ = pair
+    out = tmp_path / "e.safetensors"
+    with pytest.raises(LoraError, match=message):
+        extract_to_file(a, b, out, rank=RankChoice(4), **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_of_no_change_is_refused_and_a_scaled_copy_is_not(pair, tmp_path):
+    """α·A − β·B of the same model twice is zero everywhere: a LoRA of zeros is refused, not written. With β = 0.5
+    the change is 0.5·A, exactly rank-limited per layer, and extracting it is fine."""
+    _, b, _ = pair
+    out = tmp_path / "e.safetensors"
+    with pytest.raises(LoraError, match=r"1·A − 1·B is zero in every layer .* no change to extract"):
+        extract_to_file(b, b, out, rank=RankChoice(4))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    extract_to_file(b, b, out, rank=RankChoice(100_000), beta=0.5, clamp=None, dtype="fp32")
+    lora, base = load_file(out), load_file(b)
+    up, down = lora[f"{Q_K}.lora_up.weight"].double(), lora[f"{Q_K}.lora_down.weight"].double()
+    scale = float(lora[f"{Q_K}.alpha"]) / down.shape[0]
+    torch.testing.assert_close(up @ down * scale, 0.5 * base[Q].double(), rtol=0, atol=1e-5)
+
+
+def test_extract_clamp_of_one_keeps_the_factors_exact(pair, tmp_path):
+    a, b, _ = pair
+    exact, one = tmp_path / "exact.safetensors", tmp_path / "one.safetensors"
+    extract_to_file(a, b, exact, rank=RankChoice(4), clamp=None, dtype="fp32")
+    extract_to_file(a, b, one, rank=RankChoice(4), clamp=1.0, dtype="fp32")
+    x, y = load_file(exact), load_file(one)
+    assert all(torch.equal(x[k], y[k]) for k in x)

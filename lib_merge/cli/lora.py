@@ -150,7 +150,7 @@ def _extract(args, specs, data_dir: Path, update) -> str:
     conv = RankChoice.parse(args.conv_rank, args.energy) if args.conv_rank else None
     result = extract_to_file(args.model_a, args.model_b, args.output, alpha=args.alpha, beta=args.beta,
                              rank=RankChoice.parse(args.rank, args.energy), conv_rank=conv, method=args.svd,
-                             clamp=args.clamp if args.clamp < 1 else None, dtype=args.save_dtype,
+                             clamp=args.clamp, dtype=args.save_dtype,
                              overwrite=args.overwrite, history=_history(args, data_dir), progress=update)
     te = "with the text encoder" if result.text_encoder else "U-Net only (the text encoders did not change)"
     return f"Saved {result.path} ({result.modules} modules, {te}{_logged(result.history_id)})"

@@ -10,6 +10,7 @@ Factors get alpha = rank (scale 1), kohya names and `ss_*` metadata, so the WebU
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,8 +69,16 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
                     method: str = "full", clamp: float | None = 0.99, te_threshold: float = TE_THRESHOLD,
                     dtype: str = "fp16", overwrite: bool = False, history: History | None = None,
                     progress: Callable[[int, int], None] | None = None) -> ExtractResult:
-    """Write the LoRA of α·A − β·B to `output`; A and B must be the same architecture."""
+    """Write the LoRA of α·A − β·B to `output`; A and B must be the same architecture.
+
+    clamp: the quantile (in (0.5, 1]) the factors are clamped at, as kohya does; None or 1 keeps them exact."""
     rank = rank or RankChoice()
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not math.isfinite(value):
+            raise LoraError(f"The extraction's {name} must be a finite number, not {value}.")
+    if clamp is not None and not 0.5 < clamp <= 1:  # at or below the median the bound is <= 0: factors destroyed
+        raise LoraError(f"The clamp quantile must be above 0.5 and at most 1 (1 keeps the factors exact), not {clamp}.")
+    clamp = None if clamp == 1 else clamp
     output = check_lora_output(output, [model_a, model_b], overwrite)
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_checkpoint(model_a))
@@ -92,15 +101,20 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
         order = [m for m in sorted(targets) if keep_te or extract_kind(m) != "te"]
         tensors: dict[str, torch.Tensor] = {}
         ranks = set()
+        changed = False
         for done, mid in enumerate(order, 1):
             choice = conv_rank if extract_kind(mid) == "conv" else rank
             diff = _difference(a, b, targets[mid], alpha, beta)
+            changed = changed or bool(diff.any())
             up, down = factorize(diff, choice, method, clamp, what=f"{alpha:g}·A − {beta:g}·B of {targets[mid].key}")
             ranks.add(add_factors(tensors, kohya_name(mid, family), up, down))
             if progress is not None:
                 progress(done, len(order))
     if not tensors:
         raise LoraError("The two models have no layer a LoRA can hold; nothing was extracted.")
+    if not changed:
+        raise LoraError(f"{alpha:g}·A − {beta:g}·B is zero in every layer a LoRA can hold (the same model twice?); "
+                        "there is no change to extract.")
     recipe = {"operation": "lora extract", "mode": "LoRA extract", "model_a": str(model_a), "model_b": str(model_b),
               "alpha": alpha, "beta": beta, "rank": rank.describe(),
               "conv_rank": conv_rank.describe() if conv_rank else None, "method": method, "clamp": clamp}
