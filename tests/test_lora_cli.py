@@ -129,6 +129,15 @@ def test_inspect_describes_a_damaged_lora_and_says_why_it_cannot_be_used(files, 
     assert res.returncode == 0 and "Cannot be used" not in res.stdout
 
 
+def test_a_missing_lora_file_is_named_as_a_lora(files, tmp_path):
+    out = tmp_path / "out.safetensors"
+    missing = tmp_path / "nowhere.safetensors"
+    res = run("bake", "--model", str(files["model"]), "--lora", f"{missing}:1", "--output", str(out),
+              home=tmp_path / "data")
+    assert res.returncode == 2 and res.stderr.strip() == f"error: LoRA file {missing} does not exist; check the name " \
+        "and folder." and not out.exists()
+
+
 def test_merge_and_extract_bad_inputs(files, tmp_path):
     home = tmp_path / "data"
     out = tmp_path / "o.safetensors"

@@ -341,6 +341,8 @@ def read_lora(path: str | Path, shapes_only: bool = False) -> LoraFile:
     from ..io.checkpoint import open_checkpoint
 
     path = Path(path)
+    if not path.exists():  # the reader would call it a model file
+        raise LoraError(f"LoRA file {path} does not exist; check the name and folder.")
     with open_checkpoint(path) as ckpt:
         if shapes_only:
             tensors = {k: torch.empty(ckpt.shape(k), dtype=ckpt.dtype(k), device="meta") for k in ckpt.keys()}
