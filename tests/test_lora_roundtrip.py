@@ -201,9 +201,12 @@ def test_extract_of_no_change_is_refused_and_a_scaled_copy_is_not(pair, tmp_path
     the change is 0.5·A, exactly rank-limited per layer, and extracting it is fine."""
     _, b, _ = pair
     out = tmp_path / "e.safetensors"
-    with pytest.raises(LoraError, match=r"1·A − 1·B is zero in every layer .* no change to extract"):
-        extract_to_file(b, b, out, rank=RankChoice(4))
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(b.read_bytes())
+    for other in (b, copy):  # the same file (refused before reading), an identical one (after the layers)
+        with pytest.raises(LoraError, match=r"1·A − 1·B is zero in every layer .* no change to extract"):
+            extract_to_file(b, other, out, rank=RankChoice(4))
+    assert not out.exists() and list(tmp_path.iterdir()) == [copy]
     extract_to_file(b, b, out, rank=RankChoice(100_000), beta=0.5, clamp=None, dtype="fp32")
     lora, base = load_file(out), load_file(b)
     up, down = lora[f"{Q_K}.lora_up.weight"].double(), lora[f"{Q_K}.lora_down.weight"].double()

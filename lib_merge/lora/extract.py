@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,18 @@ def _difference(a, b, target: Target, alpha: float, beta: float) -> torch.Tensor
     return alpha * wa - beta * wb
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a missing file is reported when it is opened
+        return False
+
+
+def _no_change(alpha: float, beta: float) -> LoraError:
+    return LoraError(f"{alpha:g}·A − {beta:g}·B is zero in every layer a LoRA can hold (the same model twice?); "
+                     "there is no change to extract.")
+
+
 def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path, *, alpha: float = 1.0,
                     beta: float = 1.0, rank: RankChoice | None = None, conv_rank: RankChoice | None = None,
                     method: str = "full", clamp: float | None = 0.99, te_threshold: float = TE_THRESHOLD,
@@ -79,6 +92,8 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
     if clamp is not None and not 0.5 < clamp <= 1:  # at or below the median the bound is <= 0: factors destroyed
         raise LoraError(f"The clamp quantile must be above 0.5 and at most 1 (1 keeps the factors exact), not {clamp}.")
     clamp = None if clamp == 1 else clamp
+    if alpha == beta and _same_file(model_a, model_b):  # known before reading a layer
+        raise _no_change(alpha, beta)
     output = check_lora_output(output, [model_a, model_b], overwrite)
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_checkpoint(model_a))
@@ -113,8 +128,7 @@ def extract_to_file(model_a: str | Path, model_b: str | Path, output: str | Path
     if not tensors:
         raise LoraError("The two models have no layer a LoRA can hold; nothing was extracted.")
     if not changed:
-        raise LoraError(f"{alpha:g}·A − {beta:g}·B is zero in every layer a LoRA can hold (the same model twice?); "
-                        "there is no change to extract.")
+        raise _no_change(alpha, beta)
     recipe = {"operation": "lora extract", "mode": "LoRA extract", "model_a": str(model_a), "model_b": str(model_b),
               "alpha": alpha, "beta": beta, "rank": rank.describe(),
               "conv_rank": conv_rank.describe() if conv_rank else None, "method": method, "clamp": clamp}
