@@ -1,6 +1,7 @@
 """LoRA benchmarks (issue 14): bake 3 LoRAs into a full-size checkpoint, and extract a rank-128 LoRA.
 
-    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--repeat N] [--json OUT.json]
+    python bench/lora.py bake [--family sd1] [--rank 32] [--count 3] [--threads 0,1] [--repeat N] [--out-dir DIR]
+                               [--json OUT.json]
     python bench/lora.py extract [--rank 128] [--threads N] [--limit 2400] [--markdown TABLE.md] [--json OUT.json]
 
 Each contender runs in its own subprocess (so its peak RSS is its own) on the same files in one run; the ratios
@@ -247,20 +248,20 @@ def run_one(args) -> None:
                       "threads": torch.get_num_threads(), **times}))
 
 
-def floor(model: Path, loras: list[Path], family: str, threads: int) -> dict:
+def floor(model: Path, loras: list[Path], family: str, threads: int, out_dir: Path) -> dict:
     """The physical floor of a bake on this machine: reading the model (from the page cache, as every contender
-    starts), writing a file of its size to disk (fsynced), and the apply's GFLOP (2·out·in·Σrank per touched
-    key) at the GFLOPS of an fp32 addmm of the same shapes (measured on the first keys, `threads` torch threads,
-    after one untimed pass that touches the memory)."""
+    starts), writing a file of its size where the outputs go (`out_dir`, fsynced), and the apply's GFLOP
+    (2·out·in·Σrank per touched key) at the GFLOPS of an fp32 addmm of the same shapes (measured on the first keys,
+    `threads` torch threads, after one untimed pass that touches the memory)."""
     default = torch.get_num_threads()
     torch.set_num_threads(threads or default)
     try:
-        return _floor(model, loras)
+        return _floor(model, loras, out_dir)
     finally:
         torch.set_num_threads(default)  # the contenders' failure records read it
 
 
-def _floor(model: Path, loras: list[Path]) -> dict:
+def _floor(model: Path, loras: list[Path], out_dir: Path) -> dict:
     from lib_merge.lora.bake import plan_bake
     from lib_merge.lora.blocks import parse_spec
 
@@ -271,7 +272,7 @@ def _floor(model: Path, loras: list[Path]) -> dict:
         while f.read(1 << 24):
             pass
     read_s = time.perf_counter() - start
-    scratch = CACHE / "lora-out" / "floor.bin"
+    scratch = out_dir / "floor.bin"
     block = os.urandom(1 << 24)
     start = time.perf_counter()
     with open(scratch, "wb", buffering=0) as f:
@@ -389,6 +390,8 @@ def main() -> None:
     parser.add_argument("--threads", default="0", help="torch threads; for bake a comma list, each contender "
                         "runs with each (0: torch's default)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--out-dir", help="where the outputs are written (default bench/cache/lora-out); a tmpfs "
+                        "such as /dev/shm takes the disk out of the times")
     parser.add_argument("--repeat", type=int, default=1, help="bake: runs of every contender, alternating; the "
                         "ratios are of the medians")
     parser.add_argument("--limit", type=float, default=None, help="seconds per contender (extract)")
@@ -403,14 +406,14 @@ def main() -> None:
     model_a = model_path(args.family, "A", 1, CACHE)
     # the bake reads model A only: an SDXL set is 3 x 7 GB, so B and C are made only for the extraction
     models = {"A": model_a} if args.what == "bake" and model_a.exists() else make_models(args.family, verbose=False)
-    out_dir = CACHE / "lora-out"
+    out_dir = Path(args.out_dir) if args.out_dir else CACHE / "lora-out"
     out_dir.mkdir(exist_ok=True)
     results, floors = [], []
     if args.what == "bake":
         rank = args.rank or 32
         loras = make_loras(models["A"], args.family, rank, args.count)
         for threads in (int(t) for t in args.threads.split(",")):
-            floors.append(floor(models["A"], loras, args.family, threads))
+            floors.append(floor(models["A"], loras, args.family, threads, out_dir))
             print(json.dumps({"floor": floors[-1]}), flush=True)
         for threads in (int(t) for t in args.threads.split(",")):
             for rep in range(args.repeat):  # contenders alternate, so a slow spell of the machine hits them all
