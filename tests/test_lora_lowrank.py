@@ -251,3 +251,10 @@ def test_product_auto_rank_is_the_float64_reference_rank(energy):
     expected = int(np.searchsorted(np.cumsum(s2) / s2.sum(), energy)) + 1
     new_up, new_down = factorize_product(up, down, RankChoice(None, energy))
     assert new_up.shape[1] == new_down.shape[0] == expected
+
+
+def test_product_too_large_for_float32_is_refused():
+    """Finite fp32 factors whose product overflows fp32 (1e30·1e30·2): a clear error, not inf factors."""
+    up, down = torch.full((4, 2), 1e30), torch.full((2, 4), 1e30)
+    with pytest.raises(LoraError, match="too large for float32"):
+        factorize_product(up, down, RankChoice(2))
