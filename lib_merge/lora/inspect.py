@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .detect import lora_families
 from .formats import KIND_NAMES, LoraError, LoraFile, read_lora
 from .keys import FAMILIES, FAMILY_NAMES, split_name
@@ -61,7 +59,7 @@ def describe_lora(path: str | Path) -> str:
         problem = ""
     except LoraError as e:  # still described: what the file is helps to see what went wrong with it
         problem = str(e)
-    alphas = sorted({m.alpha for m in lora.modules.values() if m.parts.get("alpha", torch.zeros(0)).numel() == 1})
+    alphas = sorted({m.alpha for m in lora.modules.values() if "alpha" in m.parts and m.parts["alpha"].numel() == 1})
     fam = " or ".join(FAMILY_NAMES[f] for f in FAMILIES if f in families)
     lines = [
         f"LoRA file: {lora.path} ({lora.path.stat().st_size / 1e6:.1f} MB)",
